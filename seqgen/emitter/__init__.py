@@ -1,0 +1,263 @@
+"""Emit: trace once, partition, write a package of black-formatted, importable subgraph files plus ``index.json``.
+
+The package is written to a temporary sibling directory and renamed into place, so a killed emit leaves no partial
+package behind. Emitting twice gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import black
+import jinja2
+import torch
+
+from ..errors import EmitFailure, SeqgenError
+from ..partition import Partition, partition_graph
+from ..index import (
+    INDEX_NAME,
+    SCHEMA_VERSION,
+    InputSpec,
+    compute_fingerprint,
+    current_versions,
+    dump_index,
+    input_signature,
+    sha256_bytes,
+)
+from ..trace.tracer import Trace, trace_model
+from ..version import __version__
+from .codegen import render_partition
+from .naming import assign_names
+
+__all__ = ["EmitOptions", "EmitResult", "emit", "emit_model", "sample_inputs", "BLACK_MODE"]
+
+logger = logging.getLogger(__name__)
+
+BLACK_MODE = black.Mode(line_length=120, target_versions={black.TargetVersion.PY311})
+DEFAULT_SAMPLE_SHAPE = (2, 64)
+
+
+@dataclass(frozen=True)
+class EmitOptions:
+    """What to trace and how to split it. Shared by the library call and the CLI."""
+
+    targets: tuple[str, ...] | None = None  # class names or module-name regexes; None: the model's decoder layers
+    targets_per_subgraph: int = 1
+    ignore: tuple[str, ...] = ()  # functions called as leaves, in addition to the mask builders
+    sample_shape: tuple[int, int] = DEFAULT_SAMPLE_SHAPE  # (batch, sequence) of the trace-time sample
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        return {
+            "targets": list(self.targets) if self.targets else None,
+            "targets_per_subgraph": self.targets_per_subgraph,
+            "ignore": list(self.ignore),
+        }
+
+
+@dataclass
+class EmitResult:
+    path: Path
+    index: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def sample_inputs(shape: tuple[int, int] = DEFAULT_SAMPLE_SHAPE) -> list[InputSpec]:
+    """The trace-time sample: token ids and an attention mask of the given (batch, sequence) shape."""
+    batch, seq = shape
+    return [InputSpec("input_ids", "int64", (batch, seq)), InputSpec("attention_mask", "int64", (batch, seq))]
+
+
+def _templates() -> jinja2.Environment:
+    try:
+        import seqgen.templates as shipped  # installed: templates/ ships as seqgen.templates
+
+        loader: jinja2.BaseLoader = jinja2.FileSystemLoader(os.path.dirname(shipped.__file__))
+    except ImportError:  # a source checkout without installation
+        loader = jinja2.FileSystemLoader(Path(__file__).resolve().parents[2] / "templates")
+    return jinja2.Environment(
+        loader=loader, trim_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined
+    )
+
+
+def _tuple(names: list[str]) -> str:
+    return repr(tuple(names))
+
+
+def _describe(part: Partition, model: torch.nn.Module, count: int) -> str:
+    if part.targets:
+        classes = sorted({type(model.get_submodule(t)).__name__ for t in part.targets})
+        return f"{', '.join(part.targets)} ({', '.join(classes)})"
+    if part.index == 0:
+        return "head: everything the first target needs (embeddings, masks, position tables)"
+    return "tail: everything after the last target (final norm, lm_head)"
+
+
+def _format(source: str, name: str) -> str:
+    try:
+        formatted = black.format_str(source, mode=BLACK_MODE)
+        ast.parse(formatted, filename=name)
+    except Exception as exc:  # a bug in the renderer, never the user's fault: keep the source for the report
+        raise EmitFailure(f"generated {name} is not valid Python ({exc}). Please report this with:\n{source}")
+    return formatted
+
+
+def _render_files(trace: Trace, partitions: list[Partition]) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    graph = trace.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    output = next(n for n in graph.nodes if n.op == "output")
+    bodies = []
+    imported: set[str] = set()
+    # Render once to learn the imported names, so that no value is named like an imported function.
+    names = assign_names(partitions, placeholders, output, imported)
+    for part in partitions:
+        imported.update(render_partition(part, trace.root, names).imports.names)
+    names = assign_names(partitions, placeholders, output, imported)
+    bodies = [render_partition(part, trace.root, names) for part in partitions]
+
+    env = _templates()
+    ver = current_versions()
+    files: dict[str, str] = {}
+    entries: list[dict[str, Any]] = []
+    count = len(partitions)
+    for part, body in zip(partitions, bodies):
+        name = f"subgraph_{part.index:03d}"
+        inputs = [names[n] for n in part.inputs]
+        text = env.get_template("subgraph.py.j2").render(
+            seqgen_version=ver["seqgen"],
+            torch_version=ver["torch"],
+            transformers_version=ver["transformers"],
+            model_class=type(trace.model).__name__,
+            name=name,
+            count=count,
+            description=_describe(part, trace.model, count),
+            imports=body.imports.lines(),
+            inputs=_tuple(inputs),
+            outputs=_tuple([names[n] for n in part.outputs]),
+            consumed=_tuple([names[n] for n in part.consumed]),
+            targets=_tuple(part.targets),
+            params=", ".join(inputs),
+            body=body.lines,
+        )
+        files[f"{name}.py"] = _format(text, f"{name}.py")
+        entries.append(
+            {
+                "name": name,
+                "file": f"{name}.py",
+                "inputs": inputs,
+                "outputs": [names[n] for n in part.outputs],
+                "consumed": [names[n] for n in part.consumed],
+                "targets": part.targets,
+                "modules": part.modules,
+                "tensors": part.tensors,
+                "guards": [n.meta["seqgen_guard"] for n in part.nodes if "seqgen_guard" in n.meta],
+            }
+        )
+    return files, entries
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SeqgenError(f"{out} exists and is not a directory; choose another OUT.")
+    if not any(out.iterdir()):
+        return
+    if not (out / INDEX_NAME).exists():
+        raise SeqgenError(
+            f"{out} is not empty and is not a seqgen package (no {INDEX_NAME}); refusing to write into it. "
+            "Choose an empty or new directory."
+        )
+    if not force:
+        raise SeqgenError(f"{out} already holds a seqgen package; pass --force to replace it.")
+
+
+def write_package(out: Path, files: dict[str, str], force: bool) -> None:
+    """Write ``files`` as directory ``out`` atomically: a temp sibling, then a rename."""
+    _check_out_dir(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for name, text in sorted(files.items()):
+            (tmp / name).write_text(text, encoding="utf-8")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def emit_model(
+    model: torch.nn.Module, out: str | os.PathLike[str], options: EmitOptions = EmitOptions(), *, force: bool = False
+) -> EmitResult:
+    """Trace ``model`` (best on the meta device) and write its package to ``out``."""
+    out = Path(out)
+    _check_out_dir(out, force)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    inputs = sample_inputs(options.sample_shape)
+    trace = trace_model(
+        model, inputs, targets=list(options.targets) if options.targets else None, ignore=list(options.ignore)
+    )
+    seconds["trace"] = time.perf_counter() - start
+    partitions = partition_graph(trace.graph, trace.root, trace.targets, options.targets_per_subgraph)
+    files, entries = _render_files(trace, partitions)
+    seconds["render"] = time.perf_counter() - start - seconds["trace"]
+
+    for entry in entries:
+        entry["sha256"] = sha256_bytes(files[entry["file"]].encode("utf-8"))
+    env = _templates()
+    files["__init__.py"] = _format(
+        env.get_template("package_init.py.j2").render(
+            model_class=type(model).__name__,
+            seqgen_version=__version__,
+            subgraphs=_tuple([e["name"] for e in entries]),
+        ),
+        "__init__.py",
+    )
+    output = next(n for n in trace.graph.nodes if n.op == "output")
+    index = {
+        "schema_version": SCHEMA_VERSION,
+        "versions": current_versions(),
+        "model_class": type(model).__name__,
+        "fingerprint": compute_fingerprint(
+            model,
+            options=options.fingerprint_fields(),
+            inputs=input_signature(inputs),
+            source_modules=sorted({fn.__module__ for fn in trace.leaf_functions}),
+        ),
+        "options": {**options.fingerprint_fields(), "sample_shape": list(options.sample_shape)},
+        "inputs": [asdict(spec) | {"shape": list(spec.shape)} for spec in inputs],
+        "outputs": list(output.args[0].keys()),
+        "guards": [asdict(g) for g in trace.guards],
+        "init_sha256": sha256_bytes(files["__init__.py"].encode("utf-8")),
+        "subgraphs": entries,
+        "edited": {},
+    }
+    files[INDEX_NAME] = dump_index(index)
+    write_package(out, files, force)
+    seconds["total"] = time.perf_counter() - start
+    logger.info("emitted %d subgraphs to %s in %.2fs", len(entries), out, seconds["total"])
+    return EmitResult(path=out, index=index, seconds=seconds)
+
+
+def emit(model: str | torch.nn.Module, out: str | os.PathLike[str], options: EmitOptions = EmitOptions(), *,
+         force: bool = False) -> EmitResult:
+    """Emit the package of a model id (see :mod:`seqgen.models`) or of a model instance."""
+    if isinstance(model, str):
+        from ..models import meta_model
+
+        model = meta_model(model)
+    return emit_model(model, out, options, force=force)

@@ -1,0 +1,168 @@
+"""``index.json``: the runtime's single source of truth about a package, and the fingerprint that names it.
+
+Fingerprint fields (a change in any of them means the graph may differ, so the package must be re-emitted):
+
+=====================  ==================================================================================
+``model_class``        the traced class, e.g. ``LlamaForCausalLM``
+``config``             sha256 of the config as a dict, without fields that cannot change the graph
+                       (``_name_or_path``, ``transformers_version``, ``architectures``, ...)
+``source``             sha256 of each Python module that defines a class of the model or a leaf function:
+                       an edit to modeling code or to a mask builder changes it
+``versions``           seqgen, torch and transformers versions
+``options``            targets, ``--targets-per-subgraph`` and ``--ignore``
+``inputs``             the sample's input names, dtypes and ranks (sizes are covered by guards)
+=====================  ==================================================================================
+
+The index protects itself: ``digest`` is the sha256 of the canonical JSON of every other field, and the file must
+equal its canonical form byte for byte, so any changed byte (hashes included) is detected. This guards against
+accidents and unreviewed edits, not against someone who recomputes the digest on purpose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import IntegrityError, PackageError
+
+__all__ = [
+    "InputSpec",
+    "SCHEMA_VERSION",
+    "INDEX_NAME",
+    "config_fields",
+    "compute_fingerprint",
+    "current_versions",
+    "input_signature",
+    "dump_index",
+    "parse_index",
+    "sha256_bytes",
+]
+
+SCHEMA_VERSION = 1
+INDEX_NAME = "index.json"
+
+# config fields that name or date a checkpoint but cannot change the traced graph
+_CONFIG_IGNORED = frozenset(
+    {"_name_or_path", "name_or_path", "_model_name_or_path", "transformers_version", "architectures", "_commit_hash", "auto_map",
+     "quantization_config", "torch_dtype", "dtype", "_attn_implementation_autoset"}
+)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input of the sample: its name, dtype and shape (the rank is part of the fingerprint)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def meta_tensor(self) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=getattr(torch, self.dtype), device="meta")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def config_fields(config: Any) -> dict[str, Any]:
+    data = config.to_dict()
+    return {k: v for k, v in sorted(data.items()) if k not in _CONFIG_IGNORED}
+
+
+def current_versions() -> dict[str, str]:
+    import transformers
+
+    from .version import __version__
+
+    return {"seqgen": __version__, "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
+
+
+def _source_hashes(model: torch.nn.Module, extra_modules: Iterable[str]) -> dict[str, str]:
+    names: set[str] = set(extra_modules)
+    for module in model.modules():
+        for cls in type(module).__mro__:
+            if cls.__module__ not in ("builtins",) and not cls.__module__.startswith("torch."):
+                names.add(cls.__module__)
+    hashes: dict[str, str] = {}
+    for name in sorted(names):
+        module = sys.modules.get(name)
+        try:
+            path = inspect.getsourcefile(module) if module is not None else None
+        except TypeError:
+            path = None
+        if path:
+            with open(path, "rb") as f:
+                hashes[name] = sha256_bytes(f.read())
+    return hashes
+
+
+def compute_fingerprint(
+    model: torch.nn.Module,
+    *,
+    options: dict[str, Any],
+    inputs: list[dict[str, Any]],
+    source_modules: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The fingerprint fields and their digest (the cache key).
+
+    ``inputs`` are ``{"name", "dtype", "rank"}`` records; ``source_modules`` names Python modules to hash beyond
+    those that define the model's classes (the leaf functions' modules).
+    """
+    fields = {
+        "model_class": type(model).__name__,
+        "config": sha256_bytes(_canonical(config_fields(model.config)).encode()),
+        "source": _source_hashes(model, source_modules),
+        "versions": current_versions(),
+        "options": options,
+        "inputs": inputs,
+    }
+    return {"digest": sha256_bytes(_canonical(fields).encode()), "fields": fields}
+
+
+def input_signature(inputs: Iterable[InputSpec]) -> list[dict[str, Any]]:
+    return [{"name": s.name, "dtype": s.dtype, "rank": len(s.shape)} for s in inputs]
+
+
+def _serialize(index: dict[str, Any]) -> str:
+    return json.dumps(index, indent=2, sort_keys=False) + "\n"
+
+
+def dump_index(index: dict[str, Any]) -> str:
+    """Index text with its own ``digest`` as the last field."""
+    body = {k: v for k, v in index.items() if k != "digest"}
+    body["digest"] = sha256_bytes(_canonical(body).encode())
+    return _serialize(body)
+
+
+def parse_index(text: str, where: str) -> dict[str, Any]:
+    """Parse and verify an index; raise naming the file on any inconsistency."""
+    try:
+        index = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise IntegrityError(f"{where} is not valid JSON ({exc}); re-emit the package with `seqgen emit --force`.")
+    if not isinstance(index, dict) or "schema_version" not in index:
+        raise PackageError(f"{where} is not a seqgen index (no schema_version).")
+    if index["schema_version"] != SCHEMA_VERSION:
+        raise PackageError(
+            f"{where} has schema_version {index['schema_version']!r}; this seqgen reads {SCHEMA_VERSION}. "
+            "Re-emit the package with this seqgen (`seqgen emit MODEL OUT --force`)."
+        )
+    expected = dump_index(index)
+    if index.get("digest") is None or expected != text:
+        raise IntegrityError(
+            f"{where} was modified after it was written (its digest or layout does not match its content). "
+            "Hand edits to the index are not supported: edit the subgraph files and run `seqgen accept PACKAGE`, "
+            "or re-emit with `seqgen emit MODEL OUT --force`."
+        )
+    return index

@@ -1,0 +1,57 @@
+"""The CLI: user errors exit non-zero with one message and no traceback; nothing is half written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from conftest import REPO
+from seqgen.cli import cli
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True, cwd=REPO)
+
+
+def test_emit_refuses_a_non_package_directory(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    proc = run_cli("emit", "tiny:llama", str(tmp_path))
+    assert proc.returncode == 1
+    assert "not a seqgen package" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_existing_package_needs_force(tmp_path: Path) -> None:
+    out = tmp_path / "pkg"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["emit", "tiny:llama", str(out)]).exit_code == 0
+    again = runner.invoke(cli, ["emit", "tiny:llama", str(out)])
+    assert again.exit_code == 1 and "--force" in again.output
+    assert runner.invoke(cli, ["emit", "tiny:llama", str(out), "--force"]).exit_code == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["pkg"], "no temp directories are left behind"
+
+
+def test_unknown_targets_and_ignore_are_named(tmp_path: Path) -> None:
+    proc = run_cli("emit", "tiny:llama", str(tmp_path / "a"), "--targets", "NoSuchLayer")
+    assert proc.returncode == 1 and "NoSuchLayer" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("emit", "tiny:llama", str(tmp_path / "b"), "--ignore", "no_such_helper")
+    assert proc.returncode == 1 and "no_such_helper" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_bad_sample_shape_is_a_usage_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["emit", "tiny:llama", str(tmp_path / "a"), "--sample-shape", "2x64"])
+    assert result.exit_code == 2 and "BATCH,SEQ" in result.output
+
+
+def test_show_and_verify(tmp_path: Path) -> None:
+    out = tmp_path / "pkg"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["emit", "tiny:gpt2", str(out)]).exit_code == 0
+    shown = runner.invoke(cli, ["show", str(out)])
+    assert shown.exit_code == 0 and "transformer.h.0" in shown.output and "guard 0" in shown.output
+    verified = runner.invoke(cli, ["verify", str(out), "--model", "tiny:gpt2"])
+    assert verified.exit_code == 0 and "max abs diff 0.0" in verified.output

@@ -1,0 +1,81 @@
+"""Emit, then load in a fresh process, then run: logits equal eager exactly."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from conftest import CORE_ARCHS, run_fresh, save_tiny
+from seqgen.emitter import EmitOptions, emit_model
+from seqgen.models import meta_model
+
+
+@pytest.fixture(scope="module")
+def emitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, dict]]:
+    root = tmp_path_factory.mktemp("archs")
+    found = {}
+    for arch in CORE_ARCHS:
+        model_dir, model = save_tiny(arch, root)
+        package_dir = root / arch / "package"
+        result = emit_model(meta_model(model.config), package_dir)
+        found[arch] = (model_dir, package_dir, result.index)
+    return found
+
+
+def test_fresh_process_reproduces_eager(emitted: dict[str, tuple[Path, Path, dict]]) -> None:
+    args = [str(p) for model_dir, package_dir, _ in emitted.values() for p in (model_dir, package_dir)]
+    report = run_fresh("run_packages.py", *args)
+    assert report["tracer_modules"] == [], "loading a package must not import the tracer or the emitter"
+    for arch, (_, package_dir, _) in emitted.items():
+        for shape, diff in report["diffs"][str(package_dir)].items():
+            assert diff == 0.0, f"{arch}: logits differ from eager by {diff} for batch {shape}"
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_one_subgraph_per_decoder_layer(emitted: dict[str, tuple[Path, Path, dict]], arch: str) -> None:
+    _, package_dir, index = emitted[arch]
+    targets = [t for sg in index["subgraphs"] for t in sg["targets"]]
+    assert len(targets) == 2 and all(len(sg["targets"]) <= 1 for sg in index["subgraphs"])
+    assert index["subgraphs"][0]["targets"] == [] and index["subgraphs"][-1]["targets"] == []
+    assert index["subgraphs"][-1]["outputs"] == ["logits"]
+    for sg in index["subgraphs"]:
+        source = (package_dir / sg["file"]).read_text()
+        tree = ast.parse(source)
+        forward = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "forward")
+        assert [a.arg for a in forward.args.kwonlyargs] == sg["inputs"]
+        assert "exec(" not in source and "getattr(self" not in source
+
+
+def test_emit_is_deterministic(tmp_path: Path) -> None:
+    config = meta_model("tiny:qwen3").config
+    first = emit_model(meta_model(config), tmp_path / "a").path
+    second = emit_model(meta_model(config), tmp_path / "b").path
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir())
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), f"{name} differs between two emits"
+
+
+def test_targets_per_subgraph_groups_layers(tmp_path: Path) -> None:
+    model = meta_model("tiny:llama")
+    model.config.num_hidden_layers = 2
+    index = emit_model(model, tmp_path / "p", EmitOptions(targets_per_subgraph=2)).index
+    assert [sg["targets"] for sg in index["subgraphs"]] == [[], ["model.layers.0", "model.layers.1"], []]
+
+
+def test_targets_by_regex(tmp_path: Path) -> None:
+    index = emit_model(meta_model("tiny:llama"), tmp_path / "p", EmitOptions(targets=(r"model\.layers\.1",))).index
+    assert [sg["targets"] for sg in index["subgraphs"]] == [[], ["model.layers.1"], []]
+
+
+def test_emit_70b_config_on_meta_without_weights(tmp_path: Path) -> None:
+    """An 80-layer 70B-class config emits on the meta device: no weights, one subgraph per layer."""
+    from seqgen.models import tiny_config
+
+    config = tiny_config("llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                         num_attention_heads=64, num_key_value_heads=8, head_dim=128, vocab_size=128256)
+    index = emit_model(meta_model(config), tmp_path / "p").index
+    assert len(index["subgraphs"]) == 82
+    assert index["subgraphs"][80]["targets"] == ["model.layers.79"]
