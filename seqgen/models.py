@@ -48,51 +48,336 @@ def cache_dir() -> Path:
 
 
 # ---- tiny random models ------------------------------------------------------------------------------------------
+#
+# tiny_config shrinks the default config of a model type, generically: the same size rules for the top config and for
+# every nested one (text, vision, audio), with per-layer patterns kept consistent with the tiny depth. It works on the
+# config's dict and builds the config from it, so the config's own __init__ derives every dependent field again.
 
-_TINY_SIZES: dict[str, Any] = {
-    "hidden_size": 32,
-    "intermediate_size": 37,
-    "vocab_size": 99,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 8,
-    "max_position_embeddings": 128,
+# Sizes by the name a config stores (its attribute names after ``attribute_map``). Widths and heads agree: 4 heads of 8
+# (2 key/value heads) over a width of 32. Intermediate sizes are odd (37) so that no two dimensions coincide.
+_TINY_SIZES: dict[str, int] = {
+    # width
+    **dict.fromkeys(("hidden_size", "d_model", "n_embd", "emb_dim", "embedding_dim", "word_embed_proj_dim"), 32),
+    # feed-forward widths (ffn_dim: some gated feed-forwards split it in halves, so it is even)
+    **dict.fromkeys(
+        ("intermediate_size", "d_ff", "dff", "d_inner", "dim_ff", "ffn_hidden_size", "encoder_ffn_dim",
+         "decoder_ffn_dim", "intermediate_size_mlp", "dense_intermediate_size", "feed_forward_size", "mlp_dim"),
+        37,
+    ),
+    "ffn_dim": 38,
     "moe_intermediate_size": 19,
-    "shared_expert_intermediate_size": 23,
-    "num_experts": 4,
-    "num_local_experts": 4,
-    "n_routed_experts": 4,
-    "num_experts_per_tok": 2,
+    "expert_ffn_hidden_size": 19,
+    **dict.fromkeys(
+        ("shared_expert_intermediate_size", "shared_experts_intermediate_size", "shared_intermediate_size",
+         "moe_shared_expert_intermediate_size"),
+        23,
+    ),
+    # depth of nested stacks (the model's own depth is set by _shrink_layers)
+    **dict.fromkeys(
+        ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers", "decoder_layers",
+         "num_encoder_layers", "num_decoder_layers"),
+        2,
+    ),
+    # attention heads
+    **dict.fromkeys(
+        ("num_attention_heads", "n_head", "n_heads", "num_heads", "attention_heads", "encoder_attention_heads",
+         "decoder_attention_heads", "num_encoder_attention_heads", "num_decoder_attention_heads",
+         "swa_num_attention_heads", "index_n_heads"),
+        4,
+    ),
+    **dict.fromkeys(
+        ("num_key_value_heads", "num_kv_heads", "swa_num_key_value_heads", "multi_query_group_num",
+         "num_query_groups"),
+        2,
+    ),
+    **dict.fromkeys(
+        ("head_dim", "attention_head_dim", "d_head", "dim_head", "kv_channels", "d_kv", "attention_head_size",
+         "swa_head_dim", "index_head_dim"),
+        8,
+    ),
+    "rotary_dim": 4,  # partial rotary embedding (gptj, codegen): less than the head size
+    # multi-head latent attention (deepseek): the rope part is head_dim, as in the full-size configs
+    "q_lora_rank": 16,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "qk_head_dim": 16,
+    "v_head_dim": 8,
+    # vocabulary (every *vocab_size key) and positions
+    "vocab_size": 99,
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_target_positions"), 128),
+    # mixture of experts: 4 experts, 2 per token, 2 groups of which 1 is picked
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
+    **dict.fromkeys(("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk"), 2),
+    **dict.fromkeys(("n_group", "num_expert_group"), 2),
+    "topk_group": 1,
+    # state-space (mamba) and linear-attention mixers; _fix_invariants makes heads * head size = expand * width
+    **dict.fromkeys(("mamba_d_state", "state_size", "ssm_state_size"), 8),
+    **dict.fromkeys(("mamba_n_heads", "mamba_num_heads", "n_mamba_heads"), 4),
+    **dict.fromkeys(("mamba_d_head", "mamba_head_dim", "mamba_headdim"), 16),
+    **dict.fromkeys(("time_step_rank", "mamba_dt_rank"), 4),
+    **dict.fromkeys(("n_groups", "mamba_n_groups"), 2),
+    "linear_num_key_heads": 2,
+    **dict.fromkeys(("linear_num_value_heads", "linear_num_heads"), 4),
+    **dict.fromkeys(("linear_key_head_dim", "linear_value_head_dim", "linear_head_dim"), 8),
+}
+# Counts that are only ever lowered: a model with one expert per token or one key/value head keeps it.
+_AT_MOST = frozenset(
+    {"num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok",
+     "num_experts_per_token", "moe_k", "moe_topk", "n_group", "num_expert_group", "topk_group", "num_key_value_heads",
+     "num_kv_heads", "swa_num_key_value_heads", "multi_query_group_num", "num_query_groups", "linear_num_key_heads"}
+)
+# None means "this feature is off" for these (no query compression, no experts, no partial rotary); for every other
+# size None means "derive it from the others", and the tiny size is set instead.
+_OPTIONAL = frozenset(
+    {"q_lora_rank", "kv_lora_rank", "rotary_dim", "num_experts", "num_local_experts", "n_routed_experts",
+     "moe_num_experts", "n_group", "num_expert_group", "topk_group", "moe_intermediate_size", "index_n_heads",
+     "index_head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "qk_head_dim", "v_head_dim"}
+)
+# grouped_mm (the default MoE kernel) needs 16-byte aligned strides: expert sizes stay small but multiples of 4
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+_MOE_ALIGNED = {
+    "intermediate_size": 36,
+    "moe_intermediate_size": 20,
+    "expert_ffn_hidden_size": 20,
+    **dict.fromkeys(
+        ("shared_expert_intermediate_size", "shared_experts_intermediate_size", "shared_intermediate_size",
+         "moe_shared_expert_intermediate_size"),
+        24,
+    ),
+}
+# (heads, head size) of state-space mixers
+_SSM_HEADS = (
+    ("num_heads", "head_dim"), ("mamba_n_heads", "mamba_d_head"), ("mamba_num_heads", "mamba_head_dim"),
+    ("n_mamba_heads", "mamba_headdim"),
+)
+_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
+_DEPTH_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers")
+# Layer patterns written as "every n-th layer" (a period, with an optional offset into it).
+_LAYER_PERIODS = (
+    "attn_layer_period", "expert_layer_period", "global_attn_every_n_layers", "no_rope_layer_interval",
+    "sliding_window_pattern", "_sliding_window_pattern",
+)
+_LAYER_OFFSETS = {"attn_layer_offset": "attn_layer_period", "expert_layer_offset": "expert_layer_period"}
+# Layer counts and indices ("the first k layers are dense", "MoE up to layer i"): kept strictly inside the tiny depth
+# when they were strictly inside the original one, so that every kind of layer survives.
+_LAYER_BOUNDS = (
+    "first_k_dense_replace", "moe_layer_start_index", "moe_layer_end_index", "max_window_layers",
+    "num_kv_shared_layers", "loop_layer_index_start", "loop_layer_index_end", "n_layers_per_attn_res_block",
+)
+_PER_LAYER_CONFIG = "per_layer_config"  # heterogeneous configs: {layer index: overrides}
+_MAX_TINY_LAYERS = 6
+# Fields that are neither dataclass fields nor derived, but must survive the round trip through a dict.
+_KEEP_KEYS = frozenset({"model_type", "transformers_version", "_name_or_path", "output_attentions", _PER_LAYER_CONFIG})
+
+# The few model types whose default config, shrunk, lacks a layer kind that every real checkpoint has. Each entry says
+# why; the values are overrides of tiny_config.
+TINY_OVERRIDES: dict[str, dict[str, Any]] = {
+    # the default has no attention layer, and transformers' hybrid cache needs one (real checkpoints have several)
+    "bamba": {"attn_layer_indices": [1]},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
+    # the attention block comes third in the default ("recurrent", "recurrent", "attention") cycle
+    "recurrent_gemma": {"num_hidden_layers": 3},
+    # the shared attention block is tied across its uses: it needs two of them
+    "zamba": {"num_hidden_layers": 6},
+    # the layer pattern is run-length encoded as [[kinds], repeats]: one repeat of the default pattern
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
+    # query/key and value widths round up to multiples of 64, which the mLSTM kernel's head split assumes away
+    "xlstm": {"hidden_size": 128, "embedding_dim": 128},
 }
 
 
-# grouped_mm (the default MoE kernel) needs 16-byte aligned strides: expert sizes stay small but multiples of 4
-_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
-_MOE_ALIGNED = {"intermediate_size": 36, "moe_intermediate_size": 20, "shared_expert_intermediate_size": 24}
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _config_children(config: Any) -> dict[str, Any]:
+    from transformers import PretrainedConfig
+
+    return {k: v for k, v in vars(config).items() if isinstance(v, PretrainedConfig)}
+
+
+def _depth_key(config: Any, data: dict[str, Any]) -> str | None:
+    mapped = type(config).attribute_map.get("num_hidden_layers", "num_hidden_layers")
+    for key in (mapped, *_DEPTH_KEYS):
+        if _is_int(data.get(key)) and data[key] > 0:
+            return key
+    return None
+
+
+def _layer_overrides(data: dict[str, Any]) -> dict[int, Any]:
+    value = data.get(_PER_LAYER_CONFIG)
+    return {int(k): v for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _is_index_list(key: str, value: Any, depth: int) -> bool:
+    return (
+        "layer" in key and isinstance(value, list) and 0 < len(value) < depth
+        and all(_is_int(i) and 0 <= i < depth for i in value) and value == sorted(set(value))
+    )
+
+
+def _keep_layers(data: dict[str, Any], depth: int) -> list[int]:
+    """Which layers of the original ``depth`` to keep: the first layer of every distinct kind, ending like the model.
+
+    A layer's kind is its entry in each per-layer list (``layer_types``, ``mlp_layer_types``, ...), its membership in
+    each list of layer indices (``cross_attention_layers``, ``full_attn_idxs``, ...) and its per-layer overrides.
+    """
+    per_layer = [v for v in data.values() if isinstance(v, list) and len(v) == depth]
+    per_layer = [v for v in per_layer if len({repr(x) for x in v}) <= _MAX_TINY_LAYERS]
+    indices = [set(v) for k, v in data.items() if _is_index_list(k, v, depth)]
+    overrides = _layer_overrides(data)
+    kinds = [
+        (*(repr(v[i]) for v in per_layer), *(i in s for s in indices), repr(overrides.get(i)))
+        for i in range(depth)
+    ]
+    keep: list[int] = []
+    for i, kind in enumerate(kinds):
+        if kind not in {kinds[k] for k in keep}:
+            keep.append(i)
+    keep = keep[:_MAX_TINY_LAYERS]
+    if kinds[depth - 1] != kinds[keep[-1]]:  # e.g. "the last layer is full attention"
+        keep = [*keep[: _MAX_TINY_LAYERS - 1], depth - 1]
+    for i in range(depth):
+        if len(keep) >= 2:
+            break
+        if i not in keep:
+            keep = sorted([*keep, i])
+    return keep
+
+
+def _shrink_layers(data: dict[str, Any], key: str, depth_override: int | None) -> None:
+    """Set the tiny depth and keep every per-layer list, index list, per-layer override and pattern consistent."""
+    depth = data[key]
+    keep = _keep_layers(data, depth) if depth > 2 else list(range(depth))
+    tiny = depth_override or len(keep)
+    position = {old: new for new, old in enumerate(keep)}
+    for name, value in list(data.items()):
+        if isinstance(value, list) and len(value) == depth and name != key:
+            kept = [value[i] for i in keep]
+            data[name] = [kept[i % len(kept)] for i in range(tiny)]  # an overridden depth repeats the pattern
+        elif _is_index_list(name, value, depth):
+            data[name] = [position[i] for i in value if i in position]
+    overrides = _layer_overrides(data)
+    if overrides:
+        data[_PER_LAYER_CONFIG] = {
+            str(position[i]): _shrunk_sizes(dict(v), {}) for i, v in sorted(overrides.items()) if i in position
+        }
+    for name in _LAYER_PERIODS:
+        if _is_int(data.get(name)) and data[name] > len(keep):
+            data[name] = max(2, len(keep))
+    for name, period in _LAYER_OFFSETS.items():
+        if _is_int(data.get(name)) and _is_int(data.get(period)):
+            data[name] %= data[period]
+    for name in _LAYER_BOUNDS:
+        value = data.get(name)
+        if _is_int(value) and value > 0:
+            data[name] = len(keep) if value >= depth else min(max(round(value * len(keep) / depth), 1), len(keep) - 1)
+    data[key] = tiny
+
+
+def _shrunk_sizes(data: dict[str, Any], skip: set[str]) -> dict[str, Any]:
+    """Apply the size table to ``data`` in place (and return it)."""
+    original = dict(data)
+    sizes = dict(_TINY_SIZES)
+    if any(_is_int(data.get(key)) for key in _MOE_KEYS):
+        sizes.update(_MOE_ALIGNED)
+    sizes.update({k: 99 for k in data if k.endswith("vocab_size") and k not in sizes})
+    for key, tiny in sizes.items():
+        value = data.get(key)
+        if key in skip or key not in data:
+            continue
+        if _is_int(value):
+            data[key] = min(value, tiny) if key in _AT_MOST else tiny
+        elif value is None and key not in _OPTIONAL:
+            data[key] = tiny
+        elif isinstance(value, list) and value and all(_is_int(v) for v in value):
+            data[key] = [min(v, tiny) if key in _AT_MOST else tiny for v in value]
+    _fix_invariants(data, original)
+    return data
+
+
+def _fix_invariants(data: dict[str, Any], original: dict[str, Any]) -> None:
+    """Relations between sizes that the architectures require (``original``: the values before shrinking)."""
+    width = data.get("hidden_size", data.get("d_model"))
+    # multi-head latent attention: keys and values are per-head projections of one latent, never grouped
+    if _is_int(data.get("kv_lora_rank")) and _is_int(data.get("num_attention_heads")) and "num_key_value_heads" in data:
+        data["num_key_value_heads"] = data["num_attention_heads"]
+    # ... and where head_dim (or a sliding-window head size) is the whole query/key size there, it stays so
+    if _is_int(data.get("qk_nope_head_dim")) and _is_int(data.get("qk_rope_head_dim")):
+        qk = data["qk_nope_head_dim"] + data["qk_rope_head_dim"]
+        for key in ("head_dim", "swa_head_dim"):
+            if _is_int(original.get(key)) and original[key] == original["qk_nope_head_dim"] + original["qk_rope_head_dim"]:
+                data[key] = qk
+    # state-space mixers: heads * head size = expand * width
+    expand = data.get("mamba_expand", data.get("expand"))
+    if _is_int(expand) and _is_int(width):
+        for heads, head_dim in _SSM_HEADS:
+            if _is_int(data.get(heads)) and head_dim in data:
+                data[head_dim] = expand * width // data[heads]
+        if _is_int(data.get("mamba_d_ssm")):
+            data["mamba_d_ssm"] = expand * width
+
+
+def _derived_keys(config: Any, data: dict[str, Any]) -> list[str]:
+    """Keys that the config's __init__ computes from others: set outside the dataclass fields, or a field whose
+    default is None that holds a value. They are left out so that they are derived again from the tiny sizes."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(config):
+        return []
+    amap = type(config).attribute_map
+    fields = {amap.get(f.name, f.name): f for f in dataclasses.fields(config)}  # by the name the dict uses
+    found = []
+    for key, value in data.items():
+        if key in _KEEP_KEYS or key.endswith(("_token_id", "_token_index")):
+            continue
+        field = fields.get(key)
+        if field is None or (
+            field.default is None and value is not None and not isinstance(value, (list, dict)) and key not in _TINY_SIZES
+        ):
+            found.append(key)
+    return found
+
+
+def _shrink(config: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The dict of ``config`` with tiny sizes, recursively through nested configs; ``overrides`` apply on top."""
+    data = config.to_dict()
+    for name, child in _config_children(config).items():
+        if isinstance(data.get(name), dict):
+            data[name] = _shrink(child, {})
+    amap = type(config).attribute_map
+    overrides = {amap.get(k, k): v for k, v in overrides.items()}
+    depth_key = _depth_key(config, data)
+    if depth_key is not None:
+        _shrink_layers(data, depth_key, overrides.get(depth_key))
+    for key in _derived_keys(config, data):
+        if key != depth_key:
+            del data[key]
+    _shrunk_sizes(data, {depth_key} if depth_key else set())
+    data.update(overrides)
+    vocab = data.get("vocab_size")
+    if _is_int(vocab):
+        for key in _TOKEN_IDS:
+            if _is_int(data.get(key)) and data[key] >= vocab:
+                data[key] = vocab - 1
+    return data
 
 
 def tiny_config(model_type: str, **overrides: Any) -> Any:
-    """A small, odd-sized config of ``model_type`` (hidden 32, intermediate 37, vocab 99, 2 layers)."""
+    """A small, odd-sized config of ``model_type`` (width 32, intermediate 37, vocab 99, 2 layers).
+
+    Every nested config (text, vision, audio) is shrunk the same way. Per-layer patterns stay consistent with the tiny
+    depth and keep one layer of each kind (sliding and full attention, mamba and attention, dense and MoE), so a hybrid
+    model may have a few more than 2 layers. ``overrides`` set attributes of the top config after shrinking (after
+    those of :data:`TINY_OVERRIDES`).
+    """
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(model_type)
-    sizes = dict(_TINY_SIZES)
-    if any(getattr(config, key, None) for key in _MOE_KEYS):
-        sizes.update(_MOE_ALIGNED)
-    for key, value in {**sizes, **overrides}.items():
-        if hasattr(config, key) or key in getattr(config, "attribute_map", {}):
-            setattr(config, key, value)
-    vocab = config.get_text_config().vocab_size
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value >= vocab:
-            setattr(config, key, vocab - 1)
-    layer_types = getattr(config, "layer_types", None)
-    if isinstance(layer_types, list):
-        config.layer_types = [layer_types[i % len(layer_types)] for i in range(config.num_hidden_layers)]
-    # a round trip runs the config's own __init__ logic, so derived fields agree with what a saved copy loads as
-    return type(config).from_dict(config.to_dict())
+    # building from the dict runs the config's own __init__ logic, so derived fields agree with what a saved copy
+    # loads as
+    return type(config).from_dict(_shrink(config, {**TINY_OVERRIDES.get(model_type, {}), **overrides}))
 
 
 def tiny_model(model_type: str, **overrides: Any) -> torch.nn.Module:
@@ -108,7 +393,7 @@ def tiny_model(model_type: str, **overrides: Any) -> torch.nn.Module:
 
 
 def _smollm2_config() -> dict[str, Any]:
-    text = importlib.resources.files("seqgen").joinpath("data", "smollm2-135m.json").read_text()
+    text = importlib.resources.files("seqgen").joinpath("configs", "smollm2-135m.json").read_text()
     return json.loads(text)
 
 

@@ -36,9 +36,11 @@ def cli(verbose: int) -> None:
 
 
 def _register() -> None:
-    from . import cache_cmds, emit_cmd, package_cmds
+    from . import cache_cmds, calibrate_cmd, emit_cmd, package_cmds
 
     cli.add_command(emit_cmd.emit)
+    cli.add_command(calibrate_cmd.calibrate)
+    cli.add_command(calibrate_cmd.evaluate)
     cli.add_command(cache_cmds.cache)
     for command in package_cmds.COMMANDS:
         cli.add_command(command)

@@ -1,0 +1,144 @@
+"""Calibration wall time, peak RSS and held-out perplexity: fp, RTN and GPTQ, and optionally llm-compressor's GPTQ.
+
+SmolLM2-135M (the embedded default), W4A16, group 64, symmetric, 64 samples x 512 tokens of the built-in
+calibration corpus, perplexity on the built-in held-out corpus. Every run is its own process, so peak RSS is that
+run's alone; all runs read the same token tensors. Wall time counts what differs between the tools: seqgen's package
+lookup plus calibration, llm-compressor's ``oneshot`` (tracing plus calibration); model loading and data
+preparation are excluded for both.
+
+    python bench/calibrate.py [--runs 1] [--vs-llmcompressor /path/to/venv/bin/python]
+
+llm-compressor pins an older transformers, so it runs from its own venv (``--vs-llmcompressor``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+_PERPLEXITY = r"""
+import math, torch
+@torch.no_grad()
+def heldout_perplexity(model, samples, batch_size=8):
+    total, count = 0.0, 0
+    for i in range(0, samples.shape[0], batch_size):
+        ids = samples[i : i + batch_size]
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                reduction="sum")
+        total, count = total + nll.item(), count + ids[:, 1:].numel()
+    return math.exp(total / count)
+"""
+
+_SEQGEN_CHILD = _PERPLEXITY + r"""
+import json, resource, sys, time
+from safetensors.torch import load_file
+from seqgen.algorithms import QuantScheme
+from seqgen.cache import PartitionCache
+from seqgen.emitter import EmitOptions
+from seqgen.models import load_model, meta_model
+from seqgen.runtime import CalibrationOptions, calibrate
+from seqgen.data import batches
+
+algorithm, data_file, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data = load_file(data_file)
+model = load_model("smollm2-135m")
+seconds = 0.0
+if algorithm != "fp":
+    start = time.perf_counter()
+    package, _ = PartitionCache().get_or_emit(meta_model(model.config), EmitOptions())
+    options = CalibrationOptions(algorithm=algorithm, scheme=QuantScheme(bits=4, group_size=64, symmetric=True))
+    calibrate(model, package, batches(data["calibration"], batch_size), options)
+    seconds = time.perf_counter() - start
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": seconds, "rss_mb": rss, "ppl": heldout_perplexity(model, data["heldout"])}))
+"""
+
+_LLMCOMPRESSOR_CHILD = _PERPLEXITY + r"""
+import json, resource, sys, time, torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+
+model_dir, data_file = sys.argv[1], sys.argv[2]
+data = load_file(data_file)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+ids = data["calibration"]
+dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+scheme = {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                                              "group_size": 64}}
+recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+start = time.perf_counter()
+oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=ids.shape[1],
+        num_calibration_samples=ids.shape[0], pipeline="sequential")
+seconds = time.perf_counter() - start
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": seconds, "rss_mb": rss, "ppl": heldout_perplexity(model, data["heldout"])}))
+"""
+
+
+def _child(python: str, code: str, *args: str) -> dict[str, float]:
+    proc = subprocess.run([python, "-c", code, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark child failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=1, help="runs per row; the table shows medians")
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-samples", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=8, help="seqgen samples per forward")
+    parser.add_argument("--vs-llmcompressor", metavar="PYTHON", help="python of a venv with llmcompressor installed")
+    parser.add_argument("--rows", default="fp,rtn,gptq", help="which seqgen rows to run")
+    args = parser.parse_args()
+
+    from safetensors.torch import save_file
+
+    from seqgen.job import calibration_samples, heldout_samples, load_tokenizer
+    from seqgen.models import smollm2_dir
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    with tempfile.TemporaryDirectory() as tmp:
+        data_file = str(Path(tmp) / "tokens.safetensors")
+        save_file(
+            {
+                "calibration": calibration_samples(tokenizer, None, args.seq_len, args.num_samples),
+                "heldout": heldout_samples(tokenizer, None, args.seq_len, args.eval_samples),
+            },
+            data_file,
+        )
+        rows: dict[str, list[dict[str, float]]] = {}
+        for name in args.rows.split(","):
+            rows[f"seqgen {name}"] = [
+                _child(sys.executable, _SEQGEN_CHILD, name, data_file, str(args.batch_size)) for _ in range(args.runs)
+            ]
+        if args.vs_llmcompressor:
+            rows["llm-compressor gptq"] = [
+                _child(args.vs_llmcompressor, _LLMCOMPRESSOR_CHILD, str(smollm2_dir()), data_file)
+                for _ in range(args.runs)
+            ]
+
+    med = {k: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for k, runs in rows.items()}
+    fp = med.get("seqgen fp", {}).get("ppl")
+    reference = med.get("llm-compressor gptq", {}).get("seconds")
+    print(f"SmolLM2-135M W4A16 g64 sym, {args.num_samples} x {args.seq_len} calibration tokens, "
+          f"{args.eval_samples} x {args.seq_len} held-out; median of {args.runs}")
+    print(f"{'row':<22} {'wall s':>8} {'vs llmc':>8} {'peak RSS MB':>12} {'ppl':>9} {'vs fp':>8}")
+    for name, m in med.items():
+        ratio = f"{m['seconds'] / reference:.2f}x" if reference and m["seconds"] else "-"
+        increase = f"{(m['ppl'] / fp - 1) * 100:+.1f}%" if fp else "-"
+        print(f"{name:<22} {m['seconds']:>8.1f} {ratio:>8} {m['rss_mb']:>12.0f} {m['ppl']:>9.3f} {increase:>8}")
+
+
+if __name__ == "__main__":
+    main()

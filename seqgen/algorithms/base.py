@@ -1,0 +1,293 @@
+"""Quantization schemes, quantized weights, calibration statistics and the algorithm interface.
+
+Quantization maps a weight ``w`` to an integer code ``q`` per element and a float ``scale`` (plus an integer
+``zero_point`` when asymmetric) per output channel and group of input columns:
+
+    symmetric:   q = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1)          w ~ q * s
+    asymmetric:  q = clamp(round(w / s) + z, 0, 2^b - 1)                 w ~ (q - z) * s
+
+An :class:`Algorithm` turns a float weight and the :class:`Statistics` collected from the inputs of its linear layer
+into a :class:`QuantizedWeight`. Algorithms are registered by name with :func:`register_algorithm` and built with
+:func:`get_algorithm`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar
+
+import torch
+
+from ..errors import SeqgenError
+
+__all__ = [
+    "QuantScheme",
+    "QuantizedWeight",
+    "Statistics",
+    "Algorithm",
+    "quantize_rtn",
+    "compute_qparams",
+    "quantize_codes",
+    "distributed_active",
+    "ALGORITHMS",
+    "register_algorithm",
+    "get_algorithm",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How weights are quantized; shared by all algorithms (the GPTQ fields are ignored by the others)."""
+
+    bits: int = 4
+    group_size: int | None = 64
+    symmetric: bool = True
+    act_order: bool = False
+    dampening: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"QuantScheme.bits must be an integer in 2..8, got {self.bits!r}")
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
+        ):
+            raise ValueError(f"QuantScheme.group_size must be a positive integer or None, got {self.group_size!r}")
+        if not isinstance(self.dampening, (int, float)) or not self.dampening >= 0:
+            raise ValueError(f"QuantScheme.dampening must be a float >= 0, got {self.dampening!r}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"QuantScheme.block_size must be a positive integer, got {self.block_size!r}")
+
+    @property
+    def qmin(self) -> int:
+        """Smallest integer code."""
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer code."""
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        """int8 for signed (symmetric) codes, uint8 for unsigned (asymmetric) ones, so that 8-bit codes fit."""
+        return torch.int8 if self.symmetric else torch.uint8
+
+    def n_groups(self, in_features: int) -> int:
+        """Number of column groups of a weight with ``in_features`` columns; raises ValueError if they don't fit."""
+        if self.group_size is None:
+            return 1
+        if in_features % self.group_size != 0:
+            raise ValueError(
+                f"group_size {self.group_size} does not divide in_features {in_features}: "
+                f"use a group size that divides {in_features}, or group_size=None for one scale per output channel"
+            )
+        return in_features // self.group_size
+
+    def effective_group_size(self, in_features: int) -> int:
+        """Columns per group (``in_features`` itself for per-channel quantization)."""
+        self.n_groups(in_features)
+        return in_features if self.group_size is None else self.group_size
+
+
+def compute_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero point) over the last dim of ``w`` (fp32); returns tensors of shape ``w.shape[:-1]``.
+
+    Symmetric: ``s = max|w| / (2^(b-1) - 1)`` so the largest magnitude is exactly representable. Asymmetric: the range
+    ``[min(w, 0), max(w, 0)]`` is spread over ``2^b - 1`` steps and ``z = round(-min / s)``, so 0 is exact. A group of
+    zeros gets ``s = 1``.
+    """
+    if scheme.symmetric:
+        scale = w.abs().amax(dim=-1) / scheme.qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, None
+    lo = w.amin(dim=-1).clamp(max=0)
+    hi = w.amax(dim=-1).clamp(min=0)
+    scale = (hi - lo) / scheme.qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-lo / scale).clamp(scheme.qmin, scheme.qmax)
+    return scale, zero
+
+
+def quantize_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme
+) -> torch.Tensor:
+    """Integer codes (as fp32 values) of ``w`` given broadcastable ``scale`` and ``zero``."""
+    q = torch.round(w / scale)
+    if zero is not None:
+        q = q + zero
+    return q.clamp(scheme.qmin, scheme.qmax)
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes and per-group quantization parameters of one ``[out_features, in_features]`` weight.
+
+    ``scale``/``zero_point`` have one column per group. Column ``j`` of the weight belongs to group ``g_idx[j]``;
+    ``g_idx`` is None unless the algorithm reordered columns (GPTQ with ``act_order``), meaning ``j // group_size``
+    (or group 0 for per-channel quantization).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    g_idx: torch.Tensor | None
+    scheme: QuantScheme
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[1]
+
+    def group_index(self) -> torch.Tensor:
+        """Group of every input column (int64 ``[in_features]``), whether or not ``g_idx`` is stored."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        group = self.scheme.effective_group_size(self.in_features)
+        return torch.arange(self.in_features, device=self.codes.device) // group
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight ``(q - z) * s`` that the codes stand for, ``[out_features, in_features]``."""
+        idx = self.group_index()
+        q = self.codes.float()
+        if self.zero_point is not None:
+            q = q - self.zero_point.float()[:, idx]
+        return (q * self.scale.float()[:, idx]).to(dtype)
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        """A copy with every tensor on ``device``."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return dataclasses.replace(
+            self,
+            codes=self.codes.to(device),
+            scale=self.scale.to(device),
+            zero_point=move(self.zero_point),
+            g_idx=move(self.g_idx),
+        )
+
+
+def quantize_rtn(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
+    """Round-to-nearest: per group min/max (asymmetric) or absmax (symmetric) parameters, each element rounded alone.
+
+    Every element's error is at most half its group's scale.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    n_groups = scheme.n_groups(in_features)
+    w = weight.detach().float().reshape(out_features, n_groups, in_features // n_groups)
+    scale, zero = compute_qparams(w, scheme)
+    codes = quantize_codes(w, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), scheme)
+    return QuantizedWeight(
+        codes=codes.reshape(out_features, in_features).to(scheme.code_dtype),
+        scale=scale,
+        zero_point=None if zero is None else zero.to(torch.int32),
+        g_idx=None,
+        scheme=scheme,
+    )
+
+
+def distributed_active() -> bool:
+    """True when statistics must be summed over processes (torch.distributed is initialized)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class Statistics(abc.ABC):
+    """Per-group-of-linears calibration statistics, accumulated from module inputs.
+
+    The runtime shares ONE Statistics object between linears that read the same input tensor (q/k/v projections,
+    gate/up), so e.g. the Hessian is computed once. Call :meth:`update` for every calibration batch, then
+    :meth:`reduce_` once before quantizing.
+    """
+
+    @abc.abstractmethod
+    def update(self, x: torch.Tensor) -> None:
+        """Accumulate the inputs ``x`` ``[..., in_features]`` (any float dtype; padded tokens already removed)."""
+
+    @abc.abstractmethod
+    def reduce_(self) -> None:
+        """Combine the statistics of all processes in place if torch.distributed is initialized; else no-op.
+
+        This is the only place where statistics cross processes.
+        """
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors that restore these statistics bitwise with :meth:`load_state_dict` (references, not copies)."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore statistics saved by :meth:`state_dict` (copied into this object's own tensors)."""
+
+
+class Algorithm(abc.ABC):
+    """A weight quantization algorithm: optional calibration statistics in, :class:`QuantizedWeight` out."""
+
+    name: ClassVar[str]
+
+    def __init__(self, scheme: QuantScheme) -> None:
+        if not isinstance(scheme, QuantScheme):
+            raise TypeError(f"{type(self).__name__} expects a QuantScheme, got {type(scheme).__name__}")
+        self.scheme = scheme
+
+    def new_statistics(self, in_features: int, device: torch.device) -> Statistics | None:
+        """Fresh statistics for a linear with ``in_features`` inputs, or None if the algorithm needs no data."""
+        return None
+
+    @abc.abstractmethod
+    def quantize(self, weight: torch.Tensor, stats: Statistics | None) -> QuantizedWeight:
+        """Quantize ``weight`` ``[out, in]`` (not modified in place) using the statistics of its inputs."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.scheme})"
+
+
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+_A = TypeVar("_A", bound=type[Algorithm])
+
+
+def register_algorithm(cls: _A) -> _A:
+    """Class decorator: make ``cls`` available to :func:`get_algorithm` under ``cls.name``.
+
+    Registering a second, different class under a taken name raises ValueError; re-registering the same class (same
+    module and qualified name, e.g. a reloaded module) replaces it.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+        raise TypeError(f"register_algorithm expects an Algorithm subclass, got {cls!r}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{cls.__qualname__} needs a non-empty class attribute `name` to be registered")
+    old = ALGORITHMS.get(name)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(
+            f"algorithm name {name!r} is already taken by {old.__module__}.{old.__qualname__}; "
+            f"give {cls.__qualname__} another name"
+        )
+    ALGORITHMS[name] = cls
+    logger.debug("registered algorithm %r: %s.%s", name, cls.__module__, cls.__qualname__)
+    return cls
+
+
+def get_algorithm(name: str, scheme: QuantScheme) -> Algorithm:
+    """The registered algorithm ``name`` set up for ``scheme``."""
+    try:
+        cls = ALGORITHMS[name]
+    except KeyError:
+        known = ", ".join(sorted(ALGORITHMS)) or "(none)"
+        raise SeqgenError(
+            f"unknown quantization algorithm {name!r}; known algorithms: {known}. "
+            "Register a custom one with seqgen.algorithms.register_algorithm."
+        ) from None
+    return cls(scheme)

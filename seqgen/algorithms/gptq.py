@@ -1,0 +1,271 @@
+"""GPTQ (Frantar et al., 2022): quantize columns one at a time and push each column's error onto the columns not yet
+quantized, using the inverse Hessian of the layer's reconstruction loss.
+
+For a linear with inputs ``X`` (``N`` tokens) the loss ``||X W^T - X Q^T||^2`` has Hessian ``H = 2/N * sum x x^T``
+with respect to each row of ``W``. Quantizing column ``j`` to ``q_j`` with error ``e = (w_j - q_j) / [H^-1]_jj``
+and updating the remaining columns ``W[:, j+1:] -= e [H^-1]_{j, j+1:}`` is the optimal (OBS) compensation. With the
+upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``) the rows of ``U`` hold exactly these update coefficients
+after the earlier columns are eliminated, so one factorization serves all columns. Columns are processed in blocks:
+updates inside a block are applied column by column, the rest of the matrix gets the whole block's errors in one
+matmul (lazy batch updates).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..errors import SeqgenError
+from .base import (
+    Algorithm,
+    QuantizedWeight,
+    Statistics,
+    compute_qparams,
+    distributed_active,
+    quantize_codes,
+    register_algorithm,
+)
+
+__all__ = ["GPTQ", "HessianStatistics"]
+
+logger = logging.getLogger(__name__)
+
+# Retries of the Cholesky factorization, each with ten times the previous dampening.
+_CHOLESKY_RETRIES = 3
+
+
+class HessianStatistics(Statistics):
+    """Running average ``H = 2/N * sum x x^T`` (fp32, ``[in_features, in_features]``) over all tokens seen.
+
+    A new batch of ``n`` tokens rescales the old average by ``N_old / N_new`` before adding ``2/N_new * X^T X``, so
+    the values stay O(|x|^2) however many tokens are accumulated.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str) -> None:
+        self.in_features = in_features
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.nsamples = 0
+        self._reduced = False
+
+    def update(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"HessianStatistics expects inputs with last dim {self.in_features}, got shape {tuple(x.shape)}"
+            )
+        if self._reduced:
+            raise SeqgenError(
+                "HessianStatistics.update after reduce_(): the statistics were already summed over processes; "
+                "collect all batches first, or start new statistics"
+            )
+        x = x.detach().reshape(-1, self.in_features).to(device=self.hessian.device, dtype=torch.float32)
+        n = x.shape[0]
+        if n == 0:
+            return
+        total = self.nsamples + n
+        if self.nsamples:
+            self.hessian.mul_(self.nsamples / total)
+        self.hessian.addmm_(x.T, x, alpha=2.0 / total)
+        self.nsamples = total
+
+    def reduce_(self) -> None:
+        """Token-weighted average of the per-process Hessians (all_reduce of counts, then of weighted Hessians)."""
+        if not distributed_active() or self._reduced:
+            return
+        count = torch.tensor([float(self.nsamples)], dtype=torch.float64, device=self.hessian.device)
+        torch.distributed.all_reduce(count)
+        total = int(count.item())
+        if total > 0:
+            self.hessian.mul_(self.nsamples / total)
+            torch.distributed.all_reduce(self.hessian)
+        self.nsamples = total
+        self._reduced = True
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"hessian": self.hessian, "nsamples": torch.tensor(self.nsamples, dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        hessian = state["hessian"]
+        if tuple(hessian.shape) != tuple(self.hessian.shape):
+            raise ValueError(
+                f"Hessian of shape {tuple(hessian.shape)} does not fit statistics of {self.in_features} inputs"
+            )
+        self.hessian.copy_(hessian)
+        self.nsamples = int(state["nsamples"])
+        self._reduced = False
+
+
+@register_algorithm
+class GPTQ(Algorithm):
+    """GPTQ with lazy batch updates, optional activation order and group-wise parameters.
+
+    Uses ``scheme.dampening`` (fraction of ``mean(diag(H))`` added to the diagonal), ``scheme.block_size`` (columns
+    per lazy batch) and ``scheme.act_order`` (columns by descending ``diag(H)``). With activation order the groups
+    are *static*: each group of consecutive original columns gets its scale/zero from the weights before any update,
+    and keeps it whatever order its columns are visited in. So ``g_idx`` is ``column // group_size``, the layout that
+    compressed-tensors (``actorder="weight"``) and vLLM store; dynamic groups would scatter a group's columns.
+    """
+
+    name = "gptq"
+
+    def new_statistics(self, in_features: int, device: torch.device) -> Statistics | None:
+        return HessianStatistics(in_features, device)
+
+    def quantize(self, weight: torch.Tensor, stats: Statistics | None) -> QuantizedWeight:
+        if not isinstance(stats, HessianStatistics):
+            raise SeqgenError(
+                f"GPTQ needs the HessianStatistics from GPTQ.new_statistics, got {type(stats).__name__}; "
+                "run calibration batches through the layer before quantizing it"
+            )
+        if weight.dim() != 2:
+            raise ValueError(f"expected a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}")
+        rows, cols = weight.shape
+        if stats.in_features != cols:
+            raise ValueError(f"weight has {cols} input columns but the statistics have {stats.in_features}")
+        if stats.nsamples == 0:
+            raise SeqgenError("GPTQ statistics saw no tokens: feed calibration batches before quantizing")
+        scheme = self.scheme
+        group = scheme.effective_group_size(cols)
+        started = time.perf_counter()
+
+        device = stats.hessian.device
+        # Work on W^T ([cols, rows], contiguous): a weight column is then a contiguous row, which keeps the
+        # per-column steps and in-block updates cache friendly. Always a fresh buffer: `weight` is never modified.
+        wt = torch.empty(cols, rows, dtype=torch.float32, device=device)
+        wt.copy_(weight.detach().T)
+        h = stats.hessian.clone()
+        if not torch.isfinite(h).all():
+            raise SeqgenError(
+                "GPTQ Hessian has non-finite values: the calibration inputs of this layer contain inf/nan"
+            )
+
+        # Inputs that were always zero carry no information: any value of their weight column gives the same output.
+        diag = h.diagonal()
+        dead = diag == 0
+        diag[dead] = 1.0
+        wt[dead] = 0.0
+
+        n_groups = cols // group
+        perm: torch.Tensor | None = None
+        static_group: list[int] = []
+        if scheme.act_order:
+            static = [compute_qparams(wt[g * group : (g + 1) * group].T, scheme) for g in range(n_groups)]
+            perm = torch.argsort(diag, descending=True, stable=True)
+            static_group = (perm // group).tolist()
+            wt = wt[perm]
+            h = h[perm][:, perm]
+
+        u = self._inverse_cholesky(h)
+        del h
+
+        codes_t = torch.empty(cols, rows, dtype=torch.float32, device=device)
+        scales = torch.empty(n_groups, rows, dtype=torch.float32, device=device)
+        zeros = None if scheme.symmetric else torch.empty(n_groups, rows, dtype=torch.float32, device=device)
+        loss = torch.zeros(rows, dtype=torch.float32, device=device)
+        scale = zero = None
+
+        for i1 in range(0, cols, scheme.block_size):
+            i2 = min(i1 + scheme.block_size, cols)
+            w1 = wt[i1:i2]  # a view: updated in place
+            err1 = torch.empty_like(w1)
+            u1 = u[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                j = i1 + i
+                if perm is not None:
+                    scale, zero = static[static_group[j]]
+                elif j % group == 0:
+                    scale, zero = self._group_params(wt, err1, u, i1, i2, i, group)
+                    scales[j // group] = scale
+                    if zeros is not None:
+                        zeros[j // group] = zero
+                col = w1[i]
+                q = quantize_codes(col, scale, zero, scheme)
+                codes_t[j] = q
+                deq = (q - zero) * scale if zero is not None else q * scale
+                err = err1[i]
+                torch.div(col - deq, u1[i, i], out=err)
+                # OBS update of the block's later columns: W[:, k] -= err * U[j, k].
+                if i + 1 < i2 - i1:
+                    w1[i + 1 :].addr_(u1[i, i + 1 :], err, alpha=-1.0)
+            loss.add_(err1.square().sum(dim=0))
+            # Lazy batch update: the whole block's errors reach the remaining columns in one matmul.
+            if i2 < cols:
+                wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)
+
+        g_idx: torch.Tensor | None = None
+        if perm is not None:
+            codes_t = codes_t[torch.argsort(perm)]
+            for g, (scale, zero) in enumerate(static):
+                scales[g] = scale
+                if zeros is not None:
+                    zeros[g] = zero
+            g_idx = (torch.arange(cols, device=device) // group).to(torch.int32)
+
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "gptq %dx%d: proxy loss %.6g in %.3fs",
+                rows,
+                cols,
+                0.5 * loss.sum().item(),
+                time.perf_counter() - started,
+            )
+        out_device = weight.device
+        return QuantizedWeight(
+            codes=codes_t.T.to(scheme.code_dtype).contiguous().to(out_device),
+            scale=scales.T.contiguous().to(out_device),
+            zero_point=None if zeros is None else zeros.T.to(torch.int32).contiguous().to(out_device),
+            g_idx=None if g_idx is None else g_idx.to(out_device),
+            scheme=scheme,
+        )
+
+    def _group_params(
+        self, wt: torch.Tensor, err1: torch.Tensor, u: torch.Tensor, i1: int, i2: int, i: int, group: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scale/zero of the group starting at column ``j = i1 + i``, from its current error-updated weights.
+
+        ``wt`` is W^T. Columns inside the current block (``i1:i2``) are up to date; columns past the block still
+        lack the pending updates from this block's first ``i`` columns, ``U[i1:j, cols]^T @ err1[:i]``, which are
+        applied here (on a copy) so the parameters see exactly the weights the columns will have when quantized.
+        """
+        j = i1 + i
+        end = min(j + group, wt.shape[0])
+        current = wt[j : min(end, i2)]
+        if end > i2:
+            ahead = wt[i2:end]
+            if i > 0:
+                ahead = ahead - u[i1:j, i2:end].T @ err1[:i]
+            current = torch.cat([current, ahead], dim=0)
+        return compute_qparams(current.T, self.scheme)
+
+    def _inverse_cholesky(self, h: torch.Tensor) -> torch.Tensor:
+        """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` with ``lambda = dampening * mean(diag(H))``.
+
+        ``h`` is modified in place. If a factorization fails the dampening is multiplied by 10, up to 3 times.
+        """
+        mean_diag = h.diagonal().mean().item()
+        fraction = self.scheme.dampening
+        applied = 0.0
+        for attempt in range(_CHOLESKY_RETRIES + 1):
+            h.diagonal().add_(fraction * mean_diag - applied)
+            applied = fraction * mean_diag
+            lower, info = torch.linalg.cholesky_ex(h)
+            if info.item() == 0:
+                upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+                if info.item() == 0 and torch.isfinite(upper).all():
+                    if attempt:
+                        logger.warning("gptq: Cholesky succeeded with dampening %.3g", fraction)
+                    return upper
+            if attempt < _CHOLESKY_RETRIES:
+                new_fraction = fraction * 10 if fraction > 0 else 1e-3
+                logger.warning(
+                    "gptq: Hessian is not positive definite with dampening %.3g; retrying with %.3g",
+                    fraction,
+                    new_fraction,
+                )
+                fraction = new_fraction
+        raise SeqgenError(
+            f"GPTQ could not factor the Hessian ({h.shape[0]} inputs): it is not positive definite even with "
+            f"dampening {fraction:.3g} x mean(diag(H)); the calibration inputs are degenerate or non-finite "
+            f"(mean diag {mean_diag:.3g}). Use more/different calibration data or a larger QuantScheme.dampening"
+        )

@@ -1,0 +1,84 @@
+"""``seqgen calibrate`` and ``seqgen eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .output import out
+
+_GROUP = click.IntRange(min=-1)
+
+
+def _group_size(value: int) -> int | None:
+    return None if value in (-1, 0) else value
+
+
+@click.command()
+@click.argument("package", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", "model_id", required=True, help="Model id or checkpoint directory (see `seqgen emit`).")
+@click.option("--dataset", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help=".txt or .jsonl calibration text. Default: the built-in corpus.")
+@click.option("--algorithm", type=click.Choice(["gptq", "rtn"]), default="gptq")
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4")
+@click.option("--group-size", type=_GROUP, default=64, help="Columns per scale; -1 for one scale per channel.")
+@click.option("--asym", is_flag=True, help="Asymmetric quantization (zero points).")
+@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by descending Hessian diagonal.")
+@click.option("--dampening", type=float, default=0.01, help="GPTQ: fraction of mean(diag(H)) added to the diagonal.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=64)
+@click.option("--seq-len", type=click.IntRange(min=1), default=512)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Samples per forward call.")
+@click.option("--ignore", multiple=True, help="Regex over module names not to quantize (lm_head never is). Repeatable.")
+@click.option("--no-propagate-error", is_flag=True,
+              help="Feed each subgraph the unquantized outputs of the previous one (one pass instead of two).")
+@click.option("--observe", is_flag=True, help="Also save per-channel activation statistics of quantized inputs.")
+@click.option("--offload", type=click.Choice(["memory", "disk"]), default="memory",
+              help="Where weights wait between subgraphs: CPU RAM, or the checkpoint's safetensors files.")
+@click.option("--device", default=None, help="Execution device. Default: cuda:0 when available, else cpu.")
+@click.option("--reemit", is_flag=True, help="Ignore the partition cache and emit the package again.")
+@click.option("--save", "save_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--save-format", type=click.Choice(["compressed", "fake"]), default="compressed",
+              help="compressed: compressed-tensors (packed ints + scales) for vLLM; fake: dequantized weights.")
+def calibrate(package: Path | None, model_id: str, dataset: Path | None, algorithm: str, bits: str,
+              group_size: int, asym: bool, act_order: bool, dampening: float, num_samples: int, seq_len: int,
+              batch_size: int, ignore: tuple[str, ...], no_propagate_error: bool, observe: bool, offload: str,
+              device: str | None, reemit: bool, save_dir: Path, save_format: str) -> None:
+    """Quantize MODEL layer by layer with PACKAGE (default: from the partition cache) and save it."""
+    from ..algorithms import QuantScheme
+    from ..job import CalibrationJob, run_job
+    from ..runtime import CalibrationOptions
+
+    scheme = QuantScheme(bits=int(bits), group_size=_group_size(group_size), symmetric=not asym,
+                         act_order=act_order, dampening=dampening)
+    job = CalibrationJob(
+        model_id=model_id, package=package, dataset=dataset, num_samples=num_samples, seq_len=seq_len,
+        batch_size=batch_size, offload=offload, reemit=reemit, save_dir=save_dir, save_format=save_format,
+        options=CalibrationOptions(algorithm=algorithm, scheme=scheme, ignore=ignore,
+                                   propagate_error=not no_propagate_error, observe=observe, device=device),
+    )
+    summary = run_job(job)
+    source = "cache hit" if summary.cache_hit else ("given" if package else "emitted")
+    out(f"package: {summary.package_path} ({source})")
+    out(f"quantized {summary.linears} linears with {algorithm} W{bits} group {group_size} in "
+        f"{summary.calibration_seconds:.1f}s (total {summary.total_seconds:.1f}s)")
+    out(f"saved {save_format} model to {save_dir}")
+
+
+@click.command(name="eval")
+@click.option("--model", "model_id", required=True, help="Model id or checkpoint directory (quantized or not).")
+@click.option("--dataset", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help=".txt or .jsonl text. Default: the built-in held-out corpus.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512)
+@click.option("--max-samples", type=click.IntRange(min=1), default=40)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8)
+def evaluate(model_id: str, dataset: Path | None, seq_len: int, max_samples: int, batch_size: int) -> None:
+    """Print the perplexity of MODEL on held-out text."""
+    from ..job import heldout_samples, load_tokenizer
+    from ..evaluate import perplexity
+    from ..models import load_model
+
+    model = load_model(model_id)
+    samples = heldout_samples(load_tokenizer(model_id), dataset, seq_len, max_samples)
+    value = perplexity(model, samples, batch_size=batch_size)
+    out(f"perplexity: {value:.4f} ({samples.shape[0]} samples x {seq_len} tokens)")

@@ -1,0 +1,148 @@
+"""A whole calibration job, as ``seqgen calibrate`` runs it: model, package, data, calibration, save.
+
+The package comes from the path given or from the partition cache (emitted on a miss, once). Weights wait in RAM
+(``offload="memory"``) or stay in the checkpoint's safetensors files (``offload="disk"``) until their subgraph runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import SeqgenError
+from .runtime import CalibrationOptions, CalibrationResult, SafetensorsWeights, calibrate
+
+__all__ = ["CalibrationJob", "JobSummary", "run_job", "load_tokenizer", "calibration_samples", "heldout_samples"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibrationJob:
+    model_id: str
+    save_dir: Path
+    package: Path | None = None
+    dataset: Path | None = None
+    num_samples: int = 64
+    seq_len: int = 512
+    batch_size: int = 8
+    offload: str = "memory"  # or "disk"
+    reemit: bool = False
+    save_format: str = "compressed"  # or "fake"
+    options: CalibrationOptions = field(default_factory=CalibrationOptions)
+
+
+@dataclass
+class JobSummary:
+    package_path: Path
+    cache_hit: bool
+    linears: int
+    calibration_seconds: float
+    total_seconds: float
+    result: CalibrationResult
+    model: torch.nn.Module  # quantized in place (in disk mode: the skeleton, weights released)
+
+
+def _checkpoint_dir(model_id: str) -> Path:
+    from .models import DEFAULT_MODEL, smollm2_dir
+
+    if model_id == DEFAULT_MODEL:
+        return smollm2_dir()
+    path = Path(model_id)
+    if not path.is_dir():
+        raise SeqgenError(f"{model_id!r} is not a checkpoint directory; a tokenizer and weights are needed here.")
+    return path
+
+
+def load_tokenizer(model_id: str) -> Any:
+    from transformers import AutoTokenizer
+
+    directory = _checkpoint_dir(model_id)
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise SeqgenError(f"{directory} has no usable tokenizer ({exc}); save one with the model.") from exc
+
+
+def _texts(dataset: Path | None, split: str) -> list[str]:
+    from .data import default_texts, load_texts
+
+    return load_texts(dataset, tokenizer) if dataset is not None else default_texts(split)
+
+
+def calibration_samples(tokenizer: Any, dataset: Path | None, seq_len: int, num_samples: int) -> torch.Tensor:
+    from .data import pack
+
+    return pack(_texts(dataset, "calibration"), tokenizer, seq_len, num_samples)
+
+
+def heldout_samples(tokenizer: Any, dataset: Path | None, seq_len: int, num_samples: int) -> torch.Tensor:
+    from .data import pack
+
+    return pack(_texts(dataset, "heldout"), tokenizer, seq_len, num_samples)
+
+
+def _disk_model(directory: Path) -> torch.nn.Module:
+    """The model skeleton: parameters on meta, buffers real (non-persistent ones such as rotary tables)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def run_job(job: CalibrationJob) -> JobSummary:
+    from .cache import PartitionCache
+    from .data import batches as make_batches
+    from .emitter import EmitOptions
+    from .models import load_model, meta_model
+    from .package import load
+    from .save import save_quantized
+
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(job.model_id)
+    weights = None
+    if job.offload == "disk":
+        directory = _checkpoint_dir(job.model_id)
+        model = _disk_model(directory)
+        weights = SafetensorsWeights(directory)
+    else:
+        model = load_model(job.model_id)
+    if job.package is not None:
+        package, hit = load(job.package), False
+    else:
+        package, hit = PartitionCache().get_or_emit(meta_model(model.config), EmitOptions(), reemit=job.reemit)
+    samples = calibration_samples(tokenizer, job.dataset, job.seq_len, job.num_samples)
+    batches = make_batches(samples, job.batch_size)
+    if weights is not None:
+        from .save import StreamingSaver
+
+        saver = StreamingSaver(model, weights, job.save_dir, tokenizer=tokenizer, save_format=job.save_format)
+        result = calibrate(model, package, batches, job.options, weights=weights, on_subgraph_done=saver.add,
+                           keep_results=False)
+        saver.finish()
+    else:
+        result = calibrate(model, package, batches, job.options)
+        save_quantized(model, result.quantized, job.save_dir, tokenizer=tokenizer, save_format=job.save_format)
+    if job.options.observe:
+        from safetensors.torch import save_file
+
+        flat = {f"{name}.{key}": value.contiguous() for name, stats in result.activation_stats.items()
+                for key, value in stats.items()}
+        save_file(flat, str(job.save_dir / "activation_stats.safetensors"))
+    return JobSummary(
+        package_path=package.path,
+        cache_hit=hit,
+        linears=result.linears,
+        calibration_seconds=result.seconds,
+        total_seconds=time.perf_counter() - start,
+        result=result,
+        model=model,
+    )

@@ -1,0 +1,198 @@
+"""Weights on the execution device one subgraph at a time.
+
+The index lists, per subgraph, every module it calls and every parameter it reads directly; the dispatcher moves
+exactly those to the execution device before the subgraph runs and back after. Two homes for the weights:
+
+* **memory**: the model sits on the CPU (RAM). On a CUDA device the CPU copies are pinned, so copies are asynchronous,
+  and :meth:`Dispatcher.prefetch` starts copying the *next* subgraph's weights on a side stream while the current one
+  computes. On the CPU there is nothing to move.
+* **disk**: the model skeleton has its parameters on the meta device, and tensors are read from the checkpoint's
+  safetensors files (memory-mapped) when a subgraph needs them, then dropped. RAM holds one subgraph's weights, so a
+  model larger than RAM calibrates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import SeqgenError
+from ..package import Subgraph
+
+__all__ = ["Dispatcher", "SafetensorsWeights", "execution_device"]
+
+logger = logging.getLogger(__name__)
+
+
+def execution_device(requested: str | torch.device | None = None) -> torch.device:
+    """``cuda:0`` when CUDA exists, else the CPU, unless ``requested`` says otherwise."""
+    if requested is not None:
+        return torch.device(requested)
+    return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class SafetensorsWeights:
+    """Tensors of a checkpoint directory by name, read lazily from its (memory-mapped) safetensors files."""
+
+    def __init__(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        index_file = directory / "model.safetensors.index.json"
+        if index_file.exists():
+            weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+        elif (directory / "model.safetensors").exists():
+            with safe_open(directory / "model.safetensors", "pt") as f:
+                weight_map = {name: "model.safetensors" for name in f.keys()}
+        else:
+            raise SeqgenError(f"{directory} has no safetensors checkpoint (model.safetensors or its index).")
+        self.directory = directory
+        self.weight_map = weight_map
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def read(self, names: Iterable[str], device: torch.device) -> dict[str, torch.Tensor]:
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        found: dict[str, torch.Tensor] = {}
+        for file, file_names in sorted(by_file.items()):
+            with safe_open(self.directory / file, "pt", device=str(device)) as f:
+                for name in file_names:
+                    found[name] = f.get_tensor(name)
+        return found
+
+
+def _module_tensors(model: torch.nn.Module, subgraph: Subgraph) -> dict[str, tuple[torch.nn.Module, str]]:
+    """Every parameter and buffer a subgraph uses: full name -> (owning module, attribute name)."""
+    found: dict[str, tuple[torch.nn.Module, str]] = {}
+    for module_name in subgraph.modules:
+        module = model.get_submodule(module_name)
+        prefix = f"{module_name}." if module_name else ""
+        for sub_name, sub in module.named_modules():
+            sub_prefix = f"{prefix}{sub_name}." if sub_name else prefix
+            for attr, _ in list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False)):
+                found.setdefault(sub_prefix + attr, (sub, attr))
+    for tensor_name in subgraph.tensors:
+        owner_name, _, attr = tensor_name.rpartition(".")
+        found.setdefault(tensor_name, (model.get_submodule(owner_name), attr))
+    return found
+
+
+def _set_tensor(owner: torch.nn.Module, attr: str, value: torch.Tensor) -> None:
+    current = getattr(owner, attr)
+    if isinstance(current, torch.nn.Parameter):
+        owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[attr] = value
+
+
+class Dispatcher:
+    """Onloads and offloads the weights of one subgraph at a time (see the module docstring)."""
+
+    def __init__(
+        self, model: torch.nn.Module, device: torch.device, weights: SafetensorsWeights | None = None
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.weights = weights
+        self.moves = device.type != "cpu" or weights is not None
+        self._home: dict[str, torch.Tensor] = {}  # memory mode on an accelerator: the pinned CPU copy
+        self._staged: dict[str, torch.Tensor] = {}
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._staged_event: torch.cuda.Event | None = None
+        self.bytes_moved = 0
+
+    @contextmanager
+    def resident(self, subgraph: Subgraph, next_subgraph: Subgraph | None = None) -> Iterator[None]:
+        """Weights of ``subgraph`` on the device for the duration; the next one's prefetched meanwhile."""
+        self.onload(subgraph)
+        if next_subgraph is not None:
+            self.prefetch(next_subgraph)
+        try:
+            yield
+        finally:
+            self.offload(subgraph)
+
+    def _source(self, name: str, owner: torch.nn.Module, attr: str) -> torch.Tensor | None:
+        """The home copy of a tensor, or None if the module's own (non-persistent buffer) value is the source."""
+        current = getattr(owner, attr)
+        if self.weights is not None:
+            if name in self.weights:
+                return None  # read from disk
+            if current.device.type == "meta":
+                raise SeqgenError(
+                    f"{name} is neither in the checkpoint {self.weights.directory} nor initialised; the checkpoint "
+                    "does not match the model."
+                )
+        home = self._home.get(name)
+        if home is None:
+            home = current.data if current.device.type == "cpu" else current.data.cpu()
+            if self.device.type == "cuda":
+                home = home.pin_memory()
+            self._home[name] = home
+        return home
+
+    def prefetch(self, subgraph: Subgraph) -> None:
+        """Start copying ``subgraph``'s weights to the device on a side stream (CUDA, memory mode only)."""
+        if self._stream is None or self.weights is not None:
+            return
+        tensors = _module_tensors(self.model, subgraph)
+        with torch.cuda.stream(self._stream):
+            for name, (owner, attr) in tensors.items():
+                source = self._source(name, owner, attr)
+                if source is not None:
+                    self._staged[name] = source.to(self.device, non_blocking=True)
+            self._staged_event = torch.cuda.Event()
+            self._staged_event.record(self._stream)
+
+    def onload(self, subgraph: Subgraph) -> None:
+        if not self.moves:
+            return
+        tensors = _module_tensors(self.model, subgraph)
+        if self._staged_event is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._staged_event)
+            self._staged_event = None
+        from_disk = [n for n in tensors if self.weights is not None and n in self.weights]
+        loaded = self.weights.read(from_disk, self.device) if from_disk else {}
+        for name, (owner, attr) in tensors.items():
+            if name in loaded:
+                value = loaded[name]
+            elif name in self._staged:
+                value = self._staged.pop(name)
+            else:
+                source = self._source(name, owner, attr)
+                if source is None:  # an initialised non-persistent buffer in disk mode
+                    source = getattr(owner, attr).data
+                value = source.to(self.device, non_blocking=True)
+            current = getattr(owner, attr)
+            if value.dtype != current.dtype and current.device.type != "meta":
+                value = value.to(current.dtype)
+            self.bytes_moved += value.numel() * value.element_size()
+            _set_tensor(owner, attr, value)
+        self._staged.clear()
+
+    def offload(self, subgraph: Subgraph, changed: Iterable[str] = ()) -> None:
+        """Return ``subgraph``'s weights home. ``changed`` names tensors rewritten on the device (quantized weights):
+        in memory mode they are copied back into their home copy; in disk mode the caller saved them already."""
+        if not self.moves:
+            return
+        changed = set(changed)
+        for name, (owner, attr) in _module_tensors(self.model, subgraph).items():
+            current = getattr(owner, attr)
+            if self.weights is not None and name in self.weights:
+                _set_tensor(owner, attr, torch.empty_like(current, device="meta"))
+                continue
+            home = self._home.get(name)
+            if home is None:
+                continue
+            if name in changed:
+                home.copy_(current.data)
+            _set_tensor(owner, attr, home)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()

@@ -1,0 +1,131 @@
+"""Calibrating fused MoE experts: transformers 5 stores a layer's experts as 3D parameters, not ``nn.Linear``s.
+
+The standard layout (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek, ...) is ``gate_up_proj [E, 2I, H]`` and
+``down_proj [E, H, I]``, with ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`` computing,
+for each expert ``e``, ``down_e(act(gate_e(x)) * up_e(x))`` over the tokens routed to it. A forward pre-hook on the
+experts module sees exactly those arguments, so each expert's two projections get their own statistics (GPTQ
+Hessians) from the tokens routed to it, without changing the module or its kernel. With ``all_experts`` every token
+also feeds every expert's statistics (the output is unchanged), so rarely routed experts still get Hessian data.
+
+Each expert's slice is then quantized like a linear layer and written back, dequantized, into the 3D parameter.
+Layouts other than this one (transposed weights, biases, clamped activations as in gpt-oss) are reported, not guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ..algorithms import Algorithm, QuantizedWeight, Statistics
+from ..errors import SeqgenError
+
+__all__ = ["FusedExperts", "find_fused_experts", "unsupported_experts"]
+
+logger = logging.getLogger(__name__)
+
+
+def _is_fused(module: torch.nn.Module) -> bool:
+    gate_up = getattr(module, "gate_up_proj", None)
+    down = getattr(module, "down_proj", None)
+    return isinstance(gate_up, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter) and gate_up.dim() == 3
+
+
+def _standard_layout(module: torch.nn.Module) -> bool:
+    gate_up, down = module.gate_up_proj, module.down_proj
+    experts, two_inter, hidden = gate_up.shape
+    return (
+        down.shape == (experts, hidden, two_inter // 2)
+        and not getattr(module, "is_transposed", False)
+        and not getattr(module, "has_bias", False)
+        and callable(getattr(module, "act_fn", None))
+        and not hasattr(module, "limit")  # gpt-oss clamps its gate
+    )
+
+
+def find_fused_experts(root: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Module]:
+    """Fused experts modules of the standard layout under ``root`` (names prefixed with ``prefix``)."""
+    return {
+        f"{prefix}.{name}" if name else prefix: m
+        for name, m in root.named_modules()
+        if _is_fused(m) and _standard_layout(m)
+    }
+
+
+def unsupported_experts(root: torch.nn.Module, prefix: str) -> list[str]:
+    return [f"{prefix}.{name}" for name, m in root.named_modules() if _is_fused(m) and not _standard_layout(m)]
+
+
+class FusedExperts:
+    """Statistics collection and quantization for one fused experts module (see the module docstring)."""
+
+    def __init__(self, name: str, module: torch.nn.Module, algorithm: Algorithm, all_experts: bool) -> None:
+        self.name = name
+        self.module = module
+        self.algorithm = algorithm
+        self.all_experts = all_experts
+        self.num_experts, two_inter, self.hidden = module.gate_up_proj.shape
+        self.inter = two_inter // 2
+        self.gate_up_stats: list[Statistics | None] = []
+        self.down_stats: list[Statistics | None] = []
+        self.routed = torch.zeros(self.num_experts, dtype=torch.long)
+        self._handle: Any = None
+
+    def _ensure_stats(self, device: torch.device) -> None:
+        if not self.gate_up_stats:
+            self.gate_up_stats = [self.algorithm.new_statistics(self.hidden, device) for _ in range(self.num_experts)]
+            self.down_stats = [self.algorithm.new_statistics(self.inter, device) for _ in range(self.num_experts)]
+
+    @torch.no_grad()
+    def _pre_hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        x = hidden_states.reshape(-1, self.hidden)
+        index = top_k_index.reshape(x.shape[0], -1)
+        self._ensure_stats(x.device)
+        for e in range(self.num_experts):
+            routed = (index == e).any(dim=-1)
+            self.routed[e] += int(routed.sum())
+            tokens = x if self.all_experts else x[routed]
+            if tokens.shape[0] == 0 or self.gate_up_stats[e] is None:
+                continue
+            self.gate_up_stats[e].update(tokens)
+            gate, up = torch.nn.functional.linear(tokens, module.gate_up_proj[e]).chunk(2, dim=-1)
+            self.down_stats[e].update(module.act_fn(gate) * up)
+
+    def __enter__(self) -> FusedExperts:
+        self._handle = self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @torch.no_grad()
+    def compress(self) -> dict[str, QuantizedWeight]:
+        """Quantize every expert's projections in place; keys are ``<module>.<param>.<expert>``."""
+        needs_data = self.algorithm.new_statistics(1, torch.device("cpu")) is not None
+        if needs_data:
+            never = [e for e in range(self.num_experts) if self.gate_up_stats and self.gate_up_stats[e] is not None
+                     and int(self.routed[e]) == 0 and not self.all_experts]
+            if not self.gate_up_stats or never:
+                raise SeqgenError(
+                    f"{self.name}: experts {never or 'all'} received no calibration tokens, so GPTQ has no Hessian "
+                    "for them. Pass --all-experts to route every calibration token through every expert, or add "
+                    "samples."
+                )
+        done: dict[str, QuantizedWeight] = {}
+        for param_name, stats in (("gate_up_proj", self.gate_up_stats), ("down_proj", self.down_stats)):
+            param = getattr(self.module, param_name)
+            for e in range(self.num_experts):
+                expert_stats = stats[e] if stats else None
+                if expert_stats is not None:
+                    expert_stats.reduce_()
+                quantized = self.algorithm.quantize(param.data[e], expert_stats)
+                param.data[e].copy_(quantized.dequantize(param.dtype))
+                done[f"{self.name}.{param_name}.{e}"] = quantized.to("cpu")
+        logger.info("%s: quantized %d experts (tokens routed per expert: min %d, max %d)", self.name,
+                    self.num_experts, int(self.routed.min()), int(self.routed.max()))
+        return done

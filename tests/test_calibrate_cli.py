@@ -1,0 +1,99 @@
+"""`seqgen calibrate` end to end on a tiny Llama with a real tokenizer: cache, save, reload, disk offload."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import seqgen.emitter
+from seqgen.algorithms import QuantScheme
+from seqgen.cli import cli
+from seqgen.job import CalibrationJob, run_job
+from seqgen.models import smollm2_dir, tiny_model
+from seqgen.runtime import CalibrationOptions
+
+ARGS = ["--algorithm", "gptq", "--bits", "4", "--group-size", "32", "--num-samples", "4", "--seq-len", "32",
+        "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with SmolLM2's vocabulary and tokenizer, saved as a checkpoint directory."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-llama"
+    tiny_model("llama", vocab_size=49152, hidden_size=64, intermediate_size=128, head_dim=16).save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2_dir()).save_pretrained(path)
+    return path
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.arange(3, 43).reshape(2, 20)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def test_calibrate_twice_hits_the_cache_without_tracing(checkpoint: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("SEQGEN_CACHE", str(tmp_path / "cache"))
+    caplog.set_level(logging.INFO, logger="seqgen.cache")
+    runner = CliRunner()
+    first = runner.invoke(cli, ["calibrate", "--model", str(checkpoint), *ARGS, "--save", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    assert "partition cache miss: emitting" in caplog.text and "(emitted)" in first.output
+
+    def no_tracing(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the tracer ran on the second calibrate")
+
+    monkeypatch.setattr(seqgen.emitter, "trace_model", no_tracing)
+    second = runner.invoke(cli, ["calibrate", "--model", str(checkpoint), *ARGS, "--save", str(tmp_path / "b")])
+    assert second.exit_code == 0, second.output
+    assert "partition cache hit:" in caplog.text and "(cache hit)" in second.output
+
+
+def test_saved_model_reloads_with_the_same_logits(checkpoint: Path, tmp_path: Path) -> None:
+    options = CalibrationOptions(scheme=QuantScheme(bits=4, group_size=32))
+    job = CalibrationJob(model_id=str(checkpoint), save_dir=tmp_path / "compressed", num_samples=4, seq_len=32,
+                         batch_size=2, options=options)
+    summary = run_job(job)
+    assert summary.linears == 2 * 7
+    expected = logits(summary.model)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "compressed", dtype=torch.float32).eval()
+    assert torch.equal(logits(reloaded), expected)
+    config = reloaded.config.quantization_config
+    assert "lm_head" in str(config)
+    out = reloaded.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
+
+    # disk offload: the same quantized model, streamed out subgraph by subgraph
+    disk = run_job(CalibrationJob(model_id=str(checkpoint), save_dir=tmp_path / "disk", num_samples=4, seq_len=32,
+                                  batch_size=2, offload="disk", options=options))
+    assert disk.linears == summary.linears and disk.result.quantized == {}
+    from_disk = AutoModelForCausalLM.from_pretrained(tmp_path / "disk", dtype=torch.float32).eval()
+    assert torch.equal(logits(from_disk), expected)
+
+    fake = run_job(CalibrationJob(model_id=str(checkpoint), save_dir=tmp_path / "fake", num_samples=4, seq_len=32,
+                                  batch_size=2, save_format="fake", options=options))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "fake", dtype=torch.float32).eval()
+    assert getattr(plain.config, "quantization_config", None) is None
+    assert torch.equal(logits(plain), logits(fake.model))
+
+
+def test_eval_prints_perplexity(checkpoint: Path) -> None:
+    result = CliRunner().invoke(cli, ["eval", "--model", str(checkpoint), "--seq-len", "32", "--max-samples", "2"])
+    assert result.exit_code == 0, result.output
+    value = float(result.stdout.split("perplexity: ")[1].split()[0])
+    assert 1.0 < value < 1e6
+
+
+def test_gptq_act_order_saves_compressed(checkpoint: Path, tmp_path: Path) -> None:
+    options = CalibrationOptions(scheme=QuantScheme(bits=4, group_size=32, act_order=True, symmetric=True))
+    summary = run_job(CalibrationJob(model_id=str(checkpoint), save_dir=tmp_path / "act", num_samples=4, seq_len=32,
+                                     batch_size=2, options=options))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "act", dtype=torch.float32).eval()
+    assert torch.equal(logits(reloaded), logits(summary.model))
+    assert '"actorder": "weight"' in (tmp_path / "act" / "config.json").read_text()

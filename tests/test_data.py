@@ -1,0 +1,189 @@
+"""Corpora, the built-in stdlib corpus, packing into fixed-length samples, batching and padding."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from seqgen.data import (
+    CALIBRATION_MODULES,
+    HELDOUT_MODULES,
+    batches,
+    default_texts,
+    load_texts,
+    pack,
+    pad_batch,
+)
+from seqgen.errors import SeqgenError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from seqgen.models import smollm2_dir
+
+    return AutoTokenizer.from_pretrained(smollm2_dir())
+
+
+@pytest.fixture(scope="module")
+def corpora() -> dict[str, list[str]]:
+    return {split: default_texts(split) for split in ("calibration", "heldout")}
+
+
+SHORT_TEXTS = [f"Document number {i} talks about item {i * 7} and nothing else at all." for i in range(40)]
+
+
+# ---- pack ----------------------------------------------------------------------------------------------------------
+
+
+def test_pack_shape_dtype_and_eos_between_documents(tokenizer) -> None:
+    texts = ["The first document.", "A second one, a little longer than the first."]
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    stream = ids[0] + [tokenizer.eos_token_id] + ids[1]
+    samples = pack(texts, tokenizer, seq_len=4, num_samples=len(stream) // 4)
+    assert samples.dtype == torch.int64 and samples.shape == (len(stream) // 4, 4)
+    assert samples.flatten().tolist() == stream[: samples.numel()]
+    assert samples.flatten().tolist().count(tokenizer.eos_token_id) == 1
+
+
+def test_pack_is_deterministic_and_seed_picks_windows(tokenizer) -> None:
+    first = pack(SHORT_TEXTS, tokenizer, seq_len=16, num_samples=5, seed=0)
+    again = pack(SHORT_TEXTS, tokenizer, seq_len=16, num_samples=5, seed=0)
+    other = pack(SHORT_TEXTS, tokenizer, seq_len=16, num_samples=5, seed=1)
+    assert first.shape == (5, 16)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    # every sample is one window of the packed stream, in stream order
+    every = pack(SHORT_TEXTS, tokenizer, seq_len=16, num_samples=len(_stream(SHORT_TEXTS, tokenizer)) // 16)
+    rows = [tuple(row) for row in every.tolist()]
+    positions = [rows.index(tuple(row)) for row in first.tolist()]
+    assert positions == sorted(positions)
+
+
+def _stream(texts: list[str], tokenizer) -> list[int]:
+    stream: list[int] = []
+    for index, text in enumerate(texts):
+        if index:
+            stream.append(tokenizer.eos_token_id)
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return stream
+
+
+def test_pack_too_few_tokens_says_found_and_needed(tokenizer) -> None:
+    found = len(_stream(SHORT_TEXTS[:2], tokenizer))
+    with pytest.raises(SeqgenError) as info:
+        pack(SHORT_TEXTS[:2], tokenizer, seq_len=64, num_samples=10)
+    message = str(info.value)
+    assert f"{found} tokens" in message and "640" in message
+
+
+def test_pack_rejects_bad_sizes(tokenizer) -> None:
+    with pytest.raises(SeqgenError, match="seq_len"):
+        pack(SHORT_TEXTS, tokenizer, seq_len=0, num_samples=1)
+
+
+# ---- the built-in corpus -------------------------------------------------------------------------------------------
+
+
+def test_default_splits_read_disjoint_sorted_module_lists() -> None:
+    assert list(CALIBRATION_MODULES) == sorted(CALIBRATION_MODULES)
+    assert list(HELDOUT_MODULES) == sorted(HELDOUT_MODULES)
+    assert not set(CALIBRATION_MODULES) & set(HELDOUT_MODULES)
+
+
+def test_default_splits_are_disjoint_deterministic_prose(corpora) -> None:
+    calibration, heldout = corpora["calibration"], corpora["heldout"]
+    assert not set(calibration) & set(heldout)
+    assert default_texts("calibration") == calibration
+    for text in calibration + heldout:
+        assert len(text.split()) >= 30
+        assert ">>>" not in text
+
+
+def test_default_splits_are_large_enough(corpora, tokenizer) -> None:
+    calibration = pack(corpora["calibration"], tokenizer, seq_len=512, num_samples=64)
+    heldout = pack(corpora["heldout"], tokenizer, seq_len=512, num_samples=40)
+    assert calibration.shape == (64, 512) and heldout.shape == (40, 512)
+
+
+def test_default_texts_unknown_split() -> None:
+    with pytest.raises(SeqgenError, match="heldout"):
+        default_texts("train")
+
+
+# ---- load_texts ----------------------------------------------------------------------------------------------------
+
+
+def test_load_txt_splits_on_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.txt"
+    path.write_text("First document,\nstill the first.\n\n\n  \nSecond document.\n\nThird.\n", encoding="utf-8")
+    assert load_texts(path) == ["First document,\nstill the first.", "Second document.", "Third."]
+
+
+def test_load_jsonl_text_and_messages(tmp_path: Path, tokenizer) -> None:
+    chat = [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."}]
+    path = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"text": "Plain text record."}), "", json.dumps({"messages": chat})]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    plain, rendered = load_texts(path, tokenizer=tokenizer)
+    assert plain == "Plain text record."
+    assert rendered == tokenizer.apply_chat_template(chat, tokenize=False)
+    assert "<|im_start|>user\nWhat is two plus two?<|im_end|>" in rendered
+
+    _, fallback = load_texts(path)  # no tokenizer, hence no chat template
+    assert fallback == "user: What is two plus two?\nassistant: Four."
+
+
+@pytest.mark.parametrize("name", ["corpus.csv", "missing.txt", "missing.jsonl"])
+def test_load_texts_errors_name_the_file_and_what_is_accepted(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    if name.endswith(".csv"):
+        path.write_text("a,b\n", encoding="utf-8")
+    with pytest.raises(SeqgenError) as info:
+        load_texts(path)
+    message = str(info.value)
+    assert str(path) in message and ".txt" in message and ".jsonl" in message
+
+
+def test_load_jsonl_bad_record_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no text"}) + "\n", encoding="utf-8")
+    with pytest.raises(SeqgenError, match=re.escape(f"{path}:2")):
+        load_texts(path)
+    path.write_text("{not json\n", encoding="utf-8")
+    with pytest.raises(SeqgenError, match=re.escape(f"{path}:1")):
+        load_texts(path)
+
+
+# ---- batching and padding ------------------------------------------------------------------------------------------
+
+
+def test_batches_split_samples_with_full_masks() -> None:
+    samples = torch.arange(5 * 3, dtype=torch.int64).view(5, 3)
+    out = batches(samples, batch_size=2)
+    assert [b["input_ids"].shape[0] for b in out] == [2, 2, 1]
+    assert torch.equal(torch.cat([b["input_ids"] for b in out]), samples)
+    assert all(torch.equal(b["attention_mask"], torch.ones_like(b["input_ids"])) for b in out)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_pad_batch_masks_padding(side: str) -> None:
+    out = pad_batch([[5, 6, 7], [8], []], pad_id=0, side=side)
+    assert out["input_ids"].dtype == torch.int64 and out["input_ids"].shape == (3, 3)
+    if side == "left":
+        assert out["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
+        assert out["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    else:
+        assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]]
+        assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+
+
+def test_pad_batch_rejects_unknown_side() -> None:
+    with pytest.raises(SeqgenError, match="side"):
+        pad_batch([[1]], pad_id=0, side="middle")

@@ -1,0 +1,138 @@
+"""The sequential calibration loop: shared statistics, passes, offloading, and what gets quantized."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import seqgen
+from seqgen.algorithms import QuantScheme
+from seqgen.emitter import emit_model
+from seqgen.models import meta_model, tiny_model
+from seqgen.runtime import CalibrationOptions, SafetensorsWeights, calibrate
+from seqgen.runtime.loop import _Collector, quantizable_linears
+from seqgen.algorithms import get_algorithm
+from seqgen.verify import random_batch
+
+SIZES = {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16}  # divisible by the group size 32
+SCHEME = QuantScheme(bits=4, group_size=32)
+
+
+def model() -> torch.nn.Module:
+    return tiny_model("llama", **SIZES)
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> seqgen.Package:
+    return seqgen.load(emit_model(meta_model(model().config), tmp_path_factory.mktemp("pkg") / "p").path)
+
+
+def batches(n: int = 3) -> list[dict[str, torch.Tensor]]:
+    return [random_batch(99, 4, 24, seed=i) for i in range(n)]
+
+
+def test_linears_reading_one_input_share_statistics(package: seqgen.Package) -> None:
+    m = model()
+    layer = package.subgraphs[1]
+    linears = quantizable_linears(m, layer, ())
+    collector = _Collector(get_algorithm("gptq", SCHEME), linears, observe=False)
+    values = dict(package.subgraphs[0].forward(m, **random_batch(99, 2, 8)))
+    with torch.no_grad(), collector:
+        collector.new_batch(None)
+        layer.forward(m, **{name: values[name] for name in layer.inputs})
+    groups: dict[int, list[str]] = {}
+    for name, stats in collector.stats.items():
+        groups.setdefault(id(stats), []).append(name.rsplit(".", 1)[-1])
+    assert sorted(map(sorted, groups.values())) == [
+        ["down_proj"], ["gate_proj", "up_proj"], ["k_proj", "q_proj", "v_proj"], ["o_proj"]
+    ]
+
+
+def test_what_gets_quantized(package: seqgen.Package) -> None:
+    m = model()
+    result = calibrate(m, package, batches(1), CalibrationOptions(algorithm="rtn", scheme=SCHEME, ignore=(r"\.o_proj$",)))
+    names = set(result.quantized)
+    assert len(names) == 2 * 6 and not any(n.endswith("o_proj") or "lm_head" in n for n in names)
+    fresh = model()
+    for name, quantized in result.quantized.items():
+        weight = m.get_submodule(name).weight
+        assert torch.equal(weight, quantized.dequantize()), f"{name} holds its dequantized quantized weight"
+        assert not torch.equal(weight, fresh.get_submodule(name).weight)
+
+
+def test_passes_and_skipped_tail(package: seqgen.Package) -> None:
+    for propagate, expected_calls in ((True, 2 * 3), (False, 3)):
+        m = model()
+        calls = {"layer": 0, "lm_head": 0}
+        m.model.layers[0].register_forward_hook(lambda *a: calls.__setitem__("layer", calls["layer"] + 1))
+        m.lm_head.register_forward_hook(lambda *a: calls.__setitem__("lm_head", calls["lm_head"] + 1))
+        calibrate(m, package, batches(3), CalibrationOptions(scheme=SCHEME, propagate_error=propagate))
+        assert calls == {"layer": expected_calls, "lm_head": 0}
+
+
+def test_gptq_beats_rtn_and_propagation_helps(package: seqgen.Package) -> None:
+    reference = model()
+    heldout = random_batch(99, 4, 24, seed=100)
+    with torch.no_grad():
+        expected = reference(**heldout).logits
+    errors = {}
+    for name, options in {
+        "rtn": CalibrationOptions(algorithm="rtn", scheme=SCHEME),
+        "gptq": CalibrationOptions(algorithm="gptq", scheme=SCHEME),
+    }.items():
+        m = model()
+        calibrate(m, package, batches(4), options)
+        with torch.no_grad():
+            errors[name] = (m(**heldout).logits - expected).pow(2).mean().item()
+    assert errors["gptq"] < errors["rtn"], errors
+
+
+def test_disk_offload_gives_bitwise_the_same_result(package: seqgen.Package, tmp_path: Path) -> None:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    in_memory = model()
+    in_memory.save_pretrained(tmp_path / "ckpt")
+    expected = calibrate(in_memory, package, batches(2), CalibrationOptions(scheme=SCHEME))
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(in_memory.config, dtype=torch.float32).eval()
+    seen: list[str] = []
+
+    def on_done(subgraph: seqgen.Subgraph, quantized: dict) -> None:
+        seen.append(subgraph.name)
+        for name in quantized:
+            assert skeleton.get_submodule(name).weight.device.type == "cpu"
+
+    result = calibrate(skeleton, package, batches(2), CalibrationOptions(scheme=SCHEME),
+                       weights=SafetensorsWeights(tmp_path / "ckpt"), on_subgraph_done=on_done)
+    assert seen == ["subgraph_000", "subgraph_001", "subgraph_002"]
+    assert all(p.device.type == "meta" for p in skeleton.parameters()), "weights are released after each subgraph"
+    assert sorted(result.quantized) == sorted(expected.quantized)
+    for name, quantized in expected.quantized.items():
+        assert torch.equal(result.quantized[name].codes, quantized.codes), name
+        assert torch.equal(result.quantized[name].scale, quantized.scale), name
+
+
+def test_observer_statistics(package: seqgen.Package) -> None:
+    result = calibrate(model(), package, batches(1), CalibrationOptions(algorithm="rtn", scheme=SCHEME, observe=True))
+    stats = result.activation_stats["model.layers.0.mlp.down_proj"]
+    assert all(v.shape[-1] == 128 for v in stats.values() if v.dim() > 0)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_fused_experts_are_quantized_per_expert(tmp_path: Path, arch: str) -> None:
+    m = tiny_model(arch)
+    fresh = tiny_model(arch)
+    pkg = seqgen.load(emit_model(meta_model(m.config), tmp_path / "p").path)
+    options = CalibrationOptions(scheme=QuantScheme(bits=4, group_size=None), all_experts=True)
+    result = calibrate(m, pkg, batches(2), options)
+    experts = m.get_submodule("model.layers.0.mlp.experts")
+    count = experts.gate_up_proj.shape[0]
+    assert len(result.experts) == 2 * 2 * count  # layers x projections x experts
+    for e in range(count):
+        quantized = result.experts[f"model.layers.0.mlp.experts.down_proj.{e}"]
+        assert torch.equal(experts.down_proj[e], quantized.dequantize())
+    original = fresh.get_submodule("model.layers.0.mlp.experts").gate_up_proj
+    assert not torch.equal(experts.gate_up_proj, original)
