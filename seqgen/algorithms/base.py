@@ -98,12 +98,14 @@ class QuantScheme:
 def compute_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (and zero point) over the last dim of ``w`` (fp32); returns tensors of shape ``w.shape[:-1]``.
 
-    Symmetric: ``s = max|w| / (2^(b-1) - 1)`` so the largest magnitude is exactly representable. Asymmetric: the range
-    ``[min(w, 0), max(w, 0)]`` is spread over ``2^b - 1`` steps and ``z = round(-min / s)``, so 0 is exact. A group of
-    zeros gets ``s = 1``.
+    Symmetric: ``s = max|w| / ((qmax - qmin) / 2)`` (``/ 7.5`` at 4 bits), the min-max convention of
+    compressed-tensors and vLLM: the signed range ``[-2^(b-1), 2^(b-1) - 1]`` is used whole, which gives a finer step
+    than ``max|w| / (2^(b-1) - 1)`` at the cost of clipping the largest positive value by half a step. Asymmetric:
+    the range ``[min(w, 0), max(w, 0)]`` is spread over ``2^b - 1`` steps and ``z = round(-min / s)``, so 0 is
+    exact. A group of zeros gets ``s = 1``.
     """
     if scheme.symmetric:
-        scale = w.abs().amax(dim=-1) / scheme.qmax
+        scale = w.abs().amax(dim=-1) / ((scheme.qmax - scheme.qmin) / 2)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return scale, None
     lo = w.amin(dim=-1).clamp(max=0)

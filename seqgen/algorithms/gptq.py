@@ -48,6 +48,8 @@ class HessianStatistics(Statistics):
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.nsamples = 0
         self._reduced = False
+        # GPTQ's factorization of this Hessian, shared by the linears that read the same input (q/k/v, gate/up)
+        self.factors: dict[tuple[float, bool], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
 
     def update(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
@@ -63,6 +65,7 @@ class HessianStatistics(Statistics):
         n = x.shape[0]
         if n == 0:
             return
+        self.factors.clear()
         total = self.nsamples + n
         if self.nsamples:
             self.hessian.mul_(self.nsamples / total)
@@ -81,6 +84,7 @@ class HessianStatistics(Statistics):
             torch.distributed.all_reduce(self.hessian)
         self.nsamples = total
         self._reduced = True
+        self.factors.clear()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"hessian": self.hessian, "nsamples": torch.tensor(self.nsamples, dtype=torch.int64)}
@@ -94,6 +98,7 @@ class HessianStatistics(Statistics):
         self.hessian.copy_(hessian)
         self.nsamples = int(state["nsamples"])
         self._reduced = False
+        self.factors.clear()
 
 
 @register_algorithm
@@ -134,30 +139,14 @@ class GPTQ(Algorithm):
         # per-column steps and in-block updates cache friendly. Always a fresh buffer: `weight` is never modified.
         wt = torch.empty(cols, rows, dtype=torch.float32, device=device)
         wt.copy_(weight.detach().T)
-        h = stats.hessian.clone()
-        if not torch.isfinite(h).all():
-            raise SeqgenError(
-                "GPTQ Hessian has non-finite values: the calibration inputs of this layer contain inf/nan"
-            )
-
-        # Inputs that were always zero carry no information: any value of their weight column gives the same output.
-        diag = h.diagonal()
-        dead = diag == 0
-        diag[dead] = 1.0
+        dead, perm, u = self._factor(stats)
         wt[dead] = 0.0
-
         n_groups = cols // group
-        perm: torch.Tensor | None = None
         static_group: list[int] = []
-        if scheme.act_order:
+        if perm is not None:
             static = [compute_qparams(wt[g * group : (g + 1) * group].T, scheme) for g in range(n_groups)]
-            perm = torch.argsort(diag, descending=True, stable=True)
             static_group = (perm // group).tolist()
             wt = wt[perm]
-            h = h[perm][:, perm]
-
-        u = self._inverse_cholesky(h)
-        del h
 
         codes_t = torch.empty(cols, rows, dtype=torch.float32, device=device)
         scales = torch.empty(n_groups, rows, dtype=torch.float32, device=device)
@@ -237,6 +226,26 @@ class GPTQ(Algorithm):
                 ahead = ahead - u[i1:j, i2:end].T @ err1[:i]
             current = torch.cat([current, ahead], dim=0)
         return compute_qparams(current.T, self.scheme)
+
+    def _factor(self, stats: HessianStatistics) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Dead inputs, the activation-order permutation (or None) and ``U``, computed once per statistics."""
+        key = (self.scheme.dampening, self.scheme.act_order)
+        if key not in stats.factors:
+            h = stats.hessian.clone()
+            if not torch.isfinite(h).all():
+                raise SeqgenError(
+                    "GPTQ Hessian has non-finite values: the calibration inputs of this layer contain inf/nan"
+                )
+            # Inputs that were always zero carry no information: any weight in their column gives the same output.
+            diag = h.diagonal()
+            dead = diag == 0
+            diag[dead] = 1.0
+            perm = None
+            if self.scheme.act_order:
+                perm = torch.argsort(diag, descending=True, stable=True)
+                h = h[perm][:, perm]
+            stats.factors[key] = (dead, perm, self._inverse_cholesky(h))
+        return stats.factors[key]
 
     def _inverse_cholesky(self, h: torch.Tensor) -> torch.Tensor:
         """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` with ``lambda = dampening * mean(diag(H))``.
