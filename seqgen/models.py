@@ -103,6 +103,9 @@ _TINY_SIZES: dict[str, int] = {
     "qk_nope_head_dim": 8,
     "qk_head_dim": 16,
     "v_head_dim": 8,
+    # sliding-window attention: shorter than the 64-token sample, so windowed masks differ from causal ones
+    **dict.fromkeys(("sliding_window", "attention_window_size", "sliding_window_size", "local_attention_window_len"),
+                    24),
     # vocabulary (every *vocab_size key) and positions
     "vocab_size": 99,
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_target_positions"), 128),
@@ -132,7 +135,8 @@ _AT_MOST = frozenset(
 _OPTIONAL = frozenset(
     {"q_lora_rank", "kv_lora_rank", "rotary_dim", "num_experts", "num_local_experts", "n_routed_experts",
      "moe_num_experts", "n_group", "num_expert_group", "topk_group", "moe_intermediate_size", "index_n_heads",
-     "index_head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "qk_head_dim", "v_head_dim"}
+     "index_head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "qk_head_dim", "v_head_dim", "sliding_window",
+     "attention_window_size", "sliding_window_size", "local_attention_window_len"}
 )
 # grouped_mm (the default MoE kernel) needs 16-byte aligned strides: expert sizes stay small but multiples of 4
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -306,9 +310,17 @@ def _fix_invariants(data: dict[str, Any], original: dict[str, Any]) -> None:
     # ... and where head_dim (or a sliding-window head size) is the whole query/key size there, it stays so
     if _is_int(data.get("qk_nope_head_dim")) and _is_int(data.get("qk_rope_head_dim")):
         qk = data["qk_nope_head_dim"] + data["qk_rope_head_dim"]
+        original_qk = original["qk_nope_head_dim"] + original["qk_rope_head_dim"]
         for key in ("head_dim", "swa_head_dim"):
-            if _is_int(original.get(key)) and original[key] == original["qk_nope_head_dim"] + original["qk_rope_head_dim"]:
+            if _is_int(original.get(key)) and original[key] == original_qk:
                 data[key] = qk
+    # multimodal rotary sections (qwen2-vl) split the rotary half of a head: they add up to head_dim / 2
+    rope = data.get("rope_parameters")
+    head_dim = data.get("head_dim") if _is_int(data.get("head_dim")) else None
+    if head_dim is None and _is_int(width) and _is_int(data.get("num_attention_heads")):
+        head_dim = width // data["num_attention_heads"]
+    if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list) and head_dim:
+        rope["mrope_section"] = _split_evenly(rope["mrope_section"], head_dim // 2)
     # state-space mixers: heads * head size = expand * width
     expand = data.get("mamba_expand", data.get("expand"))
     if _is_int(expand) and _is_int(width):
@@ -317,6 +329,18 @@ def _fix_invariants(data: dict[str, Any], original: dict[str, Any]) -> None:
                 data[head_dim] = expand * width // data[heads]
         if _is_int(data.get("mamba_d_ssm")):
             data["mamba_d_ssm"] = expand * width
+
+
+def _split_evenly(parts: list[int], total: int) -> list[int]:
+    """``parts`` scaled to add up to ``total``, each at least 1 where possible (largest remainders round up)."""
+    scaled = [p * total / sum(parts) for p in parts]
+    result = [max(1, int(x)) for x in scaled]
+    by_remainder = sorted(range(len(parts)), key=lambda i: int(scaled[i]) - scaled[i])
+    for i in by_remainder:
+        if sum(result) >= total:
+            break
+        result[i] += 1
+    return result
 
 
 def _derived_keys(config: Any, data: dict[str, Any]) -> list[str]:
@@ -333,9 +357,8 @@ def _derived_keys(config: Any, data: dict[str, Any]) -> list[str]:
         if key in _KEEP_KEYS or key.endswith(("_token_id", "_token_index")):
             continue
         field = fields.get(key)
-        if field is None or (
-            field.default is None and value is not None and not isinstance(value, (list, dict)) and key not in _TINY_SIZES
-        ):
+        derived = field is not None and field.default is None and value is not None
+        if field is None or (derived and not isinstance(value, (list, dict)) and key not in _TINY_SIZES):
             found.append(key)
     return found
 

@@ -3,7 +3,9 @@
 Placement rule: a target node goes to its group's subgraph (groups are numbered from 1). Every other node goes to the
 earliest subgraph where all its inputs exist, where reading the output of a group's *last* target counts as being
 after that group. So the head subgraph (0) holds the embeddings, masks and rotary tables, whatever reads a layer's
-output lands with the next layer, and the final norm and ``lm_head`` form the tail. Empty subgraphs are dropped.
+output lands with the next layer, and the final norm and ``lm_head`` form the tail. Nodes written inline (attribute
+reads such as ``x.shape[1]``) go with their single user, and a fresh leaf instance (an empty KV cache, see
+:data:`seqgen.trace.leaves.LEAF_CLASSES`) is built in each subgraph that uses it. Empty subgraphs are dropped.
 
 For each subgraph the partitioner lists the values it reads from earlier ones (inputs), the values later ones or the
 caller read (outputs), and the inputs that nothing later reads (consumed: the runtime frees them).
@@ -56,12 +58,24 @@ def _module_name(target: str) -> str:
 
 
 def partition_graph(
-    graph: torch.fx.Graph, root: torch.nn.Module, targets: list[str], targets_per_subgraph: int = 1
+    graph: torch.fx.Graph,
+    root: torch.nn.Module,
+    targets: list[str],
+    targets_per_subgraph: int = 1,
+    units: list[list[str]] | None = None,
 ) -> list[Partition]:
+    """``units``: the targets in blocks that always share a subgraph (the i-th items of parallel module lists, as
+    xlm's ``attentions``, ``ffns``, ...); by default each target alone. ``targets_per_subgraph`` counts units."""
     if targets_per_subgraph < 1:
         raise TraceFailure(f"--targets-per-subgraph must be at least 1, not {targets_per_subgraph}")
-    group_of = {name: i // targets_per_subgraph + 1 for i, name in enumerate(targets)}
-    last_in_group = {targets[min(len(targets), (g) * targets_per_subgraph) - 1] for g in set(group_of.values())}
+    units = units or [[name] for name in targets]
+    group_of = {name: i // targets_per_subgraph + 1 for i, unit in enumerate(units) for name in unit}
+    last_of: dict[int, str] = {}  # each group's target that runs last
+    for node in graph.nodes:
+        name = _module_name(str(node.target)) if node.op == "call_module" else ""
+        if name in group_of:
+            last_of[group_of[name]] = name
+    last_in_group = set(last_of.values())
     tail = max(group_of.values(), default=0) + 1
 
     place: dict[Node, int] = {}
@@ -85,12 +99,27 @@ def partition_graph(
         else:
             place[node] = after[node] = earliest
 
+    # an inline node is written inside its single user's expression, so it belongs to its user's subgraph
+    for node in reversed(list(graph.nodes)):
+        if node.op not in ("placeholder", "output") and is_inline(node):
+            user = next(iter(node.users))
+            if user.op != "output":
+                place[node] = place[user]
+
+    # a fresh leaf instance (an empty KV cache) is built in every subgraph that uses it, never passed between them
+    copies: dict[Node, list[int]] = {}
+    for node in reversed(list(graph.nodes)):
+        if node.meta.get("seqgen_fresh") and node.users:
+            needed = sorted({p for user in node.users for p in (place.get(user, tail), *copies.get(user, ()))})
+            place[node], copies[node] = needed[0], needed[1:]
+
     partitions = {i: Partition(index=i) for i in range(tail + 1)}
     for node in graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
+        for index in (place[node], *copies.get(node, ())):
+            partitions[index].nodes.append(node)
         part = partitions[place[node]]
-        part.nodes.append(node)
         if node.op == "call_module":
             name = _module_name(str(node.target))
             if name in group_of:

@@ -24,7 +24,8 @@ def _group_size(value: int) -> int | None:
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4")
 @click.option("--group-size", type=_GROUP, default=64, help="Columns per scale; -1 for one scale per channel.")
 @click.option("--asym", is_flag=True, help="Asymmetric quantization (zero points).")
-@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by descending Hessian diagonal.")
+@click.option("--act-order/--no-act-order", default=True,
+              help="GPTQ: visit columns by descending Hessian diagonal (static groups: no cost at inference).")
 @click.option("--dampening", type=float, default=0.01, help="GPTQ: fraction of mean(diag(H)) added to the diagonal.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=64)
 @click.option("--seq-len", type=click.IntRange(min=1), default=512)

@@ -51,8 +51,11 @@ class EmitOptions:
 
     targets: tuple[str, ...] | None = None  # class names or module-name regexes; None: the model's decoder layers
     targets_per_subgraph: int = 1
-    ignore: tuple[str, ...] = ()  # functions called as leaves, in addition to the mask builders
+    ignore: tuple[str, ...] = ()  # functions (or Class.method) called as leaves, besides the mask builders
     sample_shape: tuple[int, int] = DEFAULT_SAMPLE_SHAPE  # (batch, sequence) of the trace-time sample
+    # more sample inputs besides token ids and attention mask, e.g. InputSpec("pixel_values", "float32", (1, 3, 28, 28))
+    # for a vision-language model: its vision tower and projector then run in the head subgraph
+    extra_inputs: tuple[InputSpec, ...] = ()
 
     def fingerprint_fields(self) -> dict[str, Any]:
         return {
@@ -207,12 +210,12 @@ def emit_model(
     _check_out_dir(out, force)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    inputs = sample_inputs(options.sample_shape)
+    inputs = sample_inputs(options.sample_shape) + list(options.extra_inputs)
     trace = trace_model(
         model, inputs, targets=list(options.targets) if options.targets else None, ignore=list(options.ignore)
     )
     seconds["trace"] = time.perf_counter() - start
-    partitions = partition_graph(trace.graph, trace.root, trace.targets, options.targets_per_subgraph)
+    partitions = partition_graph(trace.graph, trace.root, trace.targets, options.targets_per_subgraph, trace.units)
     files, entries = _render_files(trace, partitions)
     seconds["render"] = time.perf_counter() - start - seconds["trace"]
 
@@ -246,6 +249,8 @@ def emit_model(
         "subgraphs": entries,
         "edited": {},
     }
+    if trace.skipped_targets:  # layers the model does not run for these inputs
+        index["skipped_targets"] = trace.skipped_targets
     files[INDEX_NAME] = dump_index(index)
     write_package(out, files, force)
     seconds["total"] = time.perf_counter() - start

@@ -94,6 +94,8 @@ class _Renderer:
     def value(self, a: Any, in_subscript: bool = False) -> str:
         if isinstance(a, Node):
             return self.node_expr(a)
+        if type(a).__module__ == "numpy" and callable(getattr(a, "item", None)) and getattr(a, "ndim", None) == 0:
+            a = a.item()  # a numpy scalar (np.sqrt(d) in model code): the Python number with the same value
         if a is None or isinstance(a, (bool, str)):
             return repr(a)
         if isinstance(a, int):
@@ -181,6 +183,9 @@ class _Renderer:
             return f"{self.value(node.args[0])}[{self.value(node.args[1], in_subscript=True)}]"
         if target is getattr:
             return f"{self.value(node.args[0])}.{node.args[1]}"
+        if target is operator.setitem:
+            obj, key, item = node.args
+            return f"{self.value(obj)}[{self.value(key, in_subscript=True)}] = {self.value(item)}"
         if target in _BINARY and len(node.args) == 2 and not node.kwargs:
             return f"{self.value(node.args[0])} {_BINARY[target]} {self.value(node.args[1])}"
         if target in _UNARY and len(node.args) == 1:
@@ -204,7 +209,8 @@ def render_partition(part: Partition, root: torch.nn.Module, names: dict[Node, s
             continue
         loc = _location_comment(node)
         if loc is not None and (loc[0], loc[1]) != last_loc:
-            lines.append(f"# {os.path.basename(loc[0])}:{loc[1]} in {loc[2]}")
+            note = " (built anew in each subgraph that uses it)" if node.meta.get("seqgen_fresh") else ""
+            lines.append(f"# {os.path.basename(loc[0])}:{loc[1]} in {loc[2]}{note}")
             last_loc = (loc[0], loc[1])
         expr = renderer.expression(node)
         lines.append(expr if not node.users else f"{names[node]} = {expr}")

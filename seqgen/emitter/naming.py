@@ -48,17 +48,24 @@ def _base_name(node: Node, names: dict[Node, str]) -> str:
     if target is getattr:
         return _identifier(str(node.args[1]))
     fn_name = getattr(target, "__name__", "value")
+    if isinstance(target, type):  # an instance of a leaf class: DynamicCache -> dynamic_cache
+        fn_name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", fn_name)
     if fn_name == "getitem" and isinstance(node.args[0], Node) and isinstance(node.args[1], int):
         parent = names.get(node.args[0]) or _base_name(node.args[0], names)
         index = node.args[1]
         return f"{parent}_{index}" if index >= 0 else f"{parent}_last" if index == -1 else f"{parent}_m{-index}"
+    if fn_name == "getitem" and isinstance(node.args[0], Node) and isinstance(node.args[1], str):
+        parent = names.get(node.args[0]) or _base_name(node.args[0], names)
+        return _identifier(f"{parent}_{node.args[1]}")
     return _identifier(fn_name)
 
 
 def assign_names(partitions: list[Partition], placeholders: list[Node], output: Node, taken: set[str]) -> dict[Node, str]:
     """Map every value node to its name. ``taken`` holds names the files import (never used for values)."""
     order = [n for part in partitions for n in part.nodes if not is_inline(n)]
-    position = {node: i for i, node in enumerate(order)}
+    position: dict[Node, int] = {}
+    for i, node in enumerate(order):
+        position.setdefault(node, i)  # a node built in several subgraphs holds its name from the first
     end = len(order) + 1
     last_use: dict[Node, int] = {}
     for node in order:
@@ -76,7 +83,7 @@ def assign_names(partitions: list[Partition], placeholders: list[Node], output: 
         names[node] = str(node.target)
         holder[names[node]] = node
     for node in order:
-        if _is_statement_only(node):
+        if _is_statement_only(node) or node in names:  # a node built in several subgraphs is named once
             continue
         base = _base_name(node, names)
         if base in RESERVED or base in taken:

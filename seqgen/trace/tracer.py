@@ -4,23 +4,47 @@ What it does beyond ``torch.fx.Tracer``:
 
 * **Leaves.** Only call-graph ancestors of the sequential targets are traced through. Targets and every other module
   become ``call_module`` nodes, so forward hooks on them fire during calibration and their weights are never read
-  at trace time. Mask builders and ``--ignore`` functions become ``call_function`` nodes (see :mod:`.leaves`).
+  at trace time. Mask builders, runtime checks and ``--ignore`` functions become ``call_function`` nodes, leaf
+  methods (``--ignore Class.method``) ``call_method`` nodes on their module (see :mod:`.leaves`).
 * **A root with an explicit signature.** transformers forwards are decorated and take ``**kwargs``; the tracer
   calls the real (decorated) forward from a wrapper whose placeholders are exactly the sample input's names, with
-  ``use_cache=False`` so that no cache object enters the graph. Module paths read ``model.<path>``.
+  the model's default ``use_cache`` as in ``model(**batch)``. Module paths read ``model.<path>``.
+* **KV caches and other leaf instances.** A cache the forward builds is a graph node that each subgraph builds anew
+  (a layer writes only its own slot), so the layers see eager mode's cache path (whose numerics can differ from
+  running without one) and re-running a subgraph is idempotent. A model whose cache cannot be built that way is
+  traced with ``use_cache=False`` (logged). Objects shared between layers (``KVSharingDict``) are built once.
 * **Concrete values on demand.** When Python needs a real value of a traced one (``if``, ``len``, ``int``, loops),
-  the producing nodes are run once on the ``meta`` device with the sample's shapes. The decision is returned, and a
-  *guard* node is added so the generated code re-checks it on every batch.
+  the producing nodes are run once on the ``meta`` device with the sample's shapes; a leaf function that reads tensor
+  contents runs on CPU stand-ins of those shapes. The decision is returned, and a *guard* node is added so the
+  generated code re-checks it on every batch.
+* **Structured results.** A leaf module's tuple output with ``None`` entries is returned as a tuple (each ``None``
+  guarded), and a leaf function's dict or tuple result as a container of items, so ``out[1] is not None`` and
+  ``isinstance(masks, dict)`` take eager mode's branch.
+* **Buffers and factory functions.** Buffers read in traced code become ``get_attr`` nodes like parameters, and
+  torch factory functions (``torch.zeros(batch, n)``, ``torch.finfo(x.dtype)``) called with traced arguments become
+  graph nodes instead of failing, so sizes and dtypes stay symbolic in the generated code. ``hasattr`` on a weight
+  answers for the real weight.
+* **Assertions.** ``assert`` on tensor contents cannot be decided from shapes; it is kept as a guard that the
+  generated code checks on every batch, which is what the assertion does in eager mode.
+* **Module state.** A traced value stored on a module whose forward is traced is seen by later traced reads and
+  undone after tracing; stored on any other module, it would be read by untraced code, which is refused.
 * **Source names and locations.** Each node records the model-code line that created it, and takes the name of the
-  first local variable it is bound to (``hidden_states``, ``causal_mask``), for the emitter.
+  first local variable it is bound to (``hidden_states``, ``causal_mask``; ``masks_full_attention`` for a dict item),
+  for the emitter.
 * **Config objects** are referenced as ``model.config`` (or the owning submodule's config), never rebuilt.
+
+Errors name the module, the source line and the construct, and the option that would get past it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dis
+import functools
 import inspect
 import linecache
 import logging
+import operator
 import os
 import sysconfig
 import traceback
@@ -37,8 +61,16 @@ from torch.fx.proxy import Attribute, Proxy
 from ..errors import TraceFailure
 from ..index import InputSpec
 from ..runtime.guards import guard
-from .leaves import modules_to_patch, resolve_leaf_functions
-from .targets import find_targets
+from .leaves import (
+    CACHE_NUMERICS,
+    effect_functions,
+    leaf_class,
+    leaf_methods,
+    modules_to_patch,
+    resolve_leaf_functions,
+    resolve_leaf_methods,
+)
+from .targets import find_target_units
 
 __all__ = ["InputSpec", "Guard", "Trace", "trace_model", "ROOT_NAME"]
 
@@ -78,6 +110,8 @@ class Trace:
     inputs: list[InputSpec]
     guards: list[Guard] = field(default_factory=list)
     leaf_functions: list[Callable] = field(default_factory=list)
+    skipped_targets: list[str] = field(default_factory=list)  # default targets the forward never runs
+    units: list[list[str]] = field(default_factory=list)  # targets that share a subgraph (parts of one block)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -127,8 +161,36 @@ class _ProxyMixin:
     def __int__(self) -> int:
         return self.tracer.concrete_int(self)  # type: ignore[arg-type]
 
+    def __format__(self, spec: str) -> str:  # a traced value in an f-string message: known only at run time
+        return "<traced value>"
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # in-place update: a statement in the generated code
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
     def __getattr__(self, k: str) -> Attribute:
+        node = self.node if isinstance(self, Proxy) and not isinstance(self, Attribute) else None
+        if node is not None and node.op == "get_attr" and not k.startswith("__"):
+            owner = _real_attribute(self.tracer.root, str(node.target))
+            if not hasattr(owner, k):  # hasattr(weight, "SCB") must be False, as it is for the real parameter
+                raise AttributeError(f"{type(owner).__name__} {node.target} has no attribute {k!r}")
         return SeqgenAttribute(self, k)  # type: ignore[arg-type]
+
+
+def _real_attribute(root: torch.nn.Module, dotted: str) -> Any:
+    """The object at ``dotted`` under ``root``, read past torch.fx's patched ``Module.__getattr__``."""
+    obj: Any = root
+    for part in dotted.split("."):
+        if isinstance(obj, torch.nn.Module):
+            for store in ("_parameters", "_buffers", "_modules"):
+                members = obj.__dict__.get(store, {})
+                if part in members:
+                    obj = members[part]
+                    break
+            else:
+                obj = object.__getattribute__(obj, part)
+        else:
+            obj = getattr(obj, part)
+    return obj
 
 
 class SeqgenProxy(_ProxyMixin, Proxy):
@@ -137,6 +199,118 @@ class SeqgenProxy(_ProxyMixin, Proxy):
 
 class SeqgenAttribute(_ProxyMixin, Attribute):
     pass
+
+
+class _InstanceProxy(SeqgenProxy):
+    """The proxy of a leaf-class instance (a KV cache): ``isinstance`` sees the class, so branches stay right."""
+
+    def __init__(self, node: Node, tracer: SeqgenTracer, cls: type) -> None:
+        super().__init__(node, tracer)
+        object.__setattr__(self, "_seqgen_class", cls)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # noqa: D105 - isinstance() falls back to __class__
+        return object.__getattribute__(self, "_seqgen_class")
+
+
+def _leaf_method_wrapper(name: str, tracer: SeqgenTracer, effect: bool) -> Callable:
+    def wrapper(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        path = tracer.path_of_module(module)
+        owner = tracer.create_proxy("get_attr", path, (), {})  # path_of_module is relative to the root: model.x
+        proxy = tracer.create_proxy("call_method", name, (owner, *args), kwargs)
+        proxy.node.meta["seqgen_leaf_method"] = True
+        if effect:
+            proxy.node.meta["seqgen_impure"] = True  # called for its effect on the model
+            return proxy
+        return tracer.leaf_result(proxy)
+
+    return wrapper
+
+
+def _leaf_function_wrapper(fn: Callable, tracer: SeqgenTracer) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        proxies: list[Proxy] = []
+        torch.fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, Proxy) else a)
+        if not proxies:
+            return fn(*args, **kwargs)
+        proxy = tracer.create_proxy("call_function", fn, args, kwargs)
+        if fn in tracer.effect_functions:
+            proxy.node.meta["seqgen_impure"] = True  # a check: kept although nothing reads its result
+        return tracer.leaf_result(proxy)
+
+    return wrapper
+
+
+class _LeafClassMeta(type):
+    """The type of a stand-in for a leaf class in model code's globals: calling it adds a node to the graph."""
+
+    seqgen_class: type
+    seqgen_fresh: bool
+    seqgen_tracer: SeqgenTracer
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, cls.seqgen_class)
+
+    def __subclasscheck__(cls, sub: type) -> bool:
+        return issubclass(sub, cls.seqgen_class)
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        return cls.seqgen_tracer.create_instance(cls.seqgen_class, cls.seqgen_fresh, args, kwargs)
+
+    def __getattr__(cls, name: str) -> Any:
+        return getattr(cls.seqgen_class, name)
+
+
+class _LeafPatches:
+    """Stand-ins for the leaf classes and leaf functions in the globals of the model's modules, active while
+    tracing. A leaf function called with traced values becomes one node; its dict, tuple or list result is returned
+    as a container of items, so that ``isinstance(masks, dict)`` and ``masks[layer_type]`` behave as in eager mode."""
+
+    def __init__(
+        self, modules: list, functions: list[Callable], methods: list[tuple[type, str]], tracer: SeqgenTracer
+    ) -> None:
+        self._patches: list[tuple[Any, str, Any, Any]] = []
+        function_ids = {id(fn) for fn in functions}
+        for module in modules:
+            for name, value in list(vars(module).items()):
+                fresh = leaf_class(value)
+                if fresh is not None:
+                    standin: Any = _LeafClassMeta(
+                        value.__name__, (), {"seqgen_class": value, "seqgen_fresh": fresh, "seqgen_tracer": tracer}
+                    )
+                elif id(value) in function_ids:
+                    standin = _leaf_function_wrapper(value, tracer)
+                else:
+                    continue
+                self._patches.append((module, name, value, standin))
+        registry = leaf_methods()
+        for cls, name in [*registry, *methods]:
+            if any(isinstance(m, cls) for m in tracer.model.modules()):
+                wrapper = _leaf_method_wrapper(name, tracer, effect=(cls, name) in registry)
+                self._patches.append((cls, name, cls.__dict__[name], wrapper))
+        self._on = False
+
+    def _set(self, on: bool) -> None:
+        self._on = on
+        for owner, name, original, standin in self._patches:
+            setattr(owner, name, standin if on else original)
+
+    @contextlib.contextmanager
+    def _state(self, on: bool) -> Iterator[None]:
+        before = self._on
+        self._set(on)
+        try:
+            yield
+        finally:
+            self._set(before)
+
+    def active(self) -> contextlib.AbstractContextManager[None]:
+        return self._state(True)
+
+    def reverted(self) -> contextlib.AbstractContextManager[None]:
+        """Real classes while concrete values are computed (module code run on meta may build a cache)."""
+        return self._state(False)
 
 
 class SeqgenTracer(torch.fx.Tracer):
@@ -149,8 +323,12 @@ class SeqgenTracer(torch.fx.Tracer):
         inputs: list[InputSpec],
         leaf_functions: list[Callable],
         call_kwargs: dict[str, Any],
+        leaf_methods: list[tuple[type, str]] = (),  # type: ignore[assignment]
     ) -> None:
         super().__init__(autowrap_functions=tuple(leaf_functions), param_shapes_constant=False)
+        self.proxy_buffer_attributes = True
+        self._leaf_functions = set(leaf_functions)
+        self.effect_functions = effect_functions()
         self.model = model
         self.inputs = inputs
         self.call_kwargs = call_kwargs
@@ -163,9 +341,24 @@ class SeqgenTracer(torch.fx.Tracer):
                 ancestors.add(id(modules[".".join(parts[:i])]))
         self._ancestors = ancestors
         self._autowrap_search.extend(modules_to_patch(model))
+        self._leaf_patches = _LeafPatches(modules_to_patch(model), leaf_functions, list(leaf_methods), self)
         self.guards: list[Guard] = []
         self._values: dict[Node, Any] = {}
+        self._failures: dict[Node, Exception] = {}
+        self._len_guarded: set[Node] = set()
         self._config_paths = self._find_configs(model)
+
+    def trace(self, root, concrete_args=None):  # type: ignore[override]
+        with _proxy_aware_torch_functions(), self._leaf_patches.active(), _traced_module_state(self):
+            return super().trace(root, concrete_args)
+
+    def create_instance(self, cls: type, fresh: bool, args: tuple, kwargs: dict) -> Proxy:
+        """A leaf class instantiated by traced code: a node whose proxy passes ``isinstance(proxy, cls)``."""
+        proxy = self.create_proxy(
+            "call_function", cls, args, kwargs, proxy_factory_fn=lambda node: _InstanceProxy(node, self, cls)
+        )
+        proxy.node.meta["seqgen_fresh"] = fresh
+        return proxy
 
     # ---- structure -------------------------------------------------------------------------------------------
 
@@ -239,10 +432,21 @@ class SeqgenTracer(torch.fx.Tracer):
                 continue
             if isinstance(value, Proxy):
                 value.node.meta.setdefault("seqgen_source_name", name)
+            elif isinstance(value, (dict, tuple, list)) and value:
+                # a container of one node's items (a dict of masks) names that node; a dict of separate values
+                # ({"full_attention": mask, ...}) names each value by its key
+                items = value.items() if isinstance(value, dict) else enumerate(value)
+                for key, item in items:
+                    if not isinstance(item, Proxy) or isinstance(item, Attribute):
+                        continue
+                    if item.node.target is operator.getitem and isinstance(item.node.args[0], Node):
+                        item.node.args[0].meta.setdefault("seqgen_source_name", name)
+                    elif isinstance(key, str):
+                        item.node.meta.setdefault("seqgen_source_name", f"{name}_{key}")
 
     # ---- concrete values and guards ----------------------------------------------------------------------------
 
-    def _concrete(self, node: Node, why: str) -> Any:
+    def _concrete(self, node: Node) -> Any:
         """Value of ``node`` for the sample input, computed on the meta device."""
         if node in self._values:
             return self._values[node]
@@ -259,19 +463,62 @@ class SeqgenTracer(torch.fx.Tracer):
             seen.add(current)
             stack.append((current, True))
             stack.extend((n, False) for n in current.all_input_nodes if n not in self._values)
-        with _maybe_revert_all_patches(), torch.no_grad():
+        # tensors that model code creates without a device must be meta too; state that modules set while they run
+        # on meta (recurrent states) is undone
+        with _maybe_revert_all_patches(), self._leaf_patches.reverted(), torch.no_grad(), torch.device("meta"), \
+                _module_state_undone():
             for current in order:
                 try:
+                    if current in self._failures:
+                        raise self._failures[current]
                     self._values[current] = self._run_node(current)
                 except Exception as exc:
+                    self._failures.setdefault(current, exc)
+                    site, advice = self.site()
                     raise TraceFailure(
-                        f"{why} needs the value of `{current.format_node()}` "
+                        f"control flow on a traced value in {site} needs the value of `{current.format_node()}` "
                         f"({short_where(current.meta.get('seqgen_loc'))}), which cannot be computed from shapes "
-                        f"alone on the meta device: {type(exc).__name__}: {exc}. This is control flow on tensor "
-                        "contents; mark the function that contains it as a leaf with --ignore NAME, or make its "
-                        "module a target with --targets."
+                        f"alone on the meta device ({type(exc).__name__}: {_first_line(exc)}). To trace past it, "
+                        f"{advice}."
                     ) from exc
         return self._values[node]
+
+    def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
+        result = super().call_module(m, forward, args, kwargs)
+        if isinstance(result, Proxy) and result.node.op == "call_module" and self.is_leaf_module(m, ""):
+            return self._structured(result)
+        return result
+
+    def leaf_result(self, proxy: Proxy) -> Any:
+        """A leaf function's container result (a dict of masks) as a container of its items. Items are never
+        specialized: whether a mask is None depends on the batch."""
+        try:
+            value = self._concrete(proxy.node)
+        except TraceFailure:
+            return proxy
+        if type(value) is dict:
+            return {key: proxy[key] for key in value}
+        if type(value) in (tuple, list):
+            return type(value)(proxy[i] for i in range(len(value)))
+        return proxy
+
+    def _structured(self, proxy: Proxy) -> Any:
+        """A leaf module's tuple output with None entries, as a tuple: ``x if out[1] is not None else y`` must see
+        the None (each one is guarded). Other outputs stay one proxy."""
+        try:
+            value = self._concrete(proxy.node)
+        except TraceFailure:
+            return proxy
+        if type(value) not in (tuple, list) or not any(v is None for v in value):
+            return proxy
+        items = []
+        for i, v in enumerate(value):
+            item = proxy[i]
+            if v is None:
+                self._add_guard("bool", self.create_proxy("call_function", operator.is_, (item, None), {}), True)
+                item = None
+            items.append(item)
+        return type(value)(items)
 
     def _run_node(self, node: Node) -> Any:
         args = map_arg(node.args, self._values.__getitem__)
@@ -286,12 +533,64 @@ class SeqgenTracer(torch.fx.Tracer):
         if node.op == "call_function":
             if node.target is guard:
                 return None
+            if node.target in self._leaf_functions:
+                return _run_leaf_function(node.target, args, kwargs)
             return node.target(*args, **kwargs)  # type: ignore[operator]
         if node.op == "call_method":
+            if node.meta.get("seqgen_leaf_method"):
+                return _run_leaf_function(getattr(args[0], str(node.target)), args[1:], kwargs)
             return getattr(args[0], str(node.target))(*args[1:], **kwargs)
         if node.op == "call_module":
-            return self.root.get_submodule(str(node.target))(*args, **kwargs)
+            module = self.root.get_submodule(str(node.target))
+            try:
+                with _weights_on_meta(module):
+                    return module(*args, **kwargs)
+            except Exception:
+                like = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+                if id(module) not in self._targets or like is None:
+                    raise
+                # a decoder layer whose kernels have no meta implementation (grouped_mm of some dtypes): its output
+                # is taken to be shaped like its hidden-states input; decisions taken from it are guarded
+                logger.debug("%s cannot run on meta; its output is taken to be shaped like its input", node.target)
+                return torch.empty_like(like, device="meta")
         raise AssertionError(node.op)
+
+    def site(self) -> tuple[str, str]:
+        """Where model code is running now, and what would help: ``("LlamaModel `model.model`, in
+        LlamaModel.forward (modeling_llama.py:380): `code`", "pass --targets ...")``."""
+        frame = inspect.currentframe()
+        while frame is not None and not _is_model_code(frame.f_code.co_filename):
+            frame = frame.f_back
+        if frame is None:
+            return "<unknown location>", "pass --targets to choose other sequential targets"
+        loc = _location(frame)
+        code = linecache.getline(loc[0], loc[1]).strip()
+        owner = frame
+        while owner is not None and not isinstance(owner.f_locals.get("self"), torch.nn.Module):
+            owner = owner.f_back
+        module = owner.f_locals["self"] if owner is not None else None
+        try:
+            path = self.path_of_module(module)[len(ROOT_NAME) + 1 :] if module is not None else ""
+        except NameError:
+            path = ""
+        if module is None:
+            who = ""
+        else:
+            who = f"{type(module).__name__} `{path}`, " if path else f"{type(module).__name__} (the model itself), "
+        text = f"{who}in {loc[2]} ({short_where(loc)}): `{code}`"
+        advice = []
+        function = frame.f_code.co_name
+        if "self" not in frame.f_locals:  # a helper function: it can be called as a leaf
+            advice.append(f"call `{function}` as a leaf function with `--ignore {function}`")
+        elif module is not None and owner is frame and function != "forward":  # a helper method of a traced module
+            method = f"{type(module).__name__}.{function}"
+            advice.append(f"call `{method}` as a leaf (the generated code calls it) with `--ignore {method}`")
+        if module is not None and path:
+            advice.append(f"make {type(module).__name__} a sequential target (it then runs untraced) with "
+                          f"`--targets {type(module).__name__}`")
+        else:
+            advice.append("choose sequential targets that contain this code with `--targets`")
+        return text, "; or ".join(advice)
 
     def _caller(self) -> tuple[tuple[str, int, str] | None, str]:
         frame = inspect.currentframe()
@@ -311,30 +610,37 @@ class SeqgenTracer(torch.fx.Tracer):
         self.guards.append(Guard(kind=kind, expected=expected, where=where, code=code))
 
     def to_bool(self, obj: Proxy) -> bool:
-        loc, code = self._caller()
-        value = self._concrete(obj.node, f"`{code}` ({short_where(loc)})")
+        if _in_assertion():
+            try:
+                holds = bool(self._concrete(obj.node))
+            except Exception:
+                holds = True  # decided by the data: the guard checks it on every batch, as the assertion would
+            if holds:
+                self._add_guard("bool", obj, True)
+                return True
+        value = self._concrete(obj.node)
         try:
             result = bool(value)
         except Exception as exc:
+            site, advice = self.site()
             raise TraceFailure(
-                f"`{code}` ({short_where(loc)}) branches on tensor contents ({type(exc).__name__}: {exc}); tracing "
-                "on the meta device only knows shapes. Mark the function that contains it as a leaf with "
-                "--ignore NAME, or make its module a target with --targets."
+                f"{site} branches on tensor contents: tracing on the meta device knows shapes, not values "
+                f"({type(exc).__name__}: {_first_line(exc)}). To trace past it, {advice}."
             ) from exc
         self._add_guard("bool", obj, result)
         return result
 
     def concrete_len(self, obj: Proxy) -> int:
-        loc, code = self._caller()
-        value = self._concrete(obj.node, f"len() at {short_where(loc)}")
+        value = self._concrete(obj.node)
         n = len(value)
-        if not _is_shape(obj.node):  # a shape's length is the input rank, which the loader checks
+        # a shape's length is the input rank, which the loader checks; list(x) asks twice (len, then iter)
+        if not _is_shape(obj.node) and obj.node not in self._len_guarded:
+            self._len_guarded.add(obj.node)
             self._add_guard("len", self.create_proxy("call_function", len, (obj,), {}), n)
         return n
 
     def concrete_int(self, obj: Proxy) -> int:
-        loc, code = self._caller()
-        value = int(self._concrete(obj.node, f"int() at {short_where(loc)}"))
+        value = int(self._concrete(obj.node))
         self._add_guard("int", obj, value)
         return value
 
@@ -343,14 +649,187 @@ class SeqgenTracer(torch.fx.Tracer):
         return iter([obj[i] for i in range(n)])
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _model_frame_of(exc: BaseException) -> str:
-    """' near file:line (`code`)' for the innermost model-code frame of a traceback, or ''."""
+    """' in Class.method (file:line: `code`)' for the innermost model-code frame of a traceback, or ''."""
     found = ""
     for frame, lineno in traceback.walk_tb(exc.__traceback__):
         filename = frame.f_code.co_filename
         if _is_model_code(filename):
-            found = f" near {os.path.basename(filename)}:{lineno} (`{linecache.getline(filename, lineno).strip()}`)"
+            qualname = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
+            code = linecache.getline(filename, lineno).strip()
+            found = f" in {qualname} ({os.path.basename(filename)}:{lineno}: `{code}`)"
     return found
+
+
+@contextlib.contextmanager
+def _traced_module_state(tracer: SeqgenTracer) -> Iterator[None]:
+    """Model code that stores a traced value on a module. On a module whose forward is traced (ctrl caches its
+    position table moved to the input's device) later reads see the value and are recorded like any other, and the
+    attribute gets its old value back after tracing. On any other module (recurrent state set up for a layer) the
+    value would be read by code that runs untraced, which the generated code cannot feed: that is refused."""
+    original = torch.nn.Module.__setattr__
+    restore: list[tuple[torch.nn.Module, str, bool, Any]] = []
+
+    def setattr_checked(module: torch.nn.Module, name: str, value: Any) -> None:
+        found: list[Proxy] = []
+        torch.fx.node.map_aggregate(value, lambda a: found.append(a) if isinstance(a, Proxy) else a)
+        if found:
+            if id(module) not in tracer._ancestors or id(module) in tracer._targets:
+                loc, code = _innermost_model_line()
+                raise TraceFailure(
+                    f"{type(module).__name__} stores a traced value as its attribute `{name}` ({loc}: `{code}`) "
+                    "for code that is not traced to read later; the generated code cannot set that state. Make "
+                    "that module a target with --targets, or call the function that sets it as a leaf with "
+                    "--ignore NAME."
+                )
+            had = name in module.__dict__ or name in module._buffers or name in module._parameters
+            restore.append((module, name, had, _real_attribute(module, name) if had else None))
+        original(module, name, value)
+
+    torch.nn.Module.__setattr__ = setattr_checked  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.__setattr__ = original  # type: ignore[method-assign]
+        for module, name, had, old in reversed(restore):
+            if had:
+                original(module, name, old)
+            else:
+                delattr(module, name)
+
+
+@contextlib.contextmanager
+def _module_state_undone() -> Iterator[None]:
+    """Every module attribute set inside gets its old value back (or is deleted) on exit."""
+    current = torch.nn.Module.__setattr__
+    journal: list[tuple[torch.nn.Module, str, bool, Any]] = []
+
+    def recording_setattr(module: torch.nn.Module, name: str, value: Any) -> None:
+        had = name in module.__dict__ or name in module._buffers or name in module._parameters
+        journal.append((module, name, had, _real_attribute(module, name) if had else None))
+        current(module, name, value)
+
+    torch.nn.Module.__setattr__ = recording_setattr  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.__setattr__ = current  # type: ignore[method-assign]
+        for module, name, had, old in reversed(journal):
+            if had:
+                current(module, name, old)
+            elif hasattr(module, name):
+                delattr(module, name)
+
+
+def _innermost_model_line() -> tuple[str, str]:
+    frame = inspect.currentframe()
+    while frame is not None and not _is_model_code(frame.f_code.co_filename):
+        frame = frame.f_back
+    if frame is None:
+        return "<unknown>", ""
+    loc = _location(frame)
+    return short_where(loc), linecache.getline(loc[0], loc[1]).strip()
+
+
+@contextlib.contextmanager
+def _weights_on_meta(module: torch.nn.Module) -> Iterator[None]:
+    """Meta stand-ins for weights that are not on meta (legacy ``nn.Parameter(torch.FloatTensor(n))`` ignores the
+    meta device a model is built on), for as long as the module runs on meta values."""
+    swapped: list[tuple[dict, str, Any]] = []
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for name, tensor in list(store.items()):
+                if tensor is not None and not tensor.is_meta:
+                    swapped.append((store, name, tensor))
+                    meta = torch.empty_like(tensor, device="meta")
+                    store[name] = torch.nn.Parameter(meta, tensor.requires_grad) if store is sub._parameters else meta
+    try:
+        yield
+    finally:
+        for store, name, tensor in swapped:
+            store[name] = tensor
+
+
+def _run_leaf_function(fn: Callable, args: Any, kwargs: Any) -> Any:
+    """Run a leaf function on meta values; one that reads tensor contents (a mask builder checking for padding) runs
+    on CPU tensors of the same shapes (integers 1, floats 0) and its result goes back to meta. Only its shapes are
+    used: decisions taken from them are guarded like any other."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        error = exc
+
+    def to_meta(a: Any) -> Any:
+        return a.to("meta") if isinstance(a, torch.Tensor) else a
+
+    # integer inputs all ones (tokens, no padding); all zeros; or masks of ones and zeros elsewhere (an unpadded
+    # text-only batch: no image placeholder tokens)
+    for ints, mask_ints in ((1, 1), (0, 0), (0, 1)):
+
+        def to_cpu(a: Any, fill: int) -> Any:
+            if isinstance(a, torch.Tensor) and a.is_meta:
+                fill = 0 if a.is_floating_point() or a.is_complex() else fill
+                return torch.full(a.shape, fill, dtype=a.dtype, device="cpu")
+            return a
+
+        cpu_args = torch.fx.node.map_aggregate(args, lambda a: to_cpu(a, ints))
+        cpu_kwargs = {k: torch.fx.node.map_aggregate(v, lambda a, k=k: to_cpu(a, mask_ints if "mask" in k else ints))
+                      for k, v in kwargs.items()}
+        try:
+            with torch.device("cpu"):
+                result = fn(*cpu_args, **cpu_kwargs)
+        except Exception:
+            continue
+        return torch.utils._pytree.tree_map(to_meta, result)
+    raise error
+
+
+def _in_assertion() -> bool:
+    """Whether the innermost model-code frame is evaluating the condition of an ``assert`` statement."""
+    frame = inspect.currentframe()
+    while frame is not None and not _is_model_code(frame.f_code.co_filename):
+        frame = frame.f_back
+    if frame is None:
+        return False
+    instructions = list(dis.get_instructions(frame.f_code))
+    for i, instruction in enumerate(instructions[:-1]):
+        if instruction.offset == frame.f_lasti:
+            return "IF_TRUE" in instruction.opname and instructions[i + 1].opname == "LOAD_ASSERTION_ERROR"
+    return False
+
+
+# torch functions that build tensors or type info from sizes and dtypes: called with traced arguments they become
+# graph nodes (torch.fx only intercepts functions that take a tensor)
+_FACTORY_FUNCTIONS = ("arange", "empty", "eye", "finfo", "full", "iinfo", "ones", "rand", "randn", "tensor", "zeros")
+
+
+@contextlib.contextmanager
+def _proxy_aware_torch_functions() -> Iterator[None]:
+    originals = {name: getattr(torch, name) for name in _FACTORY_FUNCTIONS}
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            proxies: list[Proxy] = []
+            torch.fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, Proxy) else a)
+            if proxies:
+                return proxies[0].tracer.create_proxy("call_function", fn, args, kwargs)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    try:
+        for name, fn in originals.items():
+            setattr(torch, name, wrap(fn))
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
 
 
 def _is_shape(node: Node) -> bool:
@@ -367,12 +846,13 @@ def _is_config(a: Any) -> bool:
     return isinstance(a, PretrainedConfig)
 
 
-def _call_kwargs(model: torch.nn.Module) -> dict[str, Any]:
-    """Concrete arguments for every forward parameter that the sample does not give: no cache, a dict output."""
+def _call_kwargs(model: torch.nn.Module, with_cache: bool) -> dict[str, Any]:
+    """Concrete arguments for forward parameters that the sample does not give: a dict output, and ``use_cache=False``
+    unless ``with_cache`` (then the model's own default applies, as in ``model(**batch)``)."""
     params = inspect.signature(inspect.unwrap(type(model).forward)).parameters
     open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs: dict[str, Any] = {}
-    if "use_cache" in params or open_kwargs:
+    if ("use_cache" in params or open_kwargs) and not with_cache:
         kwargs["use_cache"] = False
     if "return_dict" in params:
         kwargs["return_dict"] = True
@@ -381,7 +861,7 @@ def _call_kwargs(model: torch.nn.Module) -> dict[str, Any]:
 
 def _dead_code_elimination(graph: torch.fx.Graph) -> None:
     def impure(node: Node) -> bool:
-        if node.op in ("placeholder", "output"):
+        if node.op in ("placeholder", "output") or node.meta.get("seqgen_impure"):
             return True
         if node.op == "call_function" and node.target is guard:
             return True
@@ -401,11 +881,43 @@ def trace_model(
     targets: list[str] | None = None,
     ignore: list[str] | None = None,
 ) -> Trace:
-    """Trace ``model`` (best on the meta device) for the given sample input signature."""
-    target_names = find_targets(model, targets)
+    """Trace ``model`` (best on the meta device) for the given sample input signature.
+
+    The forward runs with ``use_cache=False``: calibration needs no KV cache, and keeping one per layer would hold every
+    calibration token's keys and values. The few families whose attention gives other last bits with a cache than
+    without (``CACHE_NUMERICS`` in :mod:`.leaves`) are traced with the model's own cache instead, so that the package
+    equals ``model(**batch)`` exactly; each subgraph then builds its own empty cache (see ``LEAF_CLASSES``). If that
+    fails, they fall back to ``use_cache=False``, which is logged.
+    """
+    units = find_target_units(model, targets)
+    target_names = [name for unit in units for name in unit]
     leaves = resolve_leaf_functions(model, ignore or [])
+    methods = resolve_leaf_methods(model, ignore or [])
+    with_cache_error: TraceFailure | None = None
+    if getattr(model.config, "model_type", None) in CACHE_NUMERICS:
+        try:
+            trace = _trace(model, inputs, target_names, leaves, methods, bool(targets), with_cache=True)
+        except TraceFailure as exc:
+            with_cache_error = exc
+        else:
+            trace.units = [[t for t in unit if t in trace.targets] for unit in units if set(unit) & set(trace.targets)]
+            return trace
+    trace = _trace(model, inputs, target_names, leaves, methods, bool(targets), with_cache=False)
+    trace.units = [[t for t in unit if t in trace.targets] for unit in units if set(unit) & set(trace.targets)]
+    if with_cache_error is not None:
+        logger.warning(
+            "%s is traced with use_cache=False, so its layers run without a KV cache (eager mode may differ in the "
+            "last bits where attention reads keys back from a cache): %s", type(model).__name__, with_cache_error,
+        )
+    return trace
+
+
+def _trace(
+    model: torch.nn.Module, inputs: list[InputSpec], target_names: list[str], leaves: list[Callable],
+    methods: list[tuple[type, str]], user_targets: bool, with_cache: bool,
+) -> Trace:
     root = _Root(model)
-    tracer = SeqgenTracer(model, target_names, inputs, leaves, _call_kwargs(model))
+    tracer = SeqgenTracer(model, target_names, inputs, leaves, _call_kwargs(model, with_cache), methods)
     try:
         graph = tracer.trace(root)
     except TraceFailure:
@@ -418,14 +930,50 @@ def trace_model(
             "that need not be traced, pass --targets to change the sequential targets."
         ) from exc
     _dead_code_elimination(graph)
+    _check_fresh_instances(graph, set(target_names))
     called = {
         node.target[len(ROOT_NAME) + 1 :] for node in graph.nodes if node.op == "call_module"
     }
+    calls: dict[str, list[Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target[len(ROOT_NAME) + 1 :], []).append(node)
+    repeated = [t for t in target_names if len(calls.get(t, ())) > 1]
+    if repeated:
+        where = ", ".join(sorted({short_where(n.meta.get("seqgen_loc")) for n in calls[repeated[0]]}))
+        raise TraceFailure(
+            f"{type(model).__name__}: sequential target {repeated[0]} "
+            f"({type(model.get_submodule(repeated[0])).__name__}) runs {len(calls[repeated[0]])} times in one "
+            f"forward (called at {where}): the model loops over its layers, and each sequential target must run "
+            "once, in order. Pass --targets with modules that run once per forward."
+        )
     missing = [t for t in target_names if t not in called]
-    if missing:
+    if missing and (user_targets or len(missing) == len(target_names)):
         raise TraceFailure(
             f"{type(model).__name__}: {len(missing)} sequential target(s) never ran in the traced forward "
             f"(first: {missing[0]}). Choose targets that the forward calls, with --targets."
         )
-    return Trace(graph=graph, root=root, targets=target_names, inputs=inputs, guards=tracer.guards,
-                 leaf_functions=leaves)
+    if missing:  # the model skips these layers for this input signature (mllama's cross-attention without images)
+        logger.warning(
+            "%s skips %d of its %d layers for inputs %s (%s); they get no subgraph",
+            type(model).__name__, len(missing), len(target_names), ", ".join(s.name for s in inputs),
+            ", ".join(missing),
+        )
+    return Trace(graph=graph, root=root, targets=[t for t in target_names if t in called], inputs=inputs,
+                 guards=tracer.guards, leaf_functions=leaves, skipped_targets=missing)
+
+
+def _check_fresh_instances(graph: torch.fx.Graph, targets: set[str]) -> None:
+    """A fresh instance (a KV cache) is built anew in each subgraph, which is only right if model code reads it before
+    the first layer writes it: a read after a layer would see what that layer wrote in eager mode."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        if not node.meta.get("seqgen_fresh"):
+            continue
+        writes = [order[u] for u in node.users if u.op == "call_module" and u.target[len(ROOT_NAME) + 1 :] in targets]
+        late = [u for u in node.users if writes and order[u] > min(writes) and order[u] not in writes]
+        if late:
+            raise TraceFailure(
+                f"{late[0].format_node()} ({short_where(late[0].meta.get('seqgen_loc'))}) reads a "
+                f"{node.target.__name__} after a layer wrote to it; the package builds one per subgraph"
+            )
