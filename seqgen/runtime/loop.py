@@ -100,7 +100,7 @@ class _Collector:
         self._handles: list[Any] = []
 
     def new_batch(self, mask: torch.Tensor | None) -> None:
-        self.mask = mask
+        self.mask = None if mask is None or bool(mask.all()) else mask  # no padding: no token selection (no copy)
         self._seen.clear()
         self._updated.clear()
 
