@@ -687,8 +687,7 @@ def _traced_module_state(tracer: SeqgenTracer) -> Iterator[None]:
                     "that module a target with --targets, or call the function that sets it as a leaf with "
                     "--ignore NAME."
                 )
-            had = name in module.__dict__ or name in module._buffers or name in module._parameters
-            restore.append((module, name, had, _real_attribute(module, name) if had else None))
+            _remember(restore, module, name)
         original(module, name, value)
 
     torch.nn.Module.__setattr__ = setattr_checked  # type: ignore[method-assign]
@@ -696,11 +695,7 @@ def _traced_module_state(tracer: SeqgenTracer) -> Iterator[None]:
         yield
     finally:
         torch.nn.Module.__setattr__ = original  # type: ignore[method-assign]
-        for module, name, had, old in reversed(restore):
-            if had:
-                original(module, name, old)
-            else:
-                delattr(module, name)
+        _undo(restore, original)
 
 
 @contextlib.contextmanager
@@ -710,8 +705,7 @@ def _module_state_undone() -> Iterator[None]:
     journal: list[tuple[torch.nn.Module, str, bool, Any]] = []
 
     def recording_setattr(module: torch.nn.Module, name: str, value: Any) -> None:
-        had = name in module.__dict__ or name in module._buffers or name in module._parameters
-        journal.append((module, name, had, _real_attribute(module, name) if had else None))
+        _remember(journal, module, name)
         current(module, name, value)
 
     torch.nn.Module.__setattr__ = recording_setattr  # type: ignore[method-assign]
@@ -719,11 +713,25 @@ def _module_state_undone() -> Iterator[None]:
         yield
     finally:
         torch.nn.Module.__setattr__ = current  # type: ignore[method-assign]
-        for module, name, had, old in reversed(journal):
-            if had:
-                current(module, name, old)
-            elif hasattr(module, name):
-                delattr(module, name)
+        _undo(journal, current)
+
+
+_Journal = list[tuple[torch.nn.Module, str, bool, Any]]
+
+
+def _remember(journal: _Journal, module: torch.nn.Module, name: str) -> None:
+    """Record a module attribute's value (or its absence) before it is set."""
+    had = name in module.__dict__ or name in module._buffers or name in module._parameters
+    journal.append((module, name, had, _real_attribute(module, name) if had else None))
+
+
+def _undo(journal: _Journal, setattr_fn: Any) -> None:
+    """Give every recorded attribute its old value back, newest first; delete those that did not exist."""
+    for module, name, had, old in reversed(journal):
+        if had:
+            setattr_fn(module, name, old)
+        elif hasattr(module, name):
+            delattr(module, name)
 
 
 def _innermost_model_line() -> tuple[str, str]:
