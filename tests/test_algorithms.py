@@ -142,18 +142,22 @@ def test_dequantize_dtype_and_to() -> None:
 # ------------------------------------------------------------------------------------------------ Hessian statistics
 
 
-def test_running_hessian_equals_batch_hessian() -> None:
-    x = correlated_inputs(1000, 64)
-    stats = HessianStatistics(64, torch.device("cpu"))
+@pytest.mark.parametrize("features", [64, 300])  # one block; four column blocks, the last one narrower
+def test_accumulated_hessian_equals_batch_hessian(features: int) -> None:
+    x = correlated_inputs(1000, features)
+    stats = HessianStatistics(features, torch.device("cpu"))
     for size in (1, 7, 100, 392, 500):  # uneven batches, with leading dims
         chunk, x = x[:size], x[size:]
-        stats.update(chunk.reshape(1, size, 64).to(torch.bfloat16 if size == 7 else torch.float32))
+        stats.update(chunk.reshape(1, size, features).to(torch.bfloat16 if size == 7 else torch.float32))
     assert stats.nsamples == 1000
-    x_all = correlated_inputs(1000, 64)
+    x_all = correlated_inputs(1000, features)
     x_all[1:8] = x_all[1:8].to(torch.bfloat16).float()
     expected = 2.0 / 1000 * x_all.double().T @ x_all.double()
-    torch.testing.assert_close(stats.hessian.double(), expected, rtol=1e-5, atol=1e-5)
-    assert stats.hessian.dtype == torch.float32
+    hessian = stats.hessian
+    torch.testing.assert_close(hessian.double(), expected, rtol=1e-5, atol=1e-5)
+    assert hessian.dtype == torch.float32
+    off_diagonal_blocks = ~torch.block_diag(*[torch.ones(e - s, e - s, dtype=torch.bool) for s, e in stats._bounds])
+    assert torch.equal(hessian[off_diagonal_blocks], hessian.T[off_diagonal_blocks]), "mirrored, not recomputed"
 
 
 def test_statistics_reject_wrong_width() -> None:
@@ -300,12 +304,13 @@ def test_gptq_cholesky_retries_then_raises(caplog: pytest.LogCaptureFixture) -> 
     scheme = QuantScheme(group_size=None, dampening=0.01)
     stats = HessianStatistics(4, torch.device("cpu"))
     indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # eigenvalues 3, -1: fine after dampening 10 x mean diag
-    stats.load_state_dict({"hessian": torch.block_diag(indefinite, indefinite), "nsamples": torch.tensor(10)})
+    # H = 2/N * X^T X, so X^T X = 5 H for N = 10
+    stats.load_state_dict({"xtx": 5 * torch.block_diag(indefinite, indefinite), "nsamples": torch.tensor(10)})
     with caplog.at_level(logging.WARNING, logger="seqgen.algorithms.gptq"):
         q = GPTQ(scheme).quantize(w, stats)
     assert torch.isfinite(q.dequantize()).all() and "retrying" in caplog.text
     hopeless = torch.tensor([[1.0, 100.0], [100.0, 1.0]])
-    stats.load_state_dict({"hessian": torch.block_diag(hopeless, hopeless), "nsamples": torch.tensor(10)})
+    stats.load_state_dict({"xtx": 5 * torch.block_diag(hopeless, hopeless), "nsamples": torch.tensor(10)})
     with pytest.raises(SeqgenError, match="not positive definite"):
         GPTQ(scheme).quantize(w, stats)
 
@@ -347,7 +352,9 @@ def test_reduce_across_processes(tmp_path) -> None:
     for rank in range(2):
         got = torch.load(f"{results}.{rank}")
         assert int(got["hessian"]["nsamples"]) == 1000 and int(got["observer"]["count"]) == 1000
-        torch.testing.assert_close(got["hessian"]["hessian"], single.hessian, rtol=1e-5, atol=1e-5)
+        reduced = HessianStatistics(32, torch.device("cpu"))
+        reduced.load_state_dict(got["hessian"])
+        torch.testing.assert_close(reduced.hessian, single.hessian, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got["observer"]["min"], x.amin(0), rtol=0, atol=0)
         torch.testing.assert_close(got["observer"]["absmax"], x.abs().amax(0), rtol=0, atol=0)
         torch.testing.assert_close(got["observer"]["mean_sq"], x.square().mean(0), rtol=1e-5, atol=1e-6)

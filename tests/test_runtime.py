@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from seqgen.emitter import emit_model
 from seqgen.models import meta_model, tiny_model
 from seqgen.runtime import CalibrationOptions, SafetensorsWeights, calibrate
 from seqgen.runtime.loop import _Collector, quantizable_linears
-from seqgen.algorithms import get_algorithm
+from seqgen.algorithms import ALGORITHMS, get_algorithm
 from seqgen.verify import random_batch
 
 SIZES = {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16}  # divisible by the group size 32
@@ -63,13 +64,45 @@ def test_what_gets_quantized(package: seqgen.Package) -> None:
 
 
 def test_passes_and_skipped_tail(package: seqgen.Package) -> None:
-    for propagate, expected_calls in ((True, 2 * 3), (False, 3)):
+    """Per batch: layer 0 is entered by the calibration and the propagation pass; layer 1, the last quantized one,
+    only by the calibration pass (its outputs feed nothing that runs); lm_head never. Calibration passes end at
+    down_proj's input after the first batch, so down_proj's matmul runs once per layer there."""
+    n = 3
+    for propagate in (True, False):
         m = model()
-        calls = {"layer": 0, "lm_head": 0}
-        m.model.layers[0].register_forward_hook(lambda *a: calls.__setitem__("layer", calls["layer"] + 1))
-        m.lm_head.register_forward_hook(lambda *a: calls.__setitem__("lm_head", calls["lm_head"] + 1))
-        calibrate(m, package, batches(3), CalibrationOptions(scheme=SCHEME, propagate_error=propagate))
-        assert calls == {"layer": expected_calls, "lm_head": 0}
+        calls: dict[str, int] = {}
+
+        def count(key: str) -> Callable[..., None]:
+            return lambda *args: calls.__setitem__(key, calls.get(key, 0) + 1)
+
+        for i in (0, 1):
+            m.model.layers[i].register_forward_pre_hook(count(f"layer{i} entered"))
+            m.model.layers[i].mlp.down_proj.register_forward_hook(count(f"layer{i} down_proj ran"))
+        m.lm_head.register_forward_pre_hook(count("lm_head entered"))
+        calibrate(m, package, batches(n), CalibrationOptions(scheme=SCHEME, propagate_error=propagate))
+        expected = {"layer0 entered": 2 * n, "layer0 down_proj ran": 1 + n, "layer1 entered": n,
+                    "layer1 down_proj ran": 1}
+        if not propagate:  # the calibration pass's outputs are kept: layer 0 runs once, whole
+            expected.update({"layer0 entered": n, "layer0 down_proj ran": n})
+        assert calls == expected, propagate
+
+
+def test_stacked_quantization_equals_one_linear_at_a_time(package: seqgen.Package, monkeypatch: pytest.MonkeyPatch) -> None:
+    """q/k/v (and gate/up) are quantized as one row-stacked weight; each must get what it would get alone."""
+    from seqgen.algorithms import GPTQ
+
+    class OneAtATime(GPTQ):
+        name = "gptq-one-at-a-time"
+        row_separable = False
+
+    monkeypatch.setitem(ALGORITHMS, OneAtATime.name, OneAtATime)  # registered for this test only
+    scheme = QuantScheme(bits=4, group_size=32, act_order=True)
+    stacked = calibrate(model(), package, batches(2), CalibrationOptions(scheme=scheme))
+    alone = calibrate(model(), package, batches(2), CalibrationOptions(algorithm=OneAtATime.name, scheme=scheme))
+    assert sorted(stacked.quantized) == sorted(alone.quantized)
+    for name, quantized in alone.quantized.items():
+        for field in ("codes", "scale", "g_idx"):
+            assert torch.equal(getattr(stacked.quantized[name], field), getattr(quantized, field)), (name, field)
 
 
 def test_gptq_beats_rtn_and_propagation_helps(package: seqgen.Package) -> None:

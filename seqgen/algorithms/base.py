@@ -237,6 +237,10 @@ class Algorithm(abc.ABC):
     """A weight quantization algorithm: optional calibration statistics in, :class:`QuantizedWeight` out."""
 
     name: ClassVar[str]
+    # True when every output row is quantized on its own given the statistics (per-row groups, no per-tensor
+    # parameters): then quantizing weights that share statistics stacked row-wise (q/k/v, gate/up) gives each
+    # the result it would get alone, and the runtime makes one call for the stack.
+    row_separable: ClassVar[bool] = False
 
     def __init__(self, scheme: QuantScheme) -> None:
         if not isinstance(scheme, QuantScheme):

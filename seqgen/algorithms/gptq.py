@@ -37,17 +37,24 @@ _CHOLESKY_RETRIES = 3
 
 
 class HessianStatistics(Statistics):
-    """Running average ``H = 2/N * sum x x^T`` (fp32, ``[in_features, in_features]``) over all tokens seen.
+    """``H = 2/N * sum x x^T`` (fp32, ``[in_features, in_features]``) over all ``N`` tokens seen.
 
-    A new batch of ``n`` tokens rescales the old average by ``N_old / N_new`` before adding ``2/N_new * X^T X``, so
-    the values stay O(|x|^2) however many tokens are accumulated.
+    ``update`` adds ``X^T X`` to a raw fp32 sum, and only the blocks on and above the diagonal: with the inputs split
+    into four column blocks that is 10 of 16 blocks, so the accumulation, the largest cost of calibration after the
+    forward passes, does 37% fewer FLOPs than a full ``X^T X`` and runs as a few large matmuls. The symmetric
+    Hessian is assembled once, when :attr:`hessian` is read.
     """
+
+    _MIN_BLOCKED = 256  # narrower inputs are accumulated as one matmul
 
     def __init__(self, in_features: int, device: torch.device | str) -> None:
         self.in_features = in_features
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.nsamples = 0
         self._reduced = False
+        n_blocks = 4 if in_features >= self._MIN_BLOCKED else 1
+        width = -(-in_features // (8 * n_blocks)) * 8  # a multiple of 8 columns
+        self._bounds = [(start, min(start + width, in_features)) for start in range(0, in_features, width)]
         # GPTQ's factorization of this Hessian, shared by the linears that read the same input (q/k/v, gate/up)
         self.factors: dict[tuple[float, bool], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
 
@@ -61,41 +68,44 @@ class HessianStatistics(Statistics):
                 "HessianStatistics.update after reduce_(): the statistics were already summed over processes; "
                 "collect all batches first, or start new statistics"
             )
-        x = x.detach().reshape(-1, self.in_features).to(device=self.hessian.device, dtype=torch.float32)
-        n = x.shape[0]
-        if n == 0:
+        x = x.detach().reshape(-1, self.in_features).to(device=self.xtx.device, dtype=torch.float32)
+        if x.shape[0] == 0:
             return
         self.factors.clear()
-        total = self.nsamples + n
-        if self.nsamples:
-            self.hessian.mul_(self.nsamples / total)
-        self.hessian.addmm_(x.T, x, alpha=2.0 / total)
-        self.nsamples = total
+        for start, end in self._bounds:
+            self.xtx[start:end, start:].addmm_(x[:, start:end].T, x[:, start:])
+        self.nsamples += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """The full symmetric ``2/N * X^T X`` (a new tensor; zeros before any update)."""
+        full = self.xtx.mul(2.0 / max(self.nsamples, 1))
+        for i, (start, end) in enumerate(self._bounds):
+            for later_start, later_end in self._bounds[i + 1 :]:
+                full[later_start:later_end, start:end] = full[start:end, later_start:later_end].T
+        return full
 
     def reduce_(self) -> None:
-        """Token-weighted average of the per-process Hessians (all_reduce of counts, then of weighted Hessians)."""
+        """Sum the raw ``X^T X`` and token counts of all processes (one all_reduce each)."""
         if not distributed_active() or self._reduced:
             return
-        count = torch.tensor([float(self.nsamples)], dtype=torch.float64, device=self.hessian.device)
+        count = torch.tensor([float(self.nsamples)], dtype=torch.float64, device=self.xtx.device)
         torch.distributed.all_reduce(count)
-        total = int(count.item())
-        if total > 0:
-            self.hessian.mul_(self.nsamples / total)
-            torch.distributed.all_reduce(self.hessian)
-        self.nsamples = total
+        torch.distributed.all_reduce(self.xtx)
+        self.nsamples = int(count.item())
         self._reduced = True
         self.factors.clear()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"hessian": self.hessian, "nsamples": torch.tensor(self.nsamples, dtype=torch.int64)}
+        return {"xtx": self.xtx, "nsamples": torch.tensor(self.nsamples, dtype=torch.int64)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        hessian = state["hessian"]
-        if tuple(hessian.shape) != tuple(self.hessian.shape):
-            raise ValueError(
-                f"Hessian of shape {tuple(hessian.shape)} does not fit statistics of {self.in_features} inputs"
-            )
-        self.hessian.copy_(hessian)
+        """Restore a :meth:`state_dict`; ``xtx`` may also be a full symmetric ``X^T X`` (only its upper blocks are
+        read)."""
+        xtx = state["xtx"]
+        if tuple(xtx.shape) != tuple(self.xtx.shape):
+            raise ValueError(f"X^T X of shape {tuple(xtx.shape)} does not fit statistics of {self.in_features} inputs")
+        self.xtx.copy_(xtx)
         self.nsamples = int(state["nsamples"])
         self._reduced = False
         self.factors.clear()
@@ -113,6 +123,7 @@ class GPTQ(Algorithm):
     """
 
     name = "gptq"
+    row_separable = True
 
     def new_statistics(self, in_features: int, device: torch.device) -> Statistics | None:
         return HessianStatistics(in_features, device)
@@ -134,7 +145,7 @@ class GPTQ(Algorithm):
         group = scheme.effective_group_size(cols)
         started = time.perf_counter()
 
-        device = stats.hessian.device
+        device = stats.xtx.device
         # Work on W^T ([cols, rows], contiguous): a weight column is then a contiguous row, which keeps the
         # per-column steps and in-block updates cache friendly. Always a fresh buffer: `weight` is never modified.
         wt = torch.empty(cols, rows, dtype=torch.float32, device=device)
@@ -231,7 +242,7 @@ class GPTQ(Algorithm):
         """Dead inputs, the activation-order permutation (or None) and ``U``, computed once per statistics."""
         key = (self.scheme.dampening, self.scheme.act_order)
         if key not in stats.factors:
-            h = stats.hessian.clone()
+            h = stats.hessian
             if not torch.isfinite(h).all():
                 raise SeqgenError(
                     "GPTQ Hessian has non-finite values: the calibration inputs of this layer contain inf/nan"

@@ -14,6 +14,7 @@ class RTN(Algorithm):
     """Per-group round-to-nearest; the baseline every data-aware algorithm should beat. Ignores ``act_order``."""
 
     name = "rtn"
+    row_separable = True
 
     def new_statistics(self, in_features: int, device: torch.device) -> Statistics | None:
         return None

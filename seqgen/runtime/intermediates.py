@@ -14,7 +14,12 @@ import torch
 
 from ..package import Subgraph
 
-__all__ = ["IntermediatesCache", "move"]
+__all__ = ["IntermediatesCache", "StopBatch", "move"]
+
+
+class StopBatch(Exception):
+    """Raised by a calibration hook once a batch has given everything it is needed for (the inputs of the last
+    linear); :meth:`IntermediatesCache.run` then skips the rest of the subgraph for that batch."""
 
 
 def move(value: Any, device: torch.device, pin: bool = False) -> Any:
@@ -61,7 +66,12 @@ class IntermediatesCache:
             if before_batch is not None:
                 before_batch(i)
             inputs = {name: move(values[name], self.device) for name in subgraph.inputs}
-            outputs = subgraph.forward(model, **inputs)
+            try:
+                outputs = subgraph.forward(model, **inputs)
+            except StopBatch:
+                if commit:
+                    raise
+                outputs = None
             del inputs
             if commit:
                 for name in subgraph.consumed:

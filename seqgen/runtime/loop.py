@@ -4,15 +4,17 @@ Per subgraph (see ``calibrate``):
 
 1. onload exactly the modules its index entry lists (and prefetch the next subgraph's on CUDA);
 2. **calibration pass** over all batches with hooks on the linears to quantize; linears that read the same input
-   tensor (q/k/v, gate/up) share one :class:`~seqgen.algorithms.Statistics`, so their Hessian is computed once;
-3. reduce statistics (the one place where processes would meet) and **compress** every linear: its weight becomes the
-   dequantized quantized weight, and the :class:`~seqgen.algorithms.QuantizedWeight` is kept for saving;
+   tensor (q/k/v, gate/up) share one :class:`~seqgen.algorithms.Statistics`, so their Hessian is computed once.
+   Its outputs are dropped, so after the first batch each batch stops at the last linear's input;
+3. reduce statistics (the one place where processes would meet) and **compress** every linear (linears sharing
+   statistics in one call when the algorithm allows): its weight becomes the dequantized quantized weight, and the
+   :class:`~seqgen.algorithms.QuantizedWeight` is kept for saving;
 4. **propagation pass** with hooks off, so the next subgraph sees quantized outputs (skipped with
    ``propagate_error=False``: then the calibration pass's outputs are kept and no second pass runs);
 5. offload, and hand the subgraph's results to ``on_subgraph_done`` (streamed saving, checkpoints).
 
-Subgraphs with nothing to quantize run once; subgraphs after the last quantized one do not run at all (their outputs,
-the logits, are not needed).
+Subgraphs with nothing to quantize run once. The last quantized subgraph has no propagation pass and the subgraphs
+after it do not run at all: their outputs (the logits) are not needed.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from ..errors import SeqgenError
 from ..package import Package, Subgraph
 from .dispatch import Dispatcher, SafetensorsWeights, execution_device
 from .experts import FusedExperts, find_fused_experts, unsupported_experts
-from .intermediates import IntermediatesCache
+from .intermediates import IntermediatesCache, StopBatch
+from .memory import release_free_memory, reuse_large_allocations
 
 __all__ = ["CalibrationOptions", "CalibrationResult", "SubgraphReport", "calibrate", "quantizable_linears"]
 
@@ -50,6 +53,7 @@ class CalibrationOptions:
     device: str | None = None  # default: cuda:0 when available, else cpu
     quantize_experts: bool = True  # fused MoE experts (3D parameters), per expert
     all_experts: bool = False  # route every calibration token through every expert's statistics
+    reuse_allocations: bool = True  # on the CPU: glibc keeps large freed buffers for reuse (see runtime.memory)
 
 
 @dataclass
@@ -86,23 +90,36 @@ def quantizable_linears(model: torch.nn.Module, subgraph: Subgraph, ignore: tupl
 
 
 class _Collector:
-    """Forward pre-hooks that feed each linear's input to its (possibly shared) statistics."""
+    """Forward pre-hooks that feed each linear's input to its (possibly shared) statistics.
 
-    def __init__(self, algorithm: Algorithm, linears: Mapping[str, torch.nn.Linear], observe: bool) -> None:
+    With ``stop_early`` (a pass whose outputs are dropped) a batch ends as soon as every linear has seen its input:
+    the first batch runs whole and records which linear comes last; later batches raise :class:`StopBatch` in that
+    linear's hook once all the others have fired, which skips e.g. the ``down_proj`` matmul and the residual add.
+    """
+
+    def __init__(
+        self, algorithm: Algorithm, linears: Mapping[str, torch.nn.Linear], observe: bool, stop_early: bool = False
+    ) -> None:
         self.algorithm = algorithm
         self.linears = linears
         self.observe = observe
+        self.stop_early = stop_early
         self.stats: dict[str, Statistics | None] = {}
         self.observers: dict[str, ActivationObserver] = {}
         self.mask: torch.Tensor | None = None
         self._seen: list[tuple[torch.Tensor, Statistics | None]] = []  # this batch: input tensor -> statistics
         self._updated: set[int] = set()
+        self._fired: dict[str, None] = {}  # linears whose hook ran in this batch, in order
+        self._last: str | None = None  # the last linear of a complete batch
         self._handles: list[Any] = []
 
     def new_batch(self, mask: torch.Tensor | None) -> None:
         self.mask = None if mask is None or bool(mask.all()) else mask  # no padding: no token selection (no copy)
+        if self.stop_early and self._last is None and len(self._fired) == len(self.linears):
+            self._last = next(reversed(self._fired))
         self._seen.clear()
         self._updated.clear()
+        self._fired.clear()
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         if self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
@@ -128,6 +145,11 @@ class _Collector:
                 observer = self.observers.setdefault(name, ActivationObserver(module.in_features, x.device))
                 observer.update(self._tokens(x) if tokens is None else tokens)
             self._seen.append((x, stats))
+            if name in self._fired:  # runs twice per batch: its later calls must not be skipped
+                self.stop_early = False
+            self._fired[name] = None
+            if self.stop_early and name == self._last and len(self._fired) == len(self.linears):
+                raise StopBatch
 
         return pre_hook
 
@@ -164,6 +186,8 @@ def calibrate(
     for batch in batches:
         package.check_batch(batch)
     device = execution_device(options.device)
+    if device.type == "cpu" and options.reuse_allocations:
+        reuse_large_allocations()
     algorithm = get_algorithm(options.algorithm, options.scheme)
     dispatcher = Dispatcher(model, device, weights)
     cache = IntermediatesCache(batches, device)
@@ -196,15 +220,21 @@ def calibrate(
             done: dict[str, QuantizedWeight] = {}
             work = bool(linears or experts)
             expert_done: dict[str, QuantizedWeight] = {}
-            with tqdm(total=len(cache) * (2 if work and needs_data and options.propagate_error else 1),
-                      desc=subgraph.name, leave=False, unit="batch") as bar:
-                if work and needs_data:
+            calibration_pass = work and needs_data
+            outputs_needed = i < last  # the last quantized subgraph's outputs feed nothing that runs
+            commit_calibration = outputs_needed and not options.propagate_error
+            propagation_pass = outputs_needed and (options.propagate_error or not calibration_pass)
+            with tqdm(total=len(cache) * (calibration_pass + propagation_pass), desc=subgraph.name, leave=False,
+                      unit="batch") as bar:
+                if calibration_pass:
                     tick = time.perf_counter()
-                    collector = _Collector(algorithm, linears, options.observe)
+                    # Routing can differ per batch, so with fused experts every batch runs whole.
+                    collector = _Collector(algorithm, linears, options.observe,
+                                           stop_early=not commit_calibration and not experts)
                     with torch.no_grad(), collector, ExitStack() as stack:
                         for fused in experts.values():
                             stack.enter_context(fused)
-                        cache.run(model, subgraph, commit=not options.propagate_error,
+                        cache.run(model, subgraph, commit=commit_calibration,
                                   before_batch=lambda b: collector.new_batch(cache.attention_mask(b)),
                                   progress=lambda: bar.update())
                     seconds["calibrate"] = time.perf_counter() - tick
@@ -220,7 +250,7 @@ def calibrate(
                 for fused in experts.values():
                     expert_done.update(fused.compress())
                 experts.clear()
-                if options.propagate_error or not (work and needs_data):
+                if propagation_pass:
                     tick = time.perf_counter()
                     with torch.no_grad():
                         cache.run(model, subgraph, commit=True, progress=lambda: bar.update())
@@ -231,6 +261,8 @@ def calibrate(
             changed = [f"{name}.weight" for name in done]
             changed += [f"{name}.{param}" for name in expert_plan[i] for param in ("gate_up_proj", "down_proj")]
             dispatcher.offload(subgraph, changed=changed)
+            if weights is not None:  # disk offload: the subgraph's weights and buffers go back to the OS
+                release_free_memory()
             seconds["offload"] = time.perf_counter() - tick
             if keep_results:
                 result.quantized.update(done)
@@ -263,19 +295,45 @@ def _experts_of(model: torch.nn.Module, subgraph: Subgraph, options: Calibration
 def _compress(
     algorithm: Algorithm, linears: Mapping[str, torch.nn.Linear], stats: Mapping[str, Statistics | None]
 ) -> dict[str, QuantizedWeight]:
-    reduced: set[int] = set()
-    for shared in stats.values():
-        if shared is not None and id(shared) not in reduced:
-            shared.reduce_()
-            reduced.add(id(shared))
-    done: dict[str, QuantizedWeight] = {}
-    for name, module in linears.items():
+    """Quantize every linear and write its dequantized weight back.
+
+    Linears that share statistics (q/k/v, gate/up) are quantized in one call on their row-stacked weights when the
+    algorithm is ``row_separable``: the same result per linear, one GPTQ factorization and column loop instead of
+    three.
+    """
+    groups: dict[int, list[str]] = {}
+    for name in linears:
         if name not in stats:
             raise SeqgenError(
                 f"{name} never ran during the calibration pass, so it has no statistics (an expert no token was "
                 "routed to, or a branch the samples never take). Add samples, or --ignore it."
             )
-        quantized = algorithm.quantize(module.weight.data, stats[name])
-        module.weight.data.copy_(quantized.dequantize(module.weight.dtype))
-        done[name] = quantized.to("cpu")
-    return done
+        shared = stats[name]
+        key = id(shared) if shared is not None and algorithm.row_separable else id(linears[name])
+        groups.setdefault(key, []).append(name)
+    for shared in {id(s): s for s in stats.values() if s is not None}.values():
+        shared.reduce_()
+    done: dict[str, QuantizedWeight] = {}
+    for names in groups.values():
+        weights = [linears[name].weight.data for name in names]
+        stacked = weights[0] if len(weights) == 1 else torch.cat([w.to(weights[0].dtype) for w in weights])
+        quantized = algorithm.quantize(stacked, stats[names[0]])
+        for name, part in zip(names, _split_rows(quantized, [w.shape[0] for w in weights])):
+            module = linears[name]
+            module.weight.data.copy_(part.dequantize(module.weight.dtype))
+            done[name] = part.to("cpu")
+    return {name: done[name] for name in linears}
+
+
+def _split_rows(quantized: QuantizedWeight, rows: list[int]) -> list[QuantizedWeight]:
+    """The per-linear pieces of a row-stacked quantized weight (``g_idx`` is per column, so it is shared)."""
+    if len(rows) == 1:
+        return [quantized]
+    codes = quantized.codes.split(rows)
+    scales = quantized.scale.split(rows)
+    zeros = [None] * len(rows) if quantized.zero_point is None else quantized.zero_point.split(rows)
+    return [
+        QuantizedWeight(codes=c.contiguous(), scale=s.contiguous(), zero_point=None if z is None else z.contiguous(),
+                        g_idx=quantized.g_idx, scheme=quantized.scheme)
+        for c, s, z in zip(codes, scales, zeros)
+    ]
