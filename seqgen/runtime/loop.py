@@ -51,6 +51,7 @@ class CalibrationOptions:
     propagate_error: bool = True
     observe: bool = False  # keep per-channel activation statistics of every quantized linear's input
     device: str | None = None  # default: cuda:0 when available, else cpu
+    prefetch: bool = True  # CUDA: copy the next subgraph's weights on a side stream while this one computes
     quantize_experts: bool = True  # fused MoE experts (3D parameters), per expert
     all_experts: bool = False  # route every calibration token through every expert's statistics
     reuse_allocations: bool = True  # on the CPU: glibc keeps large freed buffers for reuse (see runtime.memory)
@@ -214,7 +215,7 @@ def calibrate(
             seconds: dict[str, float] = {}
             tick = time.perf_counter()
             dispatcher.onload(subgraph)
-            if next_subgraph is not None:
+            if next_subgraph is not None and options.prefetch:
                 dispatcher.prefetch(next_subgraph)
             seconds["onload"] = time.perf_counter() - tick
             done: dict[str, QuantizedWeight] = {}
