@@ -6,6 +6,7 @@ The package comes from the path given or from the partition cache (emitted on a 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ def load_tokenizer(model_id: str) -> Any:
         raise SeqgenError(f"{directory} has no usable tokenizer ({exc}); save one with the model.") from exc
 
 
-def _texts(dataset: Path | None, split: str) -> list[str]:
+def _texts(dataset: Path | None, split: str, tokenizer: Any) -> list[str]:
     from .data import default_texts, load_texts
 
     return load_texts(dataset, tokenizer) if dataset is not None else default_texts(split)
@@ -78,13 +79,13 @@ def _texts(dataset: Path | None, split: str) -> list[str]:
 def calibration_samples(tokenizer: Any, dataset: Path | None, seq_len: int, num_samples: int) -> torch.Tensor:
     from .data import pack
 
-    return pack(_texts(dataset, "calibration"), tokenizer, seq_len, num_samples)
+    return pack(_texts(dataset, "calibration", tokenizer), tokenizer, seq_len, num_samples)
 
 
 def heldout_samples(tokenizer: Any, dataset: Path | None, seq_len: int, num_samples: int) -> torch.Tensor:
     from .data import pack
 
-    return pack(_texts(dataset, "heldout"), tokenizer, seq_len, num_samples)
+    return pack(_texts(dataset, "heldout", tokenizer), tokenizer, seq_len, num_samples)
 
 
 def _disk_model(directory: Path) -> torch.nn.Module:
@@ -104,7 +105,7 @@ def run_job(job: CalibrationJob) -> JobSummary:
     from .emitter import EmitOptions
     from .models import load_model, meta_model
     from .package import load
-    from .save import save_quantized
+    from .save import check_compressed_experts, save_quantized
 
     start = time.perf_counter()
     tokenizer = load_tokenizer(job.model_id)
@@ -115,6 +116,8 @@ def run_job(job: CalibrationJob) -> JobSummary:
         weights = SafetensorsWeights(directory)
     else:
         model = load_model(job.model_id)
+    if job.save_format == "compressed" and job.options.quantize_experts:
+        check_compressed_experts(model, job.options.scheme)  # fail before the calibration, not after it
     if job.package is not None:
         package, hit = load(job.package), False
     else:
@@ -125,12 +128,16 @@ def run_job(job: CalibrationJob) -> JobSummary:
         from .save import StreamingSaver
 
         saver = StreamingSaver(model, weights, job.save_dir, tokenizer=tokenizer, save_format=job.save_format)
-        result = calibrate(model, package, batches, job.options, weights=weights, on_subgraph_done=saver.add,
+        # Peak RSS is what disk offload is for: freed activations go back to the OS instead of waiting for reuse
+        # (measured on a 1.1B Llama: 110-150 MB less at the peak, during GPTQ's largest factorization).
+        options = dataclasses.replace(job.options, reuse_allocations=False)
+        result = calibrate(model, package, batches, options, weights=weights, on_subgraph_done=saver.add,
                            keep_results=False)
         saver.finish()
     else:
         result = calibrate(model, package, batches, job.options)
-        save_quantized(model, result.quantized, job.save_dir, tokenizer=tokenizer, save_format=job.save_format)
+        save_quantized(model, result.quantized, job.save_dir, experts=result.experts, tokenizer=tokenizer,
+                       save_format=job.save_format)
     if job.options.observe:
         from safetensors.torch import save_file
 

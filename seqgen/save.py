@@ -14,6 +14,18 @@ Activation order is stored as ``actorder: "weight"``: compressed-tensors 0.20 re
 ``weight_g_idx``, so a ``g_idx`` that puts columns in groups out of order (GPTQ's dynamic groups) is refused; static
 groups (``g_idx[j] == j // group_size``) are stored like any other.
 
+Fused MoE experts (transformers 5 keeps them as 3D ``gate_up_proj`` / ``down_proj`` parameters; see
+``runtime/experts.py``) are written in the layout llm-compressor writes for vLLM's per-expert loaders: one
+pack-quantized linear per expert and projection, under the names of the model's original checkpoint layout (Mixtral
+``block_sparse_moe.experts.<e>.w1/w2/w3``, Qwen3-MoE ``mlp.experts.<e>.gate_proj/up_proj/down_proj``). Those names
+come from transformers' own save-time weight conversion, so ``from_pretrained`` merges the experts back (it
+dequantizes them while loading: transformers 5.24 keeps no packed fused experts). With transformers 5.24 this works
+for symmetric schemes only: the module its ``CompressedTensorsDequantize`` builds per expert has no
+``weight_zero_point``, so asymmetric experts are refused. Nor does it load such a checkpoint with the experts left
+unquantized (the same op drops expert weights that have no ``weight_packed``), hence a warning then. Architectures
+whose checkpoints keep the experts fused (e.g. GraniteMoE) get their quantized experts saved dequantized, fused, as
+compressed-tensors has no packed format for 3D parameters.
+
 ``save_format="fake"`` writes the dequantized weights as an ordinary checkpoint (no ``quantization_config``), for
 tools that know no quantized format.
 
@@ -23,22 +35,30 @@ leaves a half-written checkpoint under ``out_dir``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from .errors import SeqgenError
 
 if TYPE_CHECKING:
-    from .algorithms.base import QuantizedWeight
+    from .algorithms.base import QuantizedWeight, QuantScheme
 
-__all__ = ["SAVE_FORMATS", "save_quantized", "apply_fake_quant", "quantization_config", "StreamingSaver"]
+__all__ = [
+    "SAVE_FORMATS",
+    "save_quantized",
+    "apply_fake_quant",
+    "quantization_config",
+    "check_compressed_experts",
+    "StreamingSaver",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +66,24 @@ SAVE_FORMATS = ("compressed", "fake")
 PACK_FORMAT = "pack-quantized"
 
 
-def apply_fake_quant(model: torch.nn.Module, quantized: Mapping[str, QuantizedWeight]) -> None:
-    """Overwrite each quantized Linear's weight, in place, with its dequantized value (one layer at a time)."""
+def apply_fake_quant(
+    model: torch.nn.Module,
+    quantized: Mapping[str, QuantizedWeight],
+    *,
+    experts: Mapping[str, QuantizedWeight] | None = None,
+) -> None:
+    """Overwrite each quantized Linear's weight, and each quantized expert's slice of its fused parameter (``experts``:
+    ``"<module>.<param>.<expert>"`` -> QuantizedWeight, as in ``CalibrationResult.experts``), in place, with its
+    dequantized value (one layer at a time)."""
     modules = _resolve_modules(model, quantized)
+    params = _resolve_experts(model, experts or {})
     with torch.no_grad():
         for name, qweight in quantized.items():
             weight = modules[name].weight
             weight.copy_(qweight.dequantize(dtype=weight.dtype).to(weight.device))
+        for key, qweight in (experts or {}).items():
+            param, expert = params[key]
+            param[expert].copy_(qweight.dequantize(dtype=param.dtype).to(param.device))
 
 
 def save_quantized(
@@ -60,21 +91,25 @@ def save_quantized(
     quantized: Mapping[str, QuantizedWeight],
     out_dir: str | Path,
     *,
+    experts: Mapping[str, QuantizedWeight] | None = None,
     tokenizer: Any = None,
     save_format: str = "compressed",
     max_shard_size: int | str = "5GB",
 ) -> Path:
     """Save ``model`` with the Linear weights of ``quantized`` (module name -> QuantizedWeight) quantized.
 
-    ``"compressed"`` leaves ``model`` untouched and stores only the packed codes and scales of the quantized layers
-    next to references to the other parameters: no second copy of the weights is made. ``"fake"`` first writes the
-    dequantized weights into ``model`` in place (see :func:`apply_fake_quant`; a no-op when they are there already),
-    then saves it as a plain checkpoint. ``tokenizer``, when given, is saved alongside. An existing ``out_dir`` is
-    replaced when it is empty or holds a model (a ``config.json``). Returns the directory.
+    ``experts`` (``"<module>.<param>.<expert>"`` -> QuantizedWeight, as in ``CalibrationResult.experts``) quantizes
+    fused MoE experts too; every expert of both parameters of a fused experts module must be there (see the module
+    docstring for the layout). ``"compressed"`` leaves ``model`` untouched and stores only the packed codes and scales
+    of the quantized layers next to references to the other parameters: no second copy of the weights is made.
+    ``"fake"`` first writes the dequantized weights into ``model`` in place (see :func:`apply_fake_quant`; a no-op
+    when they are there already), then saves it as a plain checkpoint. ``tokenizer``, when given, is saved alongside.
+    An existing ``out_dir`` is replaced when it is empty or holds a model (a ``config.json``). Returns the directory.
     """
+    experts = experts or {}
     if save_format not in SAVE_FORMATS:
         raise SeqgenError(f"unknown save_format {save_format!r}; use one of {list(SAVE_FORMATS)}.")
-    if not quantized:
+    if not quantized and not experts:
         raise SeqgenError("save_quantized got no quantized layers; quantize the model first (or save it as it is).")
     if getattr(model.config, "quantization_config", None) is not None:
         raise SeqgenError(
@@ -84,10 +119,13 @@ def save_quantized(
     out = Path(out_dir)
     _check_target(out)
     modules = _resolve_modules(model, quantized)
+    _resolve_experts(model, experts)
     if save_format == "compressed":
         # validate every layer before anything is written
-        config = quantization_config(model, quantized)
-        state_dict = _compressed_state_dict(model, quantized, modules)
+        expert_linears = _expert_linears(model, experts)
+        config = _quantization_config(model, quantized, expert_linears)
+        state_dict = _compressed_state_dict(model, quantized, modules, experts, expert_linears)
+        _warn_unquantized_experts(model, experts)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -98,7 +136,7 @@ def save_quantized(
             del state_dict
             ModelCompressor(quantization_config=config).update_config(str(tmp))
         else:
-            apply_fake_quant(model, quantized)
+            apply_fake_quant(model, quantized, experts=experts)
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -106,20 +144,49 @@ def save_quantized(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("saved %d quantized layers (%s format) to %s", len(quantized), save_format, out)
+    logger.info("saved %d quantized layers and %d quantized expert projections (%s format) to %s", len(quantized),
+                len(experts), save_format, out)
     return out
 
 
-def quantization_config(model: torch.nn.Module, quantized: Mapping[str, QuantizedWeight]) -> Any:
-    """The compressed-tensors ``QuantizationConfig`` (pack-quantized, status compressed) for ``quantized``.
+def quantization_config(
+    model: torch.nn.Module,
+    quantized: Mapping[str, QuantizedWeight],
+    *,
+    experts: Mapping[str, QuantizedWeight] | None = None,
+) -> Any:
+    """The compressed-tensors ``QuantizationConfig`` (pack-quantized, status compressed) for ``quantized`` and the
+    fused MoE ``experts`` (see :func:`save_quantized`).
 
     One config group per distinct scheme: with a single scheme its targets are ``["Linear"]``, with several each
-    group lists its module names. ``ignore`` names every Linear of ``model`` that is not quantized (e.g. ``lm_head``).
+    group lists its module names (the experts' per-expert checkpoint names), the experts' group first: transformers
+    5.24 applies the first group that names modules to every expert (``get_experts_scheme``). Its
+    ``dequantize=True`` path also decompresses every dense layer with that first group's scheme
+    (``get_dense_scheme``), so checkpoints with several schemes load right only through the default (lazy) path.
+    ``ignore`` names every Linear of ``model`` that is not quantized (e.g. ``lm_head``).
     """
+    _resolve_experts(model, experts or {})
+    return _quantization_config(model, quantized, _expert_linears(model, experts or {}))
+
+
+def _quantization_config(
+    model: torch.nn.Module, quantized: Mapping[str, QuantizedWeight], expert_linears: Mapping[str, _ExpertLinear]
+) -> Any:
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     modules = _resolve_modules(model, quantized)
     by_args: dict[str, tuple[Any, list[str]]] = {}
+    for name, linear in expert_linears.items():
+        _check_layout(name, tuple(linear.qweight.codes.shape), linear.qweight)
+        args = _quantization_args(name, linear.qweight)
+        key = args.model_dump_json()
+        if by_args and key not in by_args:
+            raise SeqgenError(
+                f"{name}: its scheme differs from that of {next(iter(by_args.values()))[1][0]}; transformers applies "
+                "one scheme to all fused MoE experts (integrations/compressed_tensors.py get_experts_scheme). "
+                "Quantize every expert with the same scheme, or use save_format='fake'."
+            )
+        by_args.setdefault(key, (args, []))[1].append(name)
     for name, qweight in quantized.items():
         _check_groups(name, modules[name], qweight)
         args = _quantization_args(name, qweight)
@@ -140,6 +207,16 @@ def quantization_config(model: torch.nn.Module, quantized: Mapping[str, Quantize
         quantization_status="compressed",
         ignore=ignore,
     )
+
+
+def check_compressed_experts(model: torch.nn.Module, scheme: QuantScheme) -> None:
+    """Raise now, before a calibration, if the fused MoE experts of ``model`` quantized with ``scheme`` could not be
+    saved compressed (an asymmetric scheme where the checkpoint has per-expert linears). ``model`` may be on meta."""
+    from .runtime.experts import find_fused_experts
+
+    for owner in find_fused_experts(model, ""):
+        if not scheme.symmetric and _expert_layout(model, owner) is not None:
+            raise _asymmetric_experts_error(owner)
 
 
 # ---- internals ------------------------------------------------------------------------------------------------------
@@ -169,10 +246,168 @@ def _resolve_modules(model: torch.nn.Module, quantized: Mapping[str, Any]) -> di
     return modules
 
 
+_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+
+class _ExpertLinear(NamedTuple):
+    """One expert's projection as a checkpoint linear: its rows of the expert's quantized slice of ``param``."""
+
+    param: str  # the fused parameter, e.g. "model.layers.0.mlp.experts.gate_up_proj"
+    qweight: QuantizedWeight
+
+
+def _resolve_experts(
+    model: torch.nn.Module, experts: Mapping[str, QuantizedWeight]
+) -> dict[str, tuple[torch.nn.Parameter, int]]:
+    """``"<module>.<param>.<expert>"`` -> (fused parameter, expert); checks names, shapes and completeness."""
+    from .runtime.experts import is_fused_experts
+
+    resolved: dict[str, tuple[torch.nn.Parameter, int]] = {}
+    for key, qweight in experts.items():
+        parts = key.rsplit(".", 2)
+        owner, param_name, index = parts if len(parts) == 3 else ("", "", "")
+        try:
+            module = model.get_submodule(owner) if owner else None
+        except AttributeError:
+            module = None
+        if module is None or not is_fused_experts(module) or param_name not in _EXPERT_PARAMS or not index.isdigit():
+            raise SeqgenError(
+                f"quantized expert {key!r} does not name an expert of a fused experts module of "
+                f"{type(model).__name__}; keys are '<module>.<gate_up_proj|down_proj>.<expert>', as in "
+                "CalibrationResult.experts."
+            )
+        param = getattr(module, param_name)
+        expert = int(index)
+        if expert >= param.shape[0] or tuple(qweight.codes.shape) != tuple(param.shape[1:]):
+            raise SeqgenError(
+                f"quantized expert {key!r} has codes of shape {tuple(qweight.codes.shape)}, but {owner}.{param_name} "
+                f"is {tuple(param.shape)} [experts, out, in]; quantize this model's experts, not another model's."
+            )
+        resolved[key] = (param, expert)
+    for owner in {key.rsplit(".", 2)[0] for key in experts}:
+        module = model.get_submodule(owner)
+        missing = [
+            f"{owner}.{name}.{e}"
+            for name in _EXPERT_PARAMS
+            for e in range(getattr(module, name).shape[0])
+            if f"{owner}.{name}.{e}" not in experts
+        ]
+        if missing:
+            raise SeqgenError(
+                f"{owner}: {len(missing)} expert projections are not quantized (e.g. {missing[0]!r}); a checkpoint "
+                "cannot hold some experts of a fused module quantized and others not. Pass all of "
+                "CalibrationResult.experts."
+            )
+    return resolved
+
+
+def _expert_layout(model: torch.nn.Module, owner: str) -> dict[str, tuple[str, int, torch.Tensor]] | None:
+    """Where transformers' save-time weight conversion puts the experts of the fused module ``owner``: checkpoint
+    weight name -> (fused parameter, expert, its rows there); None when it does not split them into one 2-D weight
+    per expert (architectures whose checkpoints keep the experts fused, e.g. GraniteMoE).
+
+    Each row of each fused parameter is tagged with its index and the tags go through ``revert_weight_conversion``
+    (what ``save_pretrained`` runs), so the names and splits are the model's own, e.g. Mixtral's
+    ``block_sparse_moe.experts.<e>.w1.weight`` = rows ``[0, I)`` of expert ``e`` of ``gate_up_proj``.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    probes: dict[str, torch.Tensor] = {}
+    ranges: list[tuple[str, int, int, int]] = []  # (parameter, first tag, end tag, rows per expert)
+    start = 0
+    for name in _EXPERT_PARAMS:
+        param = f"{owner}.{name}"
+        experts, rows = model.get_parameter(param).shape[:2]
+        probes[param] = torch.arange(start, start + experts * rows).reshape(experts, rows, 1)
+        ranges.append((param, start, start + experts * rows, rows))
+        start += experts * rows
+    reverted = revert_weight_conversion(model, dict(probes))
+    layout: dict[str, tuple[str, int, torch.Tensor]] = {}
+    seen = torch.zeros(start, dtype=torch.long)
+    for key, tags in sorted(reverted.items()):
+        flat = tags.reshape(-1)
+        param, first, end, rows = next(r for r in ranges if r[1] <= int(flat[0]) < r[2])
+        expert = (flat - first) // rows
+        per_expert = tags.dim() == 2 and tags.shape[1] == 1 and key.endswith(".weight")
+        if not per_expert or int(flat.min()) < first or int(flat.max()) >= end or not bool((expert == expert[0]).all()):
+            return None
+        layout[key] = (param, int(expert[0]), (flat - first) % rows)
+        seen[flat] += 1
+    # every row exactly once, and the names are final: save_pretrained's own revert must leave them as they are
+    if not bool((seen == 1).all()) or sorted(revert_weight_conversion(model, dict(reverted))) != sorted(reverted):
+        return None
+    return layout
+
+
+def _expert_linears(model: torch.nn.Module, experts: Mapping[str, QuantizedWeight]) -> dict[str, _ExpertLinear]:
+    """Checkpoint linear name (e.g. ``model.layers.0.block_sparse_moe.experts.3.w1``) -> its quantized rows.
+
+    Experts without a per-expert checkpoint layout are left out (with a warning): they are saved dequantized, fused.
+    """
+    import transformers
+
+    linears: dict[str, _ExpertLinear] = {}
+    for owner in sorted({key.rsplit(".", 2)[0] for key in experts}):
+        layout = _expert_layout(model, owner)
+        if layout is None:
+            logger.warning(
+                "%s: transformers %s saves these fused experts fused (not one linear per expert), and "
+                "compressed-tensors has no packed format for fused experts: they are saved dequantized (full size).",
+                owner, transformers.__version__,
+            )
+            continue
+        for key, (param, expert, rows) in layout.items():
+            qweight = experts[f"{param}.{expert}"]
+            name = key.removesuffix(".weight")
+            if not qweight.scheme.symmetric:
+                raise _asymmetric_experts_error(f"{param}.{expert}")
+            zero_point = None if qweight.zero_point is None else qweight.zero_point[rows]
+            linears[name] = _ExpertLinear(
+                param, dataclasses.replace(qweight, codes=qweight.codes[rows], scale=qweight.scale[rows],
+                                           zero_point=zero_point)
+            )
+    return linears
+
+
+def _asymmetric_experts_error(name: str) -> SeqgenError:
+    return SeqgenError(
+        f"{name}: fused MoE experts quantized with an asymmetric scheme cannot be saved compressed: transformers 5.24 "
+        "decompresses each expert in a module without weight_zero_point (integrations/compressed_tensors.py "
+        "CompressedTensorsDequantize), so the checkpoint would not load. Quantize with a symmetric scheme, or use "
+        "save_format='fake' (--save-format fake)."
+    )
+
+
+def _warn_unquantized_experts(model: torch.nn.Module, experts: Mapping[str, QuantizedWeight]) -> None:
+    """Warn about fused experts saved per expert but unquantized: transformers 5.24 cannot load those."""
+    from .runtime.experts import is_fused_experts
+
+    quantized = {key.rsplit(".", 2)[0] for key in experts}
+    left = [
+        name
+        for name, module in model.named_modules()
+        if is_fused_experts(module) and name not in quantized and _expert_layout(model, name) is not None
+    ]
+    if left:
+        logger.warning(
+            "%d fused experts modules (e.g. %s) are saved unquantized in a compressed-tensors checkpoint; "
+            "transformers 5.24 does not load such experts (its CompressedTensorsDequantize drops expert weights that "
+            "have no weight_packed). Pass their quantized experts (CalibrationResult.experts), or use "
+            "save_format='fake'.",
+            len(left),
+            left[0],
+        )
+
+
 def _check_groups(name: str, module: torch.nn.Linear, qweight: QuantizedWeight) -> int:
     """The number of scale groups; raises when the layout is one compressed-tensors cannot store."""
+    return _check_layout(name, tuple(module.weight.shape), qweight)
+
+
+def _check_layout(name: str, shape: tuple[int, ...], qweight: QuantizedWeight) -> int:
+    """:func:`_check_groups` for a weight of ``shape`` ``[out, in]``."""
     scheme = qweight.scheme
-    out_features, in_features = module.weight.shape
+    out_features, in_features = shape
     if not 1 <= scheme.bits <= 8:
         raise SeqgenError(f"{name}: {scheme.bits}-bit weights cannot be packed; pack-quantized holds 1 to 8 bits.")
     group_size = scheme.group_size
@@ -258,10 +493,29 @@ def _compress(name: str, qweight: QuantizedWeight, dtype: torch.dtype) -> dict[s
 
 
 def _compressed_state_dict(
-    model: torch.nn.Module, quantized: Mapping[str, QuantizedWeight], modules: Mapping[str, torch.nn.Linear]
+    model: torch.nn.Module,
+    quantized: Mapping[str, QuantizedWeight],
+    modules: Mapping[str, torch.nn.Linear],
+    experts: Mapping[str, QuantizedWeight],
+    expert_linears: Mapping[str, _ExpertLinear],
 ) -> dict[str, torch.Tensor]:
-    """The model's state dict (references, not copies) with each quantized weight replaced by its packed form."""
+    """The model's state dict (references, not copies) with each quantized weight replaced by its packed form, and
+    the quantized fused experts by their per-expert packed linears (under checkpoint names) or, without a per-expert
+    layout, by their dequantized values."""
     state_dict = model.state_dict()
+    packed = {linear.param for linear in expert_linears.values()}
+    for param in {key.rsplit(".", 1)[0] for key in experts}:
+        if param in packed:
+            del state_dict[param]
+        else:
+            fused = model.get_parameter(param)
+            state_dict[param] = torch.stack(
+                [experts[f"{param}.{e}"].dequantize(fused.dtype) for e in range(fused.shape[0])]
+            )
+    for name, linear in expert_linears.items():
+        dtype = model.get_parameter(linear.param).dtype
+        for key, tensor in _compress(name, linear.qweight, dtype).items():
+            state_dict[f"{name}.{key}"] = tensor
     for name, qweight in quantized.items():
         weight = modules[name].weight
         own = f"{name}.weight"
@@ -331,7 +585,8 @@ class StreamingSaver:
         self.save_format = save_format
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         self.weight_map: dict[str, str] = {}
-        self.shapes: dict[str, QuantizedWeight] = {}  # metadata only (codes on meta) for the quantization_config
+        self.shapes: dict[str, QuantizedWeight] = {}  # metadata only (tensors on meta) for the quantization_config
+        self.packed: set[str] = set()  # source weights saved in packed form, so never copied from the checkpoint
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
@@ -343,10 +598,21 @@ class StreamingSaver:
                   metadata={"format": "pt"})
         self.weight_map.update(dict.fromkeys(tensors, file))
 
-    def add(self, subgraph: Any, quantized: Mapping[str, QuantizedWeight]) -> None:
-        """Save ``subgraph``'s tensors now (its weights are still on the execution device)."""
+    @staticmethod
+    def _metadata(qweight: QuantizedWeight) -> QuantizedWeight:
+        """``qweight`` with codes, scales and zero points on the meta device: their shapes and the scheme are all
+        the ``quantization_config`` needs, and real scales would add up over a large model (2.75 MB per layer of a
+        1B Llama at group size 64). ``g_idx`` stays: it is small and its values are checked."""
         import dataclasses
 
+        def meta(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+        return dataclasses.replace(qweight, codes=meta(qweight.codes), scale=meta(qweight.scale),
+                                   zero_point=meta(qweight.zero_point))
+
+    def add(self, subgraph: Any, quantized: Mapping[str, QuantizedWeight]) -> None:
+        """Save ``subgraph``'s tensors now (its weights are still on the execution device)."""
         from .runtime.dispatch import _module_tensors
 
         modules = _resolve_modules(self.model, quantized)
@@ -356,8 +622,9 @@ class StreamingSaver:
                 _check_groups(name, modules[name], qweight)
                 for key, tensor in _compress(name, qweight, modules[name].weight.dtype).items():
                     tensors[f"{name}.{key}"] = tensor
-            self.shapes[name] = dataclasses.replace(qweight, codes=torch.empty(qweight.codes.shape, device="meta"))
+            self.shapes[name] = self._metadata(qweight)
         packed = {f"{name}.weight" for name in quantized} if self.save_format == "compressed" else set()
+        self.packed |= packed
         for name, (owner, attr) in _module_tensors(self.model, subgraph).items():
             if name in self.weights and name not in packed and name not in self.weight_map:
                 tensors[name] = getattr(owner, attr)
@@ -368,7 +635,8 @@ class StreamingSaver:
         import json
 
         try:
-            remaining = [name for name in self.weights.weight_map if name not in self.weight_map]
+            remaining = [name for name in self.weights.weight_map
+                         if name not in self.weight_map and name not in self.packed]
             for start in range(0, len(remaining), 64):
                 self._write(self.weights.read(remaining[start : start + 64], torch.device("cpu")))
             index = {"metadata": {}, "weight_map": dict(sorted(self.weight_map.items()))}

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import seqgen.emitter
@@ -34,6 +35,14 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
     ids = torch.arange(3, 43).reshape(2, 20)
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def tensor_names(checkpoint: Path) -> set[str]:
+    names: set[str] = set()
+    for file in checkpoint.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            names.update(f.keys())
+    return names
 
 
 def test_calibrate_twice_hits_the_cache_without_tracing(checkpoint: Path, tmp_path: Path,
@@ -75,6 +84,7 @@ def test_saved_model_reloads_with_the_same_logits(checkpoint: Path, tmp_path: Pa
     assert disk.linears == summary.linears and disk.result.quantized == {}
     from_disk = AutoModelForCausalLM.from_pretrained(tmp_path / "disk", dtype=torch.float32).eval()
     assert torch.equal(logits(from_disk), expected)
+    assert tensor_names(tmp_path / "disk") == tensor_names(tmp_path / "compressed"), "no unquantized copies"
 
     fake = run_job(CalibrationJob(model_id=str(checkpoint), save_dir=tmp_path / "fake", num_samples=4, seq_len=32,
                                   batch_size=2, save_format="fake", options=options))
@@ -97,3 +107,37 @@ def test_gptq_act_order_saves_compressed(checkpoint: Path, tmp_path: Path) -> No
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "act", dtype=torch.float32).eval()
     assert torch.equal(logits(reloaded), logits(summary.model))
     assert '"actorder": "weight"' in (tmp_path / "act" / "config.json").read_text()
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Mixtral (4 experts, 2 per token) with SmolLM2's vocabulary and tokenizer."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-mixtral"
+    tiny_model("mixtral", vocab_size=49152, hidden_size=64, intermediate_size=64).save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2_dir()).save_pretrained(path)
+    return path
+
+
+def test_all_experts_flag_feeds_every_expert(moe_checkpoint: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    result = CliRunner().invoke(cli, ["calibrate", "--model", str(moe_checkpoint), *ARGS, "--all-experts",
+                                      "--save", str(tmp_path / "all")])
+    assert result.exit_code == 0, result.output
+    assert "quantized 8 linears and 16 expert projections" in result.output  # 2 layers x 2 projections x 4 experts
+
+    # the same calibration (the CLI's defaults) without all_experts: experts see only the tokens routed to them
+    scheme = QuantScheme(bits=4, group_size=32, symmetric=True, act_order=True, dampening=0.01)
+    routed = run_job(CalibrationJob(model_id=str(moe_checkpoint), save_dir=tmp_path / "routed", num_samples=4,
+                                    seq_len=32, batch_size=2, options=CalibrationOptions(scheme=scheme)))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "routed", dtype=torch.float32).eval()
+    assert torch.equal(logits(reloaded), logits(routed.model))  # fused experts round trip, per-expert packed
+
+    def packed(directory: Path, name: str) -> torch.Tensor:
+        with safe_open(directory / "model.safetensors", "pt") as checkpoint:
+            return checkpoint.get_tensor(f"model.layers.0.{name}.weight_packed")
+
+    # layer 0's attention saw the same inputs either way; its experts' Hessians did not
+    assert torch.equal(packed(tmp_path / "all", "self_attn.q_proj"), packed(tmp_path / "routed", "self_attn.q_proj"))
+    assert any(not torch.equal(packed(tmp_path / "all", f"block_sparse_moe.experts.{e}.w1"),
+                               packed(tmp_path / "routed", f"block_sparse_moe.experts.{e}.w1")) for e in range(4))

@@ -140,6 +140,17 @@ def test_load_jsonl_text_and_messages(tmp_path: Path, tokenizer) -> None:
     assert fallback == "user: What is two plus two?\nassistant: Four."
 
 
+def test_job_samples_come_from_the_dataset_file(tmp_path: Path, tokenizer) -> None:
+    from seqgen.job import calibration_samples, heldout_samples
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog.\n\n" * 20, encoding="utf-8")
+    expected = pack(load_texts(path, tokenizer), tokenizer, 8, 3)
+    assert expected.shape == (3, 8)
+    assert torch.equal(calibration_samples(tokenizer, path, 8, 3), expected)
+    assert torch.equal(heldout_samples(tokenizer, path, 8, 3), expected)
+
+
 @pytest.mark.parametrize("name", ["corpus.csv", "missing.txt", "missing.jsonl"])
 def test_load_texts_errors_name_the_file_and_what_is_accepted(tmp_path: Path, name: str) -> None:
     path = tmp_path / name

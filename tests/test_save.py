@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -13,8 +14,8 @@ from safetensors import safe_open
 
 from seqgen.algorithms.base import QuantizedWeight, QuantScheme, quantize_rtn
 from seqgen.errors import SeqgenError
-from seqgen.models import tiny_model
-from seqgen.save import apply_fake_quant, save_quantized
+from seqgen.models import meta_model, tiny_model
+from seqgen.save import apply_fake_quant, check_compressed_experts, save_quantized
 
 # hidden 64 / intermediate 128: every in_features is a multiple of the group size 32
 SIZES = {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16}
@@ -244,3 +245,124 @@ def test_tied_weights_cannot_be_quantized(tmp_path: Path) -> None:
     quantized = {"lm_head": quantize_rtn(model.lm_head.weight, SCHEMES["w8-sym-channel"])}
     with pytest.raises(SeqgenError, match="lm_head.weight shares its storage"):
         save_quantized(model, quantized, tmp_path / "out")
+
+
+# ---- fused MoE experts (transformers 5: 3D gate_up_proj [E, 2I, H] / down_proj [E, H, I]) ----------------------------
+
+MOE_SIZES = {"mixtral": {"hidden_size": 64, "intermediate_size": 64},
+             "qwen3_moe": {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 64}}
+# the original checkpoint's per-expert linears, as llm-compressor writes them and vLLM reads them: (gate, up, down)
+CHECKPOINT_EXPERTS = {
+    "mixtral": tuple(f"block_sparse_moe.experts.{{e}}.{w}" for w in ("w1", "w3", "w2")),
+    "qwen3_moe": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj"),
+}
+
+
+def _quantize_experts(model: torch.nn.Module, scheme: QuantScheme) -> dict[str, QuantizedWeight]:
+    """RTN on every expert's slice of every fused experts module, keyed like CalibrationResult.experts."""
+    experts = {}
+    for name, module in model.named_modules():
+        if name.endswith(".experts"):
+            for param in ("gate_up_proj", "down_proj"):
+                for e, weight in enumerate(getattr(module, param)):
+                    experts[f"{name}.{param}.{e}"] = quantize_rtn(weight, scheme)
+    return experts
+
+
+@pytest.mark.parametrize("arch", list(MOE_SIZES))
+def test_fused_experts_round_trip_per_expert(tmp_path: Path, arch: str) -> None:
+    scheme = SCHEMES["w4-sym-g32"]
+    model = tiny_model(arch, **MOE_SIZES[arch])
+    quantized = _quantize(model, scheme)
+    experts = _quantize_experts(model, scheme)
+    fused = model.get_submodule("model.layers.1.mlp.experts")
+    count, inter = fused.gate_up_proj.shape[0], fused.gate_up_proj.shape[1] // 2
+    assert len(experts) == 2 * 2 * count
+    apply_fake_quant(model, quantized, experts=experts)
+    assert torch.equal(fused.down_proj[2], experts["model.layers.1.mlp.experts.down_proj.2"].dequantize())
+    expected = _logits(model)
+
+    out = save_quantized(model, quantized, tmp_path / "out", experts=experts)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    [group] = config["config_groups"].values()
+    assert group["targets"] == ["Linear"] and config["ignore"] == ["lm_head"]
+    with safe_open(out / "model.safetensors", "pt") as checkpoint:
+        keys = set(checkpoint.keys())
+        assert not any(key.endswith(("gate_up_proj", "experts.down_proj")) for key in keys)
+        gate_up = experts["model.layers.1.mlp.experts.gate_up_proj.3"]
+        gate, up, down = (f"model.layers.1.{name.format(e=3)}" for name in CHECKPOINT_EXPERTS[arch])
+        for name, rows in ((gate, slice(0, inter)), (up, slice(inter, None))):
+            assert f"{name}.weight" not in keys
+            assert checkpoint.get_tensor(f"{name}.weight_shape").tolist() == [inter, 64]
+            assert torch.equal(checkpoint.get_tensor(f"{name}.weight_scale"), gate_up.scale[rows])
+            assert checkpoint.get_tensor(f"{name}.weight_packed").shape == (inter, 64 * 4 // 32)
+        assert checkpoint.get_tensor(f"{down}.weight_shape").tolist() == [64, inter]
+        expert_keys = {key for key in keys if ".experts." in key}
+        assert len(expert_keys) == 2 * count * 3 * 3  # layers x experts x linears x (packed, scale, shape)
+
+    for dequantize in (False, True):  # transformers dequantizes the experts while loading, either way
+        reloaded = _load(out, dequantize=dequantize)
+        experts_module = reloaded.get_submodule("model.layers.1.mlp.experts")
+        assert torch.equal(experts_module.gate_up_proj, fused.gate_up_proj)
+        assert torch.equal(experts_module.down_proj, fused.down_proj)
+        torch.testing.assert_close(_logits(reloaded), expected, rtol=0, atol=0)
+
+
+def test_fused_experts_errors_name_the_expert(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model = tiny_model("mixtral", **MOE_SIZES["mixtral"])
+    quantized = _quantize(model, SCHEMES["w4-sym-g32"])
+    experts = _quantize_experts(model, SCHEMES["w4-sym-g32"])
+    key = "model.layers.0.mlp.experts.down_proj.1"
+    with pytest.raises(SeqgenError, match=r"model.layers.0.mlp.experts: 1 expert projections are not quantized"):
+        save_quantized(model, quantized, tmp_path / "a", experts={k: v for k, v in experts.items() if k != key})
+    with pytest.raises(SeqgenError, match=r"'model.layers.0.mlp.experts.up_proj.1' does not name an expert"):
+        save_quantized(model, quantized, tmp_path / "a", experts={**experts, "model.layers.0.mlp.experts.up_proj.1":
+                                                                   experts[key]})
+    with pytest.raises(SeqgenError, match=rf"'{key}' has codes of shape \(128, 64\)"):
+        save_quantized(model, quantized, tmp_path / "a",
+                       experts={**experts, key: experts["model.layers.0.mlp.experts.gate_up_proj.1"]})
+    w8 = _quantize_experts(model, SCHEMES["w8-sym-channel"])
+    with pytest.raises(SeqgenError, match="one scheme to all fused MoE experts"):
+        save_quantized(model, quantized, tmp_path / "a", experts={**experts, key: w8[key]})
+    assert not any(tmp_path.iterdir())
+
+    # experts left unquantized in a compressed checkpoint: saved, with a warning that transformers cannot load it
+    caplog.set_level(logging.WARNING, logger="seqgen.save")
+    save_quantized(model, quantized, tmp_path / "dense-only")
+    assert "2 fused experts modules (e.g. model.layers.0.mlp.experts) are saved unquantized" in caplog.text
+
+
+def test_asymmetric_experts_are_refused_compressed_but_saved_fake(tmp_path: Path) -> None:
+    scheme = SCHEMES["w4-asym-g32"]
+    model = tiny_model("qwen3_moe", **MOE_SIZES["qwen3_moe"])
+    quantized = _quantize(model, scheme)
+    experts = _quantize_experts(model, scheme)
+    with pytest.raises(SeqgenError, match="asymmetric scheme cannot be saved compressed") as info:
+        save_quantized(model, quantized, tmp_path / "compressed", experts=experts)
+    assert "weight_zero_point" in str(info.value) and "save_format='fake'" in str(info.value)
+    with pytest.raises(SeqgenError, match="model.layers.0.mlp.experts: fused MoE experts quantized with an asym"):
+        check_compressed_experts(meta_model(model.config), scheme)  # what `seqgen calibrate` checks up front
+    check_compressed_experts(meta_model(model.config), SCHEMES["w4-sym-g32"])
+    assert not any(tmp_path.iterdir())
+
+    fresh = tiny_model("qwen3_moe", **MOE_SIZES["qwen3_moe"])
+    out = save_quantized(model, quantized, tmp_path / "fake", experts=experts, save_format="fake")
+    fused = model.get_submodule("model.layers.0.mlp.experts").gate_up_proj
+    assert torch.equal(fused[1], experts["model.layers.0.mlp.experts.gate_up_proj.1"].dequantize())
+    assert not torch.equal(fused, fresh.get_submodule("model.layers.0.mlp.experts").gate_up_proj)
+    torch.testing.assert_close(_logits(_load(out)), _logits(model), rtol=0, atol=0)
+
+
+def test_experts_saved_fused_where_the_checkpoint_keeps_them_fused(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # GraniteMoE checkpoints hold the experts as 3D input_linear / output_linear: no per-expert linears to pack
+    scheme = QuantScheme(bits=4, group_size=None)
+    model = tiny_model("granitemoe")
+    quantized = _quantize(model, scheme)
+    experts = _quantize_experts(model, scheme)
+    apply_fake_quant(model, quantized, experts=experts)
+    caplog.set_level(logging.WARNING, logger="seqgen.save")
+    out = save_quantized(model, quantized, tmp_path / "out", experts=experts)
+    assert "model.layers.0.block_sparse_moe.experts: transformers" in caplog.text
+    assert "saved dequantized (full size)" in caplog.text
+    torch.testing.assert_close(_logits(_load(out)), _logits(model), rtol=0, atol=0)

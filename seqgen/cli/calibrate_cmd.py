@@ -34,6 +34,9 @@ def _group_size(value: int) -> int | None:
 @click.option("--no-propagate-error", is_flag=True,
               help="Feed each subgraph the unquantized outputs of the previous one (one pass instead of two).")
 @click.option("--observe", is_flag=True, help="Also save per-channel activation statistics of quantized inputs.")
+@click.option("--all-experts", is_flag=True,
+              help="MoE: feed every calibration token to every expert's statistics (routing and outputs unchanged), "
+                   "so rarely routed experts still get GPTQ Hessian data.")
 @click.option("--offload", type=click.Choice(["memory", "disk"]), default="memory",
               help="Where weights wait between subgraphs: CPU RAM, or the checkpoint's safetensors files.")
 @click.option("--device", default=None, help="Execution device. Default: cuda:0 when available, else cpu.")
@@ -43,8 +46,8 @@ def _group_size(value: int) -> int | None:
               help="compressed: compressed-tensors (packed ints + scales) for vLLM; fake: dequantized weights.")
 def calibrate(package: Path | None, model_id: str, dataset: Path | None, algorithm: str, bits: str,
               group_size: int, asym: bool, act_order: bool, dampening: float, num_samples: int, seq_len: int,
-              batch_size: int, ignore: tuple[str, ...], no_propagate_error: bool, observe: bool, offload: str,
-              device: str | None, reemit: bool, save_dir: Path, save_format: str) -> None:
+              batch_size: int, ignore: tuple[str, ...], no_propagate_error: bool, observe: bool, all_experts: bool,
+              offload: str, device: str | None, reemit: bool, save_dir: Path, save_format: str) -> None:
     """Quantize MODEL layer by layer with PACKAGE (default: from the partition cache) and save it."""
     from ..algorithms import QuantScheme
     from ..job import CalibrationJob, run_job
@@ -56,12 +59,14 @@ def calibrate(package: Path | None, model_id: str, dataset: Path | None, algorit
         model_id=model_id, package=package, dataset=dataset, num_samples=num_samples, seq_len=seq_len,
         batch_size=batch_size, offload=offload, reemit=reemit, save_dir=save_dir, save_format=save_format,
         options=CalibrationOptions(algorithm=algorithm, scheme=scheme, ignore=ignore,
-                                   propagate_error=not no_propagate_error, observe=observe, device=device),
+                                   propagate_error=not no_propagate_error, observe=observe, device=device,
+                                   all_experts=all_experts),
     )
     summary = run_job(job)
     source = "cache hit" if summary.cache_hit else ("given" if package else "emitted")
     out(f"package: {summary.package_path} ({source})")
-    out(f"quantized {summary.linears} linears with {algorithm} W{bits} group {group_size} in "
+    experts = f" and {len(summary.result.experts)} expert projections" if summary.result.experts else ""
+    out(f"quantized {summary.linears} linears{experts} with {algorithm} W{bits} group {group_size} in "
         f"{summary.calibration_seconds:.1f}s (total {summary.total_seconds:.1f}s)")
     out(f"saved {save_format} model to {save_dir}")
 

@@ -7,7 +7,8 @@ experts module sees exactly those arguments, so each expert's two projections ge
 Hessians) from the tokens routed to it, without changing the module or its kernel. With ``all_experts`` every token
 also feeds every expert's statistics (the output is unchanged), so rarely routed experts still get Hessian data.
 
-Each expert's slice is then quantized like a linear layer and written back, dequantized, into the 3D parameter.
+Each expert's slice is then quantized like a linear layer and written back, dequantized, into the 3D parameter
+(``save.py`` stores the compressed format as one packed linear per expert).
 Layouts other than this one (transposed weights, biases, clamped activations as in gpt-oss) are reported, not guessed.
 """
 
@@ -21,12 +22,13 @@ import torch
 from ..algorithms import Algorithm, QuantizedWeight, Statistics
 from ..errors import SeqgenError
 
-__all__ = ["FusedExperts", "find_fused_experts", "unsupported_experts"]
+__all__ = ["FusedExperts", "find_fused_experts", "is_fused_experts", "unsupported_experts"]
 
 logger = logging.getLogger(__name__)
 
 
-def _is_fused(module: torch.nn.Module) -> bool:
+def is_fused_experts(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds its experts as 3D ``gate_up_proj`` / ``down_proj`` parameters (any layout)."""
     gate_up = getattr(module, "gate_up_proj", None)
     down = getattr(module, "down_proj", None)
     return isinstance(gate_up, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter) and gate_up.dim() == 3
@@ -45,16 +47,16 @@ def _standard_layout(module: torch.nn.Module) -> bool:
 
 
 def find_fused_experts(root: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Module]:
-    """Fused experts modules of the standard layout under ``root`` (names prefixed with ``prefix``)."""
+    """Fused experts modules of the standard layout under ``root`` (names prefixed with ``prefix``, if any)."""
     return {
-        f"{prefix}.{name}" if name else prefix: m
+        ".".join(part for part in (prefix, name) if part): m
         for name, m in root.named_modules()
-        if _is_fused(m) and _standard_layout(m)
+        if is_fused_experts(m) and _standard_layout(m)
     }
 
 
 def unsupported_experts(root: torch.nn.Module, prefix: str) -> list[str]:
-    return [f"{prefix}.{name}" for name, m in root.named_modules() if _is_fused(m) and not _standard_layout(m)]
+    return [f"{prefix}.{name}" for name, m in root.named_modules() if is_fused_experts(m) and not _standard_layout(m)]
 
 
 class FusedExperts:
