@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -242,40 +243,48 @@ class GPTQ(Algorithm):
         """Dead inputs, the activation-order permutation (or None) and ``U``, computed once per statistics."""
         key = (self.scheme.dampening, self.scheme.act_order)
         if key not in stats.factors:
-            h = stats.hessian
-            if not torch.isfinite(h).all():
-                raise SeqgenError(
-                    "GPTQ Hessian has non-finite values: the calibration inputs of this layer contain inf/nan"
-                )
-            # Inputs that were always zero carry no information: any weight in their column gives the same output.
-            diag = h.diagonal()
-            dead = diag == 0
-            diag[dead] = 1.0
-            perm = None
-            if self.scheme.act_order:
-                perm = torch.argsort(diag, descending=True, stable=True)
-                h = h[perm][:, perm]
-            stats.factors[key] = (dead, perm, self._inverse_cholesky(h))
+            h, dead, perm = self._hessian(stats)
+            stats.factors[key] = (dead, perm, self._inverse_cholesky(h, lambda: self._hessian(stats)[0]))
         return stats.factors[key]
 
-    def _inverse_cholesky(self, h: torch.Tensor) -> torch.Tensor:
+    def _hessian(self, stats: HessianStatistics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A fresh Hessian with dead inputs' diagonal set to 1, in activation order; the dead mask; the order."""
+        h = stats.hessian
+        if not torch.isfinite(h).all():
+            raise SeqgenError("GPTQ Hessian has non-finite values: the calibration inputs of this layer contain inf/nan")
+        # Inputs that were always zero carry no information: any weight in their column gives the same output.
+        diag = h.diagonal()
+        dead = diag == 0
+        diag[dead] = 1.0
+        perm = None
+        if self.scheme.act_order:
+            perm = torch.argsort(diag, descending=True, stable=True)
+            h = h.index_select(0, perm)  # one temporary at a time: the unpermuted Hessian is freed here
+            h = h.index_select(1, perm)
+        return h, dead, perm
+
+    def _inverse_cholesky(self, h: torch.Tensor, rebuild: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` with ``lambda = dampening * mean(diag(H))``.
 
-        ``h`` is modified in place. If a factorization fails the dampening is multiplied by 10, up to 3 times.
+        Everything happens in ``h``'s own buffer (Cholesky, inverse, Cholesky again), so the factorization costs one
+        ``n x n`` matrix, not four (127 MB each for a 5632-input ``down_proj``). If a factorization fails, ``h`` is
+        rebuilt with ``rebuild`` and the dampening multiplied by 10, up to 3 times.
         """
         mean_diag = h.diagonal().mean().item()
         fraction = self.scheme.dampening
-        applied = 0.0
+        info = torch.empty((), dtype=torch.int32, device=h.device)
         for attempt in range(_CHOLESKY_RETRIES + 1):
-            h.diagonal().add_(fraction * mean_diag - applied)
-            applied = fraction * mean_diag
-            lower, info = torch.linalg.cholesky_ex(h)
+            if attempt:
+                h = rebuild()
+            h.diagonal().add_(fraction * mean_diag)
+            torch.linalg.cholesky_ex(h, out=(h, info))
             if info.item() == 0:
-                upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-                if info.item() == 0 and torch.isfinite(upper).all():
+                torch.cholesky_inverse(h, out=h)
+                torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
+                if info.item() == 0 and torch.isfinite(h).all():
                     if attempt:
                         logger.warning("gptq: Cholesky succeeded with dampening %.3g", fraction)
-                    return upper
+                    return h
             if attempt < _CHOLESKY_RETRIES:
                 new_fraction = fraction * 10 if fraction > 0 else 1e-3
                 logger.warning(

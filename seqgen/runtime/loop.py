@@ -240,6 +240,8 @@ def calibrate(
                                   progress=lambda: bar.update())
                     seconds["calibrate"] = time.perf_counter() - tick
                     tick = time.perf_counter()
+                    if weights is not None:  # disk offload: the pass's activations go back before GPTQ's peak
+                        release_free_memory()
                     done = _compress(algorithm, linears, collector.stats)
                     for name, observer in collector.observers.items():
                         observer.reduce_()
@@ -269,6 +271,7 @@ def calibrate(
                 result.quantized.update(done)
                 result.experts.update(expert_done)
             result.linears += len(done)
+            del done, expert_done  # streamed out (disk offload): not kept through the next subgraph
             result.reports.append(SubgraphReport(subgraph.name, len(linears), seconds))
             outer.update()
     result.seconds = time.perf_counter() - start
