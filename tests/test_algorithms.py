@@ -292,6 +292,37 @@ def test_gptq_is_deterministic_and_state_dict_round_trips() -> None:
             assert torch.equal(getattr(q1, field), getattr(other, field)), field
 
 
+def test_ordered_hessian_and_single_use_release() -> None:
+    x = correlated_inputs(800, 320)  # four column blocks
+    stats = HessianStatistics(320, torch.device("cpu"))
+    stats.update(x)
+    order = torch.randperm(320, generator=torch.Generator().manual_seed(SEED))
+    assert torch.equal(stats.ordered_hessian(order), stats.hessian[order][:, order])
+    scheme = QuantScheme(bits=4, group_size=32, act_order=True)
+    w = random_weight(40, 320)
+    kept = GPTQ(scheme).quantize(w, stats)
+    stats.single_use = True  # what the calibration loop sets: GPTQ frees X^T X once it has factored it
+    released = GPTQ(scheme).quantize(w, stats)
+    for field in ("codes", "scale", "g_idx"):
+        assert torch.equal(getattr(kept, field), getattr(released, field)), field
+    assert stats.xtx.numel() == 0 and not stats.factors
+    for use in (lambda: stats.update(x), lambda: stats.hessian, lambda: GPTQ(scheme).quantize(w, stats)):
+        with pytest.raises(SeqgenError, match="after release"):
+            use()
+
+
+def test_dequantize_with_reordered_groups() -> None:
+    """A g_idx other than consecutive groups (as other GPTQ tools store act-order) dequantizes column by column."""
+    q = quantize_rtn(random_weight(8, 64), QuantScheme(group_size=16, symmetric=False))
+    g_idx = torch.randperm(64, generator=torch.Generator().manual_seed(SEED)).to(torch.int32) // 16
+    shuffled = QuantizedWeight(codes=q.codes, scale=q.scale, zero_point=q.zero_point, g_idx=g_idx, scheme=q.scheme)
+    idx = g_idx.long()
+    expected = (q.codes.float() - q.zero_point.float()[:, idx]) * q.scale[:, idx]
+    assert torch.equal(shuffled.dequantize(), expected)
+    assert torch.equal(q.dequantize(), (q.codes.float() - q.zero_point.float().repeat_interleave(16, 1))
+                       * q.scale.repeat_interleave(16, 1))
+    assert q.codes.dtype == torch.uint8  # dequantize did not touch the codes
+
 def test_gptq_accepts_low_precision_weight_and_inputs() -> None:
     x = correlated_inputs(600, 64).to(torch.bfloat16)
     w = random_weight(16, 64).to(torch.bfloat16)

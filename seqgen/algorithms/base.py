@@ -158,11 +158,21 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``(q - z) * s`` that the codes stand for, ``[out_features, in_features]``."""
-        idx = self.group_index()
-        q = self.codes.float()
-        if self.zero_point is not None:
-            q = q - self.zero_point.float()[:, idx]
-        return (q * self.scale.float()[:, idx]).to(dtype)
+        q = self.codes.to(torch.float32, copy=True)  # modified in place below
+        group = self.scheme.effective_group_size(self.in_features)
+        default = torch.arange(self.in_features, device=q.device) // group
+        if self.g_idx is None or torch.equal(self.g_idx.long(), default):
+            # consecutive groups: parameters broadcast over a [rows, groups, group] view, in place
+            view = q.view(self.out_features, -1, group)
+            if self.zero_point is not None:
+                view.sub_(self.zero_point.float().unsqueeze(-1))
+            view.mul_(self.scale.float().unsqueeze(-1))
+        else:
+            idx = self.g_idx.long()
+            if self.zero_point is not None:
+                q.sub_(self.zero_point.float()[:, idx])
+            q.mul_(self.scale.float()[:, idx])
+        return q.to(dtype)
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         """A copy with every tensor on ``device``."""
@@ -231,6 +241,14 @@ class Statistics(abc.ABC):
     @abc.abstractmethod
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore statistics saved by :meth:`state_dict` (copied into this object's own tensors)."""
+
+    #: Set by the calibration loop when these statistics feed exactly one :meth:`Algorithm.quantize` call: the
+    #: algorithm may then :meth:`release` them as soon as it has derived what it needs (GPTQ: once the Hessian is
+    #: factored), which lowers the memory peak of the largest layers.
+    single_use: bool = False
+
+    def release(self) -> None:
+        """Free the accumulated tensors; the statistics cannot be used afterwards. The default keeps them."""
 
 
 class Algorithm(abc.ABC):

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 # Retries of the Cholesky factorization, each with ten times the previous dampening.
 _CHOLESKY_RETRIES = 3
+# Rows per step when a large matrix is copied or reordered, so that the copy needs no full-size temporary.
+_ROWS_PER_COPY = 256
 
 
 class HessianStatistics(Statistics):
@@ -53,6 +55,7 @@ class HessianStatistics(Statistics):
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.nsamples = 0
         self._reduced = False
+        self._released = False
         n_blocks = 4 if in_features >= self._MIN_BLOCKED else 1
         width = -(-in_features // (8 * n_blocks)) * 8  # a multiple of 8 columns
         self._bounds = [(start, min(start + width, in_features)) for start in range(0, in_features, width)]
@@ -64,6 +67,7 @@ class HessianStatistics(Statistics):
             raise ValueError(
                 f"HessianStatistics expects inputs with last dim {self.in_features}, got shape {tuple(x.shape)}"
             )
+        self._check_live("update")
         if self._reduced:
             raise SeqgenError(
                 "HessianStatistics.update after reduce_(): the statistics were already summed over processes; "
@@ -80,14 +84,55 @@ class HessianStatistics(Statistics):
     @property
     def hessian(self) -> torch.Tensor:
         """The full symmetric ``2/N * X^T X`` (a new tensor; zeros before any update)."""
-        full = self.xtx.mul(2.0 / max(self.nsamples, 1))
+        return self.ordered_hessian(None)
+
+    def ordered_hessian(self, order: torch.Tensor | None) -> torch.Tensor:
+        """``2/N * X^T X`` with rows and columns in ``order`` (``H[order][:, order]``), as a new tensor.
+
+        Built a few rows at a time, so the only full-size allocation is the result: for a 5632-input ``down_proj``
+        a whole-matrix permutation would add another 127 MB at GPTQ's memory peak. Raises :class:`SeqgenError`
+        on non-finite entries.
+        """
+        self._check_live("ordered_hessian")
+        self._mirror()
+        n = self.in_features
+        scale = 2.0 / max(self.nsamples, 1)
+        out = torch.empty(n, n, dtype=torch.float32, device=self.xtx.device)
+        for start in range(0, n, _ROWS_PER_COPY):
+            end = min(start + _ROWS_PER_COPY, n)
+            if order is None:
+                rows = self.xtx[start:end]
+            else:
+                rows = self.xtx.index_select(0, order[start:end]).index_select(1, order)
+            torch.mul(rows, scale, out=out[start:end])
+            if not torch.isfinite(out[start:end]).all():
+                raise SeqgenError(
+                    "GPTQ Hessian has non-finite values: the calibration inputs of this layer contain inf/nan"
+                )
+        return out
+
+    def _mirror(self) -> None:
+        """Copy the accumulated upper blocks onto the blocks below the diagonal, in place: ``xtx`` is then the full
+        symmetric ``X^T X`` (``update`` keeps adding to the upper blocks only, so this is repeated on each read)."""
         for i, (start, end) in enumerate(self._bounds):
             for later_start, later_end in self._bounds[i + 1 :]:
-                full[later_start:later_end, start:end] = full[start:end, later_start:later_end].T
-        return full
+                self.xtx[later_start:later_end, start:end].copy_(self.xtx[start:end, later_start:later_end].T)
+
+    def release(self) -> None:
+        self.xtx = torch.empty(0, dtype=torch.float32, device=self.xtx.device)
+        self.factors.clear()
+        self._released = True
+
+    def _check_live(self, action: str) -> None:
+        if self._released:
+            raise SeqgenError(
+                f"HessianStatistics: {action} after release(): the statistics were freed after their single use; "
+                "leave single_use False to quantize from the same statistics more than once"
+            )
 
     def reduce_(self) -> None:
         """Sum the raw ``X^T X`` and token counts of all processes (one all_reduce each)."""
+        self._check_live("reduce_")
         if not distributed_active() or self._reduced:
             return
         count = torch.tensor([float(self.nsamples)], dtype=torch.float64, device=self.xtx.device)
@@ -98,11 +143,13 @@ class HessianStatistics(Statistics):
         self.factors.clear()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        self._check_live("state_dict")
         return {"xtx": self.xtx, "nsamples": torch.tensor(self.nsamples, dtype=torch.int64)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore a :meth:`state_dict`; ``xtx`` may also be a full symmetric ``X^T X`` (only its upper blocks are
         read)."""
+        self._check_live("load_state_dict")
         xtx = state["xtx"]
         if tuple(xtx.shape) != tuple(self.xtx.shape):
             raise ValueError(f"X^T X of shape {tuple(xtx.shape)} does not fit statistics of {self.in_features} inputs")
@@ -110,6 +157,11 @@ class HessianStatistics(Statistics):
         self.nsamples = int(state["nsamples"])
         self._reduced = False
         self.factors.clear()
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """``torch.isfinite(t).all()`` a few rows at a time (no full-size boolean temporaries)."""
+    return all(bool(torch.isfinite(t[i : i + _ROWS_PER_COPY]).all()) for i in range(0, t.shape[0], _ROWS_PER_COPY))
 
 
 @register_algorithm
@@ -142,25 +194,32 @@ class GPTQ(Algorithm):
             raise ValueError(f"weight has {cols} input columns but the statistics have {stats.in_features}")
         if stats.nsamples == 0:
             raise SeqgenError("GPTQ statistics saw no tokens: feed calibration batches before quantizing")
+        stats._check_live("quantize")
         scheme = self.scheme
         group = scheme.effective_group_size(cols)
         started = time.perf_counter()
 
-        device = stats.xtx.device
+        dead, perm, u = self._factor(stats)
+        device = u.device
+        if stats.single_use:
+            stats.release()  # only U is used from here on: X^T X goes before the copies of the weight are made
         # Work on W^T ([cols, rows], contiguous): a weight column is then a contiguous row, which keeps the
         # per-column steps and in-block updates cache friendly. Always a fresh buffer: `weight` is never modified.
+        # With activation order its rows are gathered in that order straight away (no second full copy).
         wt = torch.empty(cols, rows, dtype=torch.float32, device=device)
-        wt.copy_(weight.detach().T)
-        dead, perm, u = self._factor(stats)
-        wt[dead] = 0.0
+        source = weight.detach().T
+        for start in range(0, cols, _ROWS_PER_COPY):
+            end = min(start + _ROWS_PER_COPY, cols)
+            wt[start:end] = source[start:end] if perm is None else source.index_select(0, perm[start:end])
+        wt[dead if perm is None else dead[perm]] = 0.0
         n_groups = cols // group
         static_group: list[int] = []
         if perm is not None:
-            static = [compute_qparams(wt[g * group : (g + 1) * group].T, scheme) for g in range(n_groups)]
+            position = torch.argsort(perm)  # where each original column sits in wt
+            static = [compute_qparams(wt[position[g * group : (g + 1) * group]].T, scheme) for g in range(n_groups)]
             static_group = (perm // group).tolist()
-            wt = wt[perm]
 
-        codes_t = torch.empty(cols, rows, dtype=torch.float32, device=device)
+        codes_t = torch.empty(cols, rows, dtype=scheme.code_dtype, device=device)
         scales = torch.empty(n_groups, rows, dtype=torch.float32, device=device)
         zeros = None if scheme.symmetric else torch.empty(n_groups, rows, dtype=torch.float32, device=device)
         loss = torch.zeros(rows, dtype=torch.float32, device=device)
@@ -196,7 +255,7 @@ class GPTQ(Algorithm):
 
         g_idx: torch.Tensor | None = None
         if perm is not None:
-            codes_t = codes_t[torch.argsort(perm)]
+            codes_t = codes_t[position]
             for g, (scale, zero) in enumerate(static):
                 scales[g] = scale
                 if zeros is not None:
@@ -213,7 +272,7 @@ class GPTQ(Algorithm):
             )
         out_device = weight.device
         return QuantizedWeight(
-            codes=codes_t.T.to(scheme.code_dtype).contiguous().to(out_device),
+            codes=codes_t.T.contiguous().to(out_device),
             scale=scales.T.contiguous().to(out_device),
             zero_point=None if zeros is None else zeros.T.to(torch.int32).contiguous().to(out_device),
             g_idx=None if g_idx is None else g_idx.to(out_device),
@@ -249,18 +308,14 @@ class GPTQ(Algorithm):
 
     def _hessian(self, stats: HessianStatistics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """A fresh Hessian with dead inputs' diagonal set to 1, in activation order; the dead mask; the order."""
-        h = stats.hessian
-        if not torch.isfinite(h).all():
-            raise SeqgenError("GPTQ Hessian has non-finite values: the calibration inputs of this layer contain inf/nan")
         # Inputs that were always zero carry no information: any weight in their column gives the same output.
-        diag = h.diagonal()
+        diag = stats.xtx.diagonal()
         dead = diag == 0
-        diag[dead] = 1.0
         perm = None
         if self.scheme.act_order:
-            perm = torch.argsort(diag, descending=True, stable=True)
-            h = h.index_select(0, perm)  # one temporary at a time: the unpermuted Hessian is freed here
-            h = h.index_select(1, perm)
+            perm = torch.argsort(torch.where(dead, 1.0, diag * (2.0 / stats.nsamples)), descending=True, stable=True)
+        h = stats.ordered_hessian(perm)
+        h.diagonal()[dead if perm is None else dead[perm]] = 1.0
         return h, dead, perm
 
     def _inverse_cholesky(self, h: torch.Tensor, rebuild: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -276,12 +331,15 @@ class GPTQ(Algorithm):
         for attempt in range(_CHOLESKY_RETRIES + 1):
             if attempt:
                 h = rebuild()
-            h.diagonal().add_(fraction * mean_diag)
-            torch.linalg.cholesky_ex(h, out=(h, info))
+            # H is symmetric, so its column-major view is the same matrix, and LAPACK works on column-major
+            # storage in place; on the row-major tensor each call would copy it first.
+            a = h.mT
+            a.diagonal().add_(fraction * mean_diag)
+            torch.linalg.cholesky_ex(a, out=(a, info))  # H = L L^T
             if info.item() == 0:
-                torch.cholesky_inverse(h, out=h)
-                torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
-                if info.item() == 0 and torch.isfinite(h).all():
+                torch.cholesky_inverse(a, out=a)  # H^-1 from L
+                torch.linalg.cholesky_ex(a, out=(a, info))  # H^-1 = L' L'^T; row-major, the buffer holds L'^T = U
+                if info.item() == 0 and _all_finite(h):
                     if attempt:
                         logger.warning("gptq: Cholesky succeeded with dampening %.3g", fraction)
                     return h

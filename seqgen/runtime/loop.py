@@ -315,13 +315,24 @@ def _compress(
         shared = stats[name]
         key = id(shared) if shared is not None and algorithm.row_separable else id(linears[name])
         groups.setdefault(key, []).append(name)
+    # Statistics read by one quantize call may be freed inside it; any statistics are freed after their last one.
+    uses: dict[int, int] = {}
+    for names in groups.values():
+        if stats[names[0]] is not None:
+            uses[id(stats[names[0]])] = uses.get(id(stats[names[0]]), 0) + 1
     for shared in {id(s): s for s in stats.values() if s is not None}.values():
         shared.reduce_()
+        shared.single_use = uses.get(id(shared)) == 1
     done: dict[str, QuantizedWeight] = {}
     for names in groups.values():
         weights = [linears[name].weight.data for name in names]
         stacked = weights[0] if len(weights) == 1 else torch.cat([w.to(weights[0].dtype) for w in weights])
-        quantized = algorithm.quantize(stacked, stats[names[0]])
+        shared = stats[names[0]]
+        quantized = algorithm.quantize(stacked, shared)
+        if shared is not None:
+            uses[id(shared)] -= 1
+            if not uses[id(shared)]:
+                shared.release()
         for name, part in zip(names, _split_rows(quantized, [w.shape[0] for w in weights])):
             module = linears[name]
             module.weight.data.copy_(part.dequantize(module.weight.dtype))
