@@ -113,7 +113,7 @@ def run_job(job: CalibrationJob) -> JobSummary:
     if job.offload == "disk":
         directory = _checkpoint_dir(job.model_id)
         model = _disk_model(directory)
-        weights = SafetensorsWeights(directory)
+        weights = SafetensorsWeights(directory, model)
     else:
         model = load_model(job.model_id)
     if job.save_format == "compressed" and job.options.quantize_experts:

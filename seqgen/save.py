@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from .errors import SeqgenError
+from .runtime.experts import EXPERT_PARAMS, checkpoint_layout, find_fused_experts, is_fused_experts
 
 if TYPE_CHECKING:
     from .algorithms.base import QuantizedWeight, QuantScheme
@@ -212,10 +213,8 @@ def _quantization_config(
 def check_compressed_experts(model: torch.nn.Module, scheme: QuantScheme) -> None:
     """Raise now, before a calibration, if the fused MoE experts of ``model`` quantized with ``scheme`` could not be
     saved compressed (an asymmetric scheme where the checkpoint has per-expert linears). ``model`` may be on meta."""
-    from .runtime.experts import find_fused_experts
-
     for owner in find_fused_experts(model, ""):
-        if not scheme.symmetric and _expert_layout(model, owner) is not None:
+        if not scheme.symmetric and checkpoint_layout(model, owner) is not None:
             raise _asymmetric_experts_error(owner)
 
 
@@ -246,9 +245,6 @@ def _resolve_modules(model: torch.nn.Module, quantized: Mapping[str, Any]) -> di
     return modules
 
 
-_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
-
-
 class _ExpertLinear(NamedTuple):
     """One expert's projection as a checkpoint linear: its rows of the expert's quantized slice of ``param``."""
 
@@ -260,8 +256,6 @@ def _resolve_experts(
     model: torch.nn.Module, experts: Mapping[str, QuantizedWeight]
 ) -> dict[str, tuple[torch.nn.Parameter, int]]:
     """``"<module>.<param>.<expert>"`` -> (fused parameter, expert); checks names, shapes and completeness."""
-    from .runtime.experts import is_fused_experts
-
     resolved: dict[str, tuple[torch.nn.Parameter, int]] = {}
     for key, qweight in experts.items():
         parts = key.rsplit(".", 2)
@@ -270,7 +264,7 @@ def _resolve_experts(
             module = model.get_submodule(owner) if owner else None
         except AttributeError:
             module = None
-        if module is None or not is_fused_experts(module) or param_name not in _EXPERT_PARAMS or not index.isdigit():
+        if module is None or not is_fused_experts(module) or param_name not in EXPERT_PARAMS or not index.isdigit():
             raise SeqgenError(
                 f"quantized expert {key!r} does not name an expert of a fused experts module of "
                 f"{type(model).__name__}; keys are '<module>.<gate_up_proj|down_proj>.<expert>', as in "
@@ -288,7 +282,7 @@ def _resolve_experts(
         module = model.get_submodule(owner)
         missing = [
             f"{owner}.{name}.{e}"
-            for name in _EXPERT_PARAMS
+            for name in EXPERT_PARAMS
             for e in range(getattr(module, name).shape[0])
             if f"{owner}.{name}.{e}" not in experts
         ]
@@ -301,44 +295,6 @@ def _resolve_experts(
     return resolved
 
 
-def _expert_layout(model: torch.nn.Module, owner: str) -> dict[str, tuple[str, int, torch.Tensor]] | None:
-    """Where transformers' save-time weight conversion puts the experts of the fused module ``owner``: checkpoint
-    weight name -> (fused parameter, expert, its rows there); None when it does not split them into one 2-D weight
-    per expert (architectures whose checkpoints keep the experts fused, e.g. GraniteMoE).
-
-    Each row of each fused parameter is tagged with its index and the tags go through ``revert_weight_conversion``
-    (what ``save_pretrained`` runs), so the names and splits are the model's own, e.g. Mixtral's
-    ``block_sparse_moe.experts.<e>.w1.weight`` = rows ``[0, I)`` of expert ``e`` of ``gate_up_proj``.
-    """
-    from transformers.core_model_loading import revert_weight_conversion
-
-    probes: dict[str, torch.Tensor] = {}
-    ranges: list[tuple[str, int, int, int]] = []  # (parameter, first tag, end tag, rows per expert)
-    start = 0
-    for name in _EXPERT_PARAMS:
-        param = f"{owner}.{name}"
-        experts, rows = model.get_parameter(param).shape[:2]
-        probes[param] = torch.arange(start, start + experts * rows).reshape(experts, rows, 1)
-        ranges.append((param, start, start + experts * rows, rows))
-        start += experts * rows
-    reverted = revert_weight_conversion(model, dict(probes))
-    layout: dict[str, tuple[str, int, torch.Tensor]] = {}
-    seen = torch.zeros(start, dtype=torch.long)
-    for key, tags in sorted(reverted.items()):
-        flat = tags.reshape(-1)
-        param, first, end, rows = next(r for r in ranges if r[1] <= int(flat[0]) < r[2])
-        expert = (flat - first) // rows
-        per_expert = tags.dim() == 2 and tags.shape[1] == 1 and key.endswith(".weight")
-        if not per_expert or int(flat.min()) < first or int(flat.max()) >= end or not bool((expert == expert[0]).all()):
-            return None
-        layout[key] = (param, int(expert[0]), (flat - first) % rows)
-        seen[flat] += 1
-    # every row exactly once, and the names are final: save_pretrained's own revert must leave them as they are
-    if not bool((seen == 1).all()) or sorted(revert_weight_conversion(model, dict(reverted))) != sorted(reverted):
-        return None
-    return layout
-
-
 def _expert_linears(model: torch.nn.Module, experts: Mapping[str, QuantizedWeight]) -> dict[str, _ExpertLinear]:
     """Checkpoint linear name (e.g. ``model.layers.0.block_sparse_moe.experts.3.w1``) -> its quantized rows.
 
@@ -348,7 +304,7 @@ def _expert_linears(model: torch.nn.Module, experts: Mapping[str, QuantizedWeigh
 
     linears: dict[str, _ExpertLinear] = {}
     for owner in sorted({key.rsplit(".", 2)[0] for key in experts}):
-        layout = _expert_layout(model, owner)
+        layout = checkpoint_layout(model, owner)
         if layout is None:
             logger.warning(
                 "%s: transformers %s saves these fused experts fused (not one linear per expert), and "
@@ -380,13 +336,11 @@ def _asymmetric_experts_error(name: str) -> SeqgenError:
 
 def _warn_unquantized_experts(model: torch.nn.Module, experts: Mapping[str, QuantizedWeight]) -> None:
     """Warn about fused experts saved per expert but unquantized: transformers 5.24 cannot load those."""
-    from .runtime.experts import is_fused_experts
-
     quantized = {key.rsplit(".", 2)[0] for key in experts}
     left = [
         name
         for name, module in model.named_modules()
-        if is_fused_experts(module) and name not in quantized and _expert_layout(model, name) is not None
+        if is_fused_experts(module) and name not in quantized and checkpoint_layout(model, name) is not None
     ]
     if left:
         logger.warning(
@@ -586,6 +540,7 @@ class StreamingSaver:
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         self.weight_map: dict[str, str] = {}
         self.shapes: dict[str, QuantizedWeight] = {}  # metadata only (tensors on meta) for the quantization_config
+        self.expert_shapes: dict[str, QuantizedWeight] = {}  # the same, for quantized fused experts
         self.packed: set[str] = set()  # source weights saved in packed form, so never copied from the checkpoint
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -611,23 +566,46 @@ class StreamingSaver:
         return dataclasses.replace(qweight, codes=meta(qweight.codes), scale=meta(qweight.scale),
                                    zero_point=meta(qweight.zero_point))
 
-    def add(self, subgraph: Any, quantized: Mapping[str, QuantizedWeight]) -> None:
-        """Save ``subgraph``'s tensors now (its weights are still on the execution device)."""
+    def add(
+        self,
+        subgraph: Any,
+        quantized: Mapping[str, QuantizedWeight],
+        experts: Mapping[str, QuantizedWeight] | None = None,
+    ) -> None:
+        """Save ``subgraph``'s tensors now (its weights are still on the execution device), under the names of the
+        source checkpoint. ``experts`` are its quantized fused MoE experts, as in ``CalibrationResult.experts``."""
         from .runtime.dispatch import _module_tensors
 
+        experts = experts or {}
         modules = _resolve_modules(self.model, quantized)
+        _resolve_experts(self.model, experts)
+        compressed = self.save_format == "compressed"
         tensors: dict[str, torch.Tensor] = {}
         for name, qweight in quantized.items():
-            if self.save_format == "compressed":
+            if compressed:
                 _check_groups(name, modules[name], qweight)
+                source = self.weights.checkpoint_keys(f"{name}.weight")[0].removesuffix(".weight")
                 for key, tensor in _compress(name, qweight, modules[name].weight.dtype).items():
-                    tensors[f"{name}.{key}"] = tensor
+                    tensors[f"{source}.{key}"] = tensor
             self.shapes[name] = self._metadata(qweight)
-        packed = {f"{name}.weight" for name in quantized} if self.save_format == "compressed" else set()
-        self.packed |= packed
+        expert_linears = _expert_linears(self.model, experts) if compressed else {}
+        for name, linear in expert_linears.items():
+            for key, tensor in _compress(name, linear.qweight, self.model.get_parameter(linear.param).dtype).items():
+                tensors[f"{name}.{key}"] = tensor
+        self.expert_shapes.update({key: self._metadata(qweight) for key, qweight in experts.items()})
+        packed = {f"{name}.weight" for name in quantized} if compressed else set()
+        packed |= {linear.param for linear in expert_linears.values()}
+        for name in packed:
+            self.packed.update(self.weights.checkpoint_keys(name))
         for name, (owner, attr) in _module_tensors(self.model, subgraph).items():
-            if name in self.weights and name not in packed and name not in self.weight_map:
-                tensors[name] = getattr(owner, attr)
+            if name not in self.weights or name in packed:
+                continue
+            value = getattr(owner, attr)
+            for piece in self.weights.sources.get(name, [None]):
+                key = name if piece is None else piece.key
+                if key not in self.weight_map:
+                    whole = piece is None or piece.expert is None
+                    tensors[key] = value if whole else value[piece.expert].index_select(0, piece.rows.to(value.device))
         self._write(tensors)
 
     def finish(self) -> Path:
@@ -645,10 +623,10 @@ class StreamingSaver:
             for extra in ("config.json", "generation_config.json"):
                 if (source / extra).exists():
                     shutil.copyfile(source / extra, self.tmp / extra)
-            if self.save_format == "compressed" and self.shapes:
+            if self.save_format == "compressed" and (self.shapes or self.expert_shapes):
                 from compressed_tensors.compressors import ModelCompressor
 
-                config = quantization_config(self.model, self.shapes)
+                config = quantization_config(self.model, self.shapes, experts=self.expert_shapes)
                 ModelCompressor(quantization_config=config).update_config(str(self.tmp))
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(self.tmp)
@@ -656,6 +634,6 @@ class StreamingSaver:
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
-        logger.info("saved %d quantized layers (%s format, streamed) to %s", len(self.shapes), self.save_format,
-                    self.out)
+        logger.info("saved %d quantized layers and %d quantized expert projections (%s format, streamed) to %s",
+                    len(self.shapes), len(self.expert_shapes), self.save_format, self.out)
         return self.out

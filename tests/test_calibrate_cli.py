@@ -141,3 +141,40 @@ def test_all_experts_flag_feeds_every_expert(moe_checkpoint: Path, tmp_path: Pat
     assert torch.equal(packed(tmp_path / "all", "self_attn.q_proj"), packed(tmp_path / "routed", "self_attn.q_proj"))
     assert any(not torch.equal(packed(tmp_path / "all", f"block_sparse_moe.experts.{e}.w1"),
                                packed(tmp_path / "routed", f"block_sparse_moe.experts.{e}.w1")) for e in range(4))
+
+
+# the checkpoint's name of expert 3's down projection: transformers 5 fuses the experts when it loads the checkpoint
+DOWN_3 = {"mixtral": "block_sparse_moe.experts.3.w2", "qwen3_moe": "mlp.experts.3.down_proj"}
+
+
+@pytest.mark.parametrize("arch", list(DOWN_3))
+def test_disk_offload_reads_and_writes_per_expert_checkpoints(arch: str, moe_checkpoint: Path,
+                                                              tmp_path: Path) -> None:
+    """The checkpoints hold one linear per expert (and Mixtral's ``block_sparse_moe`` is the model's ``mlp``), the
+    model fused ``mlp.experts`` parameters: disk offload assembles the experts from the checkpoint and writes them
+    back per expert, like the in-memory run."""
+    source = moe_checkpoint
+    if arch != "mixtral":
+        source = tmp_path / arch
+        tiny_model(arch, vocab_size=49152, hidden_size=64, intermediate_size=128,
+                   moe_intermediate_size=64).save_pretrained(source)
+        AutoTokenizer.from_pretrained(moe_checkpoint).save_pretrained(source)
+    options = CalibrationOptions(scheme=QuantScheme(bits=4, group_size=32), all_experts=True)
+
+    def job(name: str, **kwargs: object) -> CalibrationJob:
+        return CalibrationJob(model_id=str(source), save_dir=tmp_path / name, num_samples=4, seq_len=32,
+                              batch_size=2, options=options, **kwargs)
+
+    memory = run_job(job("memory"))
+    expected = logits(memory.model)
+    disk = run_job(job("disk", offload="disk"))
+    assert disk.linears == memory.linears and disk.result.experts == {}
+    assert tensor_names(tmp_path / "disk") == tensor_names(tmp_path / "memory")
+    assert f"model.layers.1.{DOWN_3[arch]}.weight_packed" in tensor_names(tmp_path / "disk")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "disk", dtype=torch.float32).eval()
+    assert torch.equal(logits(reloaded), expected)
+
+    run_job(job("fake", offload="disk", save_format="fake"))
+    assert tensor_names(tmp_path / "fake") == tensor_names(source), "the source checkpoint's own names"
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "fake", dtype=torch.float32).eval()
+    assert torch.equal(logits(plain), expected)

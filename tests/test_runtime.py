@@ -133,7 +133,7 @@ def test_disk_offload_gives_bitwise_the_same_result(package: seqgen.Package, tmp
         skeleton = AutoModelForCausalLM.from_config(in_memory.config, dtype=torch.float32).eval()
     seen: list[str] = []
 
-    def on_done(subgraph: seqgen.Subgraph, quantized: dict) -> None:
+    def on_done(subgraph: seqgen.Subgraph, quantized: dict, experts: dict) -> None:
         seen.append(subgraph.name)
         for name in quantized:
             assert skeleton.get_submodule(name).weight.device.type == "cpu"

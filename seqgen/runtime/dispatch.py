@@ -8,7 +8,8 @@ exactly those to the execution device before the subgraph runs and back after. T
   computes. On the CPU there is nothing to move.
 * **disk**: the model skeleton has its parameters on the meta device, and tensors are read from the checkpoint's
   safetensors files (memory-mapped) when a subgraph needs them, then dropped. RAM holds one subgraph's weights, so a
-  model larger than RAM calibrates.
+  model larger than RAM calibrates. Checkpoint names that differ from the model's (fused MoE experts stored one
+  linear per expert, renamed modules) are resolved by :class:`SafetensorsWeights`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -37,10 +39,24 @@ def execution_device(requested: str | torch.device | None = None) -> torch.devic
     return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
 
 
-class SafetensorsWeights:
-    """Tensors of a checkpoint directory by name, read lazily from its (memory-mapped) safetensors files."""
+class _Piece(NamedTuple):
+    """One checkpoint tensor that makes up (part of) a model tensor stored under other names."""
 
-    def __init__(self, directory: str | Path) -> None:
+    key: str  # the checkpoint's name
+    expert: int | None  # None: the whole model tensor; else its rows ``rows`` of expert ``expert``
+    rows: torch.Tensor | None
+
+
+class SafetensorsWeights:
+    """Tensors of a checkpoint directory by name, read lazily from its (memory-mapped) safetensors files.
+
+    Names are the model's. Given the ``model`` (a skeleton on meta is enough), tensors that the checkpoint stores
+    under other names are found through transformers' own save-time weight conversion, the inverse of what
+    ``from_pretrained`` does while loading: renamed modules (Mixtral's ``block_sparse_moe`` is the model's ``mlp``)
+    and fused MoE experts, assembled from one 2-D weight per expert (``experts.<e>.w1/w2/w3.weight``).
+    """
+
+    def __init__(self, directory: str | Path, model: torch.nn.Module | None = None) -> None:
         directory = Path(directory)
         index_file = directory / "model.safetensors.index.json"
         if index_file.exists():
@@ -52,19 +68,74 @@ class SafetensorsWeights:
             raise SeqgenError(f"{directory} has no safetensors checkpoint (model.safetensors or its index).")
         self.directory = directory
         self.weight_map = weight_map
+        # model tensor name -> the checkpoint tensors it is read from, when it is not stored under its own name
+        self.sources: dict[str, list[_Piece]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        if model is not None:
+            self._find_converted(model)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in self.weight_map or name in self.sources
+
+    def checkpoint_keys(self, name: str) -> list[str]:
+        """The checkpoint tensors that model tensor ``name`` is read from."""
+        return [piece.key for piece in self.sources[name]] if name in self.sources else [name]
+
+    def _find_converted(self, model: torch.nn.Module) -> None:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        from .experts import EXPERT_PARAMS, checkpoint_layout, is_fused_experts
+
+        missing = {name: t for name, t in model.state_dict(keep_vars=True).items() if name not in self.weight_map}
+        for name, tensor in missing.items():
+            owner, _, attr = name.rpartition(".")
+            if attr in EXPERT_PARAMS and is_fused_experts(model.get_submodule(owner)):
+                continue
+            reverted = revert_weight_conversion(model, {name: torch.empty(tensor.shape, device="meta")})
+            if len(reverted) == 1 and next(iter(reverted)) in self.weight_map:
+                self.sources[name] = [_Piece(next(iter(reverted)), None, None)]
+        owners = {name.rpartition(".")[0] for name in missing if name.rpartition(".")[2] in EXPERT_PARAMS}
+        for owner in sorted(o for o in owners if is_fused_experts(model.get_submodule(o))):
+            layout = checkpoint_layout(model, owner) or {}
+            if layout and all(key in self.weight_map for key in layout):
+                for key, (param, expert, rows) in layout.items():
+                    self.sources.setdefault(param, []).append(_Piece(key, expert, rows))
+                    self._shapes[param] = tuple(missing[param].shape)
+        if self.sources:
+            logger.info("%d model tensors are read from checkpoint tensors of other names (e.g. %s <- %s)",
+                        len(self.sources), next(iter(self.sources)), self.checkpoint_keys(next(iter(self.sources)))[0])
 
     def read(self, names: Iterable[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` on ``device``; fused experts are assembled one expert weight at a time."""
+        names = list(names)
         by_file: dict[str, list[str]] = {}
         for name in names:
-            by_file.setdefault(self.weight_map[name], []).append(name)
+            for key in self.checkpoint_keys(name):
+                by_file.setdefault(self.weight_map[key], []).append(key)
+        parts: dict[str, tuple[int, torch.Tensor]] = {}  # expert piece key -> (expert, rows) to copy it into
+        target: dict[str, str] = {}
+        for name in names:
+            for piece in self.sources.get(name, []):
+                if piece.expert is not None:
+                    parts[piece.key] = (piece.expert, piece.rows)
+                    target[piece.key] = name
         found: dict[str, torch.Tensor] = {}
-        for file, file_names in sorted(by_file.items()):
+        for file, keys in sorted(by_file.items()):
             with safe_open(self.directory / file, "pt", device=str(device)) as f:
-                for name in file_names:
-                    found[name] = f.get_tensor(name)
+                for key in keys:
+                    tensor = f.get_tensor(key)
+                    if key not in parts:
+                        found[key] = tensor
+                        continue
+                    name = target[key]
+                    if name not in found:
+                        found[name] = torch.empty(self._shapes[name], dtype=tensor.dtype, device=device)
+                    expert, rows = parts[key]
+                    found[name][expert].index_copy_(0, rows.to(device), tensor)
+        for name in names:
+            pieces = self.sources.get(name, [])
+            if pieces and pieces[0].expert is None:
+                found[name] = found.pop(pieces[0].key)
         return found
 
 

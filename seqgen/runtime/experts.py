@@ -22,9 +22,12 @@ import torch
 from ..algorithms import Algorithm, QuantizedWeight, Statistics
 from ..errors import SeqgenError
 
-__all__ = ["FusedExperts", "find_fused_experts", "is_fused_experts", "unsupported_experts"]
+__all__ = ["EXPERT_PARAMS", "FusedExperts", "checkpoint_layout", "find_fused_experts", "is_fused_experts",
+           "unsupported_experts"]
 
 logger = logging.getLogger(__name__)
+
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 
 def is_fused_experts(module: torch.nn.Module) -> bool:
@@ -125,9 +128,50 @@ class FusedExperts:
                 expert_stats = stats[e] if stats else None
                 if expert_stats is not None:
                     expert_stats.reduce_()
+                    expert_stats.single_use = True
                 quantized = self.algorithm.quantize(param.data[e], expert_stats)
+                if expert_stats is not None:
+                    expert_stats.release()  # freed once used: the memory of the statistics shrinks expert by expert
                 param.data[e].copy_(quantized.dequantize(param.dtype))
                 done[f"{self.name}.{param_name}.{e}"] = quantized.to("cpu")
         logger.info("%s: quantized %d experts (tokens routed per expert: min %d, max %d)", self.name,
                     self.num_experts, int(self.routed.min()), int(self.routed.max()))
         return done
+
+
+def checkpoint_layout(model: torch.nn.Module, owner: str) -> dict[str, tuple[str, int, torch.Tensor]] | None:
+    """Where transformers' save-time weight conversion puts the experts of the fused module ``owner``: checkpoint
+    weight name -> (fused parameter, expert, its rows there); None when it does not split them into one 2-D weight
+    per expert (architectures whose checkpoints keep the experts fused, e.g. GraniteMoE).
+
+    Each row of each fused parameter is tagged with its index and the tags go through ``revert_weight_conversion``
+    (what ``save_pretrained`` runs), so the names and splits are the model's own, e.g. Mixtral's
+    ``block_sparse_moe.experts.<e>.w1.weight`` = rows ``[0, I)`` of expert ``e`` of ``gate_up_proj``.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    probes: dict[str, torch.Tensor] = {}
+    ranges: list[tuple[str, int, int, int]] = []  # (parameter, first tag, end tag, rows per expert)
+    start = 0
+    for name in EXPERT_PARAMS:
+        param = f"{owner}.{name}"
+        experts, rows = model.get_parameter(param).shape[:2]
+        probes[param] = torch.arange(start, start + experts * rows).reshape(experts, rows, 1)
+        ranges.append((param, start, start + experts * rows, rows))
+        start += experts * rows
+    reverted = revert_weight_conversion(model, dict(probes))
+    layout: dict[str, tuple[str, int, torch.Tensor]] = {}
+    seen = torch.zeros(start, dtype=torch.long)
+    for key, tags in sorted(reverted.items()):
+        flat = tags.reshape(-1)
+        param, first, end, rows = next(r for r in ranges if r[1] <= int(flat[0]) < r[2])
+        expert = (flat - first) // rows
+        per_expert = tags.dim() == 2 and tags.shape[1] == 1 and key.endswith(".weight")
+        if not per_expert or int(flat.min()) < first or int(flat.max()) >= end or not bool((expert == expert[0]).all()):
+            return None
+        layout[key] = (param, int(expert[0]), (flat - first) % rows)
+        seen[flat] += 1
+    # every row exactly once, and the names are final: save_pretrained's own revert must leave them as they are
+    if not bool((seen == 1).all()) or sorted(revert_weight_conversion(model, dict(reverted))) != sorted(reverted):
+        return None
+    return layout

@@ -173,13 +173,15 @@ def calibrate(
     options: CalibrationOptions = CalibrationOptions(),
     *,
     weights: SafetensorsWeights | None = None,
-    on_subgraph_done: Callable[[Subgraph, dict[str, QuantizedWeight]], None] | None = None,
+    on_subgraph_done: Callable[[Subgraph, dict[str, QuantizedWeight], dict[str, QuantizedWeight]], None]
+    | None = None,
     keep_results: bool = True,
 ) -> CalibrationResult:
     """Quantize ``model`` in place, subgraph by subgraph, on ``batches`` (dicts of the package's inputs).
 
-    ``on_subgraph_done(subgraph, quantized)`` runs while the subgraph's weights are still on the device (streamed
-    saving); with ``keep_results=False`` the quantized weights are not also kept in the result (disk offload).
+    ``on_subgraph_done(subgraph, quantized, experts)`` runs while the subgraph's weights are still on the device
+    (streamed saving), with its quantized linears and fused experts (keyed as in :class:`CalibrationResult`); with
+    ``keep_results=False`` the quantized weights are not also kept in the result (disk offload).
     """
     if not batches:
         raise SeqgenError("calibration needs at least one batch; check --num-samples and the dataset.")
@@ -260,7 +262,7 @@ def calibrate(
                     seconds["propagate"] = time.perf_counter() - tick
             tick = time.perf_counter()
             if on_subgraph_done is not None:
-                on_subgraph_done(subgraph, done)
+                on_subgraph_done(subgraph, done, expert_done)
             changed = [f"{name}.weight" for name in done]
             changed += [f"{name}.{param}" for name in expert_plan[i] for param in ("gate_up_proj", "down_proj")]
             dispatcher.offload(subgraph, changed=changed)
