@@ -93,6 +93,14 @@ def test_saved_model_reloads_with_the_same_logits(checkpoint: Path, tmp_path: Pa
     assert torch.equal(logits(plain), logits(fake.model))
 
 
+def test_spill_dir_flag(checkpoint: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["calibrate", "--model", str(checkpoint), *ARGS, "--spill-dir",
+                                      str(tmp_path / "spill"), "--save", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "spill").is_dir() and not any((tmp_path / "spill").iterdir())
+    assert (tmp_path / "out" / "config.json").exists()
+
+
 def test_eval_prints_perplexity(checkpoint: Path) -> None:
     result = CliRunner().invoke(cli, ["eval", "--model", str(checkpoint), "--seq-len", "32", "--max-samples", "2"])
     assert result.exit_code == 0, result.output

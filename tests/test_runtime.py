@@ -148,6 +148,27 @@ def test_disk_offload_gives_bitwise_the_same_result(package: seqgen.Package, tmp
         assert torch.equal(result.quantized[name].scale, quantized.scale), name
 
 
+def test_spilled_intermediates_give_bitwise_the_same_result(package: seqgen.Package, tmp_path: Path) -> None:
+    expected = calibrate(model(), package, batches(3), CalibrationOptions(scheme=SCHEME))
+    spilled: list[list[str]] = []
+
+    def on_done(subgraph: seqgen.Subgraph, quantized: dict, experts: dict) -> None:
+        spilled.append(sorted(f.name for f in tmp_path.glob("seqgen-intermediates-*/*")))
+
+    result = calibrate(model(), package, batches(3), CalibrationOptions(scheme=SCHEME, spill_dir=tmp_path),
+                       on_subgraph_done=on_done)
+    # after the first layer: each batch's live values (hidden states, position embeddings, mask...) wait in files
+    live = set(batches(1)[0])
+    for subgraph in package.subgraphs[:2]:
+        live = (live - set(subgraph.consumed)) | set(subgraph.outputs)
+    assert len(spilled[1]) == 3 * len(live) and spilled[1][0].startswith("b00000-")
+    assert not any(tmp_path.iterdir()), "the spill directory is removed at the end"
+    assert sorted(result.quantized) == sorted(expected.quantized)
+    for name, quantized in expected.quantized.items():
+        assert torch.equal(result.quantized[name].codes, quantized.codes), name
+        assert torch.equal(result.quantized[name].scale, quantized.scale), name
+
+
 def test_observer_statistics(package: seqgen.Package) -> None:
     result = calibrate(model(), package, batches(1), CalibrationOptions(algorithm="rtn", scheme=SCHEME, observe=True))
     stats = result.activation_stats["model.layers.0.mlp.down_proj"]

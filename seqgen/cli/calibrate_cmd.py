@@ -39,6 +39,9 @@ def _group_size(value: int) -> int | None:
                    "so rarely routed experts still get GPTQ Hessian data.")
 @click.option("--offload", type=click.Choice(["memory", "disk"]), default="memory",
               help="Where weights wait between subgraphs: CPU RAM, or the checkpoint's safetensors files.")
+@click.option("--spill-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the activations between subgraphs in files under this directory instead of RAM (one "
+                   "batch in memory at a time; for calibration sets larger than RAM).")
 @click.option("--device", default=None, help="Execution device. Default: cuda:0 when available, else cpu.")
 @click.option("--reemit", is_flag=True, help="Ignore the partition cache and emit the package again.")
 @click.option("--save", "save_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
@@ -47,7 +50,8 @@ def _group_size(value: int) -> int | None:
 def calibrate(package: Path | None, model_id: str, dataset: Path | None, algorithm: str, bits: str,
               group_size: int, asym: bool, act_order: bool, dampening: float, num_samples: int, seq_len: int,
               batch_size: int, ignore: tuple[str, ...], no_propagate_error: bool, observe: bool, all_experts: bool,
-              offload: str, device: str | None, reemit: bool, save_dir: Path, save_format: str) -> None:
+              offload: str, spill_dir: Path | None, device: str | None, reemit: bool, save_dir: Path,
+              save_format: str) -> None:
     """Quantize MODEL layer by layer with PACKAGE (default: from the partition cache) and save it."""
     from ..algorithms import QuantScheme
     from ..job import CalibrationJob, run_job
@@ -60,7 +64,7 @@ def calibrate(package: Path | None, model_id: str, dataset: Path | None, algorit
         batch_size=batch_size, offload=offload, reemit=reemit, save_dir=save_dir, save_format=save_format,
         options=CalibrationOptions(algorithm=algorithm, scheme=scheme, ignore=ignore,
                                    propagate_error=not no_propagate_error, observe=observe, device=device,
-                                   all_experts=all_experts),
+                                   all_experts=all_experts, spill_dir=spill_dir),
     )
     summary = run_job(job)
     source = "cache hit" if summary.cache_hit else ("given" if package else "emitted")

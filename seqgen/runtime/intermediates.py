@@ -3,11 +3,21 @@
 For each batch the cache holds exactly the names the index says are live: the batch's inputs, then each subgraph's
 outputs; a subgraph's consumed names are deleted as soon as it has run. On a CUDA device values wait on the CPU
 (pinned) between subgraphs and move to the device only for the subgraph that reads them; on the CPU nothing moves.
+
+With a ``spill_dir`` the values wait on disk instead: each (batch, name) is one safetensors file, written when the
+value is produced, read back when a subgraph needs it and deleted when the index says it is consumed. RAM then holds
+one batch's values at a time, for calibration sets whose activations do not fit in memory.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,13 +50,102 @@ def move(value: Any, device: torch.device, pin: bool = False) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class _Spilled:
+    """A value written to ``file``: its tensors under the keys "0", "1", ... in the order :func:`_flatten` visits
+    them; ``template`` is the value with each tensor replaced by its key (other leaves kept as they are)."""
+
+    file: Path
+    template: Any
+
+
+class _Key(str):
+    """A tensor's key in a spilled value's file (a str subclass, so a real string leaf is never mistaken for one)."""
+
+
+def _rebuild(like: Any, items: list[Any]) -> Any:
+    """A tuple or list of ``like``'s type (named tuples included) holding ``items``."""
+    return type(like)(*items) if hasattr(like, "_fields") else type(like)(items)
+
+
+def _flatten(value: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return _Key(str(len(tensors) - 1))
+    if isinstance(value, (tuple, list)):
+        return _rebuild(value, [_flatten(v, tensors) for v in value])
+    if isinstance(value, dict):
+        return {k: _flatten(v, tensors) for k, v in value.items()}
+    return value
+
+
+def _unflatten(template: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(template, _Key):
+        return tensors[template]
+    if isinstance(template, (tuple, list)):
+        return _rebuild(template, [_unflatten(v, tensors) for v in template])
+    if isinstance(template, dict):
+        return {k: _unflatten(v, tensors) for k, v in template.items()}
+    return template
+
+
 class IntermediatesCache:
-    def __init__(self, batches: list[Mapping[str, Any]], device: torch.device) -> None:
+    def __init__(
+        self, batches: list[Mapping[str, Any]], device: torch.device, spill_dir: str | Path | None = None
+    ) -> None:
         self.device = device
         self.storage = torch.device("cpu")
-        self.pin = device.type == "cuda"
+        self.pin = device.type == "cuda" and spill_dir is None
         self.batches = [dict(b) for b in batches]
-        self.values: list[dict[str, Any]] = [move(dict(b), self.storage, self.pin) for b in batches]
+        self.spill: Path | None = None
+        if spill_dir is not None:
+            Path(spill_dir).mkdir(parents=True, exist_ok=True)
+            self.spill = Path(tempfile.mkdtemp(prefix="seqgen-intermediates-", dir=spill_dir))
+        self.values: list[dict[str, Any]] = []
+        for i, batch in enumerate(self.batches):
+            self.values.append({})
+            self._store(i, batch)
+
+    def close(self) -> None:
+        """Delete the spilled files (a no-op without ``spill_dir``); the cache is empty afterwards."""
+        self.values = [{} for _ in self.values]
+        if self.spill is not None:
+            shutil.rmtree(self.spill, ignore_errors=True)
+
+    def _store(self, i: int, values: Mapping[str, Any]) -> None:
+        if self.spill is None:
+            self.values[i].update(move(dict(values), self.storage, self.pin))
+            return
+        from safetensors.torch import save_file
+
+        for name, value in values.items():
+            tensors: list[torch.Tensor] = []
+            template = _flatten(value, tensors)
+            file = self.spill / f"b{i:05d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.safetensors"
+            seen: set[int] = set()
+            flat = {}
+            for key, tensor in enumerate(tensors):
+                tensor = tensor.detach().to(self.storage).contiguous()
+                if tensor.untyped_storage().data_ptr() in seen:  # safetensors refuses tensors that share memory
+                    tensor = tensor.clone()
+                seen.add(tensor.untyped_storage().data_ptr())
+                flat[str(key)] = tensor
+            partial = file.with_suffix(".partial")
+            save_file(flat, str(partial))
+            os.replace(partial, file)
+            self.values[i][name] = _Spilled(file, template)
+
+    def _load(self, value: Any) -> Any:
+        if not isinstance(value, _Spilled):
+            return move(value, self.device)
+        from safetensors.torch import load_file
+
+        return _unflatten(value.template, load_file(str(value.file), device=str(self.device)))
+
+    def _delete(self, i: int, name: str) -> None:
+        value = self.values[i].pop(name)
+        if isinstance(value, _Spilled):
+            value.file.unlink(missing_ok=True)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -65,7 +164,7 @@ class IntermediatesCache:
         for i, values in enumerate(self.values):
             if before_batch is not None:
                 before_batch(i)
-            inputs = {name: move(values[name], self.device) for name in subgraph.inputs}
+            inputs = {name: self._load(values[name]) for name in subgraph.inputs}
             try:
                 outputs = subgraph.forward(model, **inputs)
             except StopBatch:
@@ -75,8 +174,8 @@ class IntermediatesCache:
             del inputs
             if commit:
                 for name in subgraph.consumed:
-                    del values[name]
-                values.update(move(outputs, self.storage, self.pin))
+                    self._delete(i, name)
+                self._store(i, outputs)
             del outputs
             if progress is not None:
                 progress()
@@ -88,6 +187,8 @@ class IntermediatesCache:
         return mask if isinstance(mask, torch.Tensor) else None
 
     def nbytes(self) -> int:
+        """Bytes of the values held in memory (spilled values count as nothing)."""
+
         def size(value: Any) -> int:
             if isinstance(value, torch.Tensor):
                 return value.numel() * value.element_size()

@@ -23,8 +23,9 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +56,7 @@ class CalibrationOptions:
     quantize_experts: bool = True  # fused MoE experts (3D parameters), per expert
     all_experts: bool = False  # route every calibration token through every expert's statistics
     reuse_allocations: bool = True  # on the CPU: glibc keeps large freed buffers for reuse (see runtime.memory)
+    spill_dir: str | Path | None = None  # activations between subgraphs wait in files here, not in RAM
 
 
 @dataclass
@@ -193,7 +195,7 @@ def calibrate(
         reuse_large_allocations()
     algorithm = get_algorithm(options.algorithm, options.scheme)
     dispatcher = Dispatcher(model, device, weights)
-    cache = IntermediatesCache(batches, device)
+    cache = IntermediatesCache(batches, device, options.spill_dir)
     plan = [quantizable_linears(model, sg, options.ignore) for sg in package.subgraphs]
     expert_plan = [_experts_of(model, sg, options) for sg in package.subgraphs]
     last = max((i for i, work in enumerate(zip(plan, expert_plan)) if any(work)), default=-1)
@@ -208,7 +210,7 @@ def calibrate(
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     subgraphs = package.subgraphs[: last + 1]
-    with tqdm(total=len(subgraphs), desc="subgraphs", unit="sg") as outer:
+    with tqdm(total=len(subgraphs), desc="subgraphs", unit="sg") as outer, closing(cache):
         for i, subgraph in enumerate(subgraphs):
             linears = plan[i]
             experts = {name: FusedExperts(name, module, algorithm, options.all_experts)
