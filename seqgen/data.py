@@ -1,6 +1,8 @@
 """Calibration and evaluation text: reading corpora, a built-in corpus, packing tokens into fixed-length samples.
 
 * :func:`load_texts` reads ``.txt`` (documents separated by blank lines) or ``.jsonl`` (``text`` or chat ``messages``);
+* :func:`hub_texts` streams the same fields from a Hugging Face ``datasets`` name (online only);
+* :func:`resolve_texts` picks one of these, or the built-in corpus, for a ``--dataset`` value;
 * :func:`default_texts` builds a corpus at run time from the docstrings of the Python standard library, so
   calibration works offline and the repository ships no third-party prose;
 * :func:`pack` turns documents into a ``[num_samples, seq_len]`` int64 tensor of token ids;
@@ -27,6 +29,8 @@ __all__ = [
     "HELDOUT_MODULES",
     "SPLITS",
     "load_texts",
+    "hub_texts",
+    "resolve_texts",
     "default_texts",
     "pack",
     "batches",
@@ -184,15 +188,79 @@ def _jsonl_text(path: Path, number: int, line: str, tokenizer: Any) -> str:
         raise SeqgenError(f"{where} is not valid JSON ({exc.msg}); each line of a .jsonl file is one object.") from exc
     if not isinstance(record, dict):
         raise SeqgenError(f"{where} is a JSON {type(record).__name__}; each line must be an object with 'text'.")
+    return _record_text(record, where, "give each line one of the two", tokenizer)
+
+
+def _record_text(record: dict[str, Any], where: str, fix: str, tokenizer: Any) -> str:
+    """The ``text`` of a record, or its chat ``messages`` rendered (see :func:`load_texts`)."""
     if isinstance(record.get("text"), str):
         return record["text"]
     messages = record.get("messages")
     if isinstance(messages, list) and all(isinstance(m, dict) and "content" in m for m in messages):
         return _render_chat(messages, tokenizer)
     raise SeqgenError(
-        f"{where} has neither a 'text' string nor a 'messages' list of {{'role', 'content'}} objects; "
-        "give each line one of the two."
+        f"{where} has neither a 'text' string nor a 'messages' list of {{'role', 'content'}} objects "
+        f"(fields: {sorted(record)}); {fix}."
     )
+
+
+def hub_texts(spec: str, tokenizer: Any = None, max_chars: int | None = None) -> list[str]:
+    """Documents of the Hugging Face dataset ``spec`` = ``NAME[:CONFIG][@SPLIT]`` (split ``train`` by default), e.g.
+    ``wikitext:wikitext-2-raw-v1@test`` or ``HuggingFaceH4/ultrachat_200k@train_sft``.
+
+    Rows are streamed (nothing but what is read is downloaded) and read like ``.jsonl`` lines: a ``text`` string or
+    chat ``messages``. Reading stops once the documents hold ``max_chars`` characters. Needs the ``datasets``
+    package and network access to the Hub.
+    """
+    rest, _, split = spec.partition("@")
+    name, _, config = rest.partition(":")
+    split = split or "train"
+    try:
+        import datasets
+    except ImportError as exc:
+        raise SeqgenError(
+            f"--dataset {spec!r} is neither a file nor usable as a Hugging Face dataset: the `datasets` package is "
+            "not installed. pip install datasets, or pass a .txt/.jsonl file."
+        ) from exc
+    try:
+        rows = datasets.load_dataset(name, config or None, split=split, streaming=True)
+        texts: list[str] = []
+        chars = 0
+        for number, record in enumerate(rows):
+            text = _record_text(dict(record), f"dataset {spec!r} row {number}",
+                                "pass NAME[:CONFIG][@SPLIT] of a text or chat dataset, or a .txt/.jsonl file",
+                                tokenizer)
+            if text.strip():
+                texts.append(text)
+                chars += len(text)
+            if max_chars is not None and chars >= max_chars:
+                break
+    except SeqgenError:
+        raise
+    except Exception as exc:  # datasets raises many kinds: not found, no network, bad config or split
+        raise SeqgenError(
+            f"could not read the Hugging Face dataset {name!r} (config {config or None!r}, split {split!r}): "
+            f"{type(exc).__name__}: {exc}. Check the name, config and split (NAME[:CONFIG][@SPLIT]) and the network, "
+            "or pass a local .txt/.jsonl file."
+        ) from exc
+    if not texts:
+        raise SeqgenError(f"the Hugging Face dataset {spec!r} has no text rows; pass another split or a local file.")
+    logger.info("read %d documents (%d characters) from the Hugging Face dataset %s", len(texts), chars, spec)
+    return texts
+
+
+def resolve_texts(source: str | Path | None, split: str, tokenizer: Any = None,
+                  max_chars: int | None = None) -> list[str]:
+    """The documents for a ``--dataset`` value: the built-in corpus's ``split`` when None, a ``.txt``/``.jsonl`` file
+    when ``source`` names one (or ends in such a suffix), else a Hugging Face dataset name (:func:`hub_texts`)."""
+    if source is None:
+        return default_texts(split)
+    path = Path(source)
+    if path.is_file() or path.suffix.lower() in ACCEPTED_SUFFIXES:
+        return load_texts(path, tokenizer)
+    if path.exists():
+        raise SeqgenError(f"--dataset {source}: it is a directory; pass a .txt or .jsonl file, or a dataset name.")
+    return hub_texts(str(source), tokenizer, max_chars)
 
 
 def _render_chat(messages: list[dict[str, Any]], tokenizer: Any) -> str:

@@ -28,7 +28,7 @@ class CalibrationJob:
     model_id: str
     save_dir: Path
     package: Path | None = None
-    dataset: Path | None = None
+    dataset: str | Path | None = None  # a .txt/.jsonl file or a Hugging Face dataset name
     num_samples: int = 64
     seq_len: int = 512
     batch_size: int = 8
@@ -70,22 +70,24 @@ def load_tokenizer(model_id: str) -> Any:
         raise SeqgenError(f"{directory} has no usable tokenizer ({exc}); save one with the model.") from exc
 
 
-def _texts(dataset: Path | None, split: str, tokenizer: Any) -> list[str]:
-    from .data import default_texts, load_texts
-
-    return load_texts(dataset, tokenizer) if dataset is not None else default_texts(split)
-
-
-def calibration_samples(tokenizer: Any, dataset: Path | None, seq_len: int, num_samples: int) -> torch.Tensor:
-    from .data import pack
-
-    return pack(_texts(dataset, "calibration", tokenizer), tokenizer, seq_len, num_samples)
+# Characters of a Hugging Face dataset read per token needed: about 4 characters a token, 4 times the text needed,
+# so that the windows pack picks come from across the text read.
+_CHARS_PER_TOKEN_NEEDED = 16
 
 
-def heldout_samples(tokenizer: Any, dataset: Path | None, seq_len: int, num_samples: int) -> torch.Tensor:
-    from .data import pack
+def _samples(tokenizer: Any, dataset: str | Path | None, split: str, seq_len: int, num_samples: int) -> torch.Tensor:
+    from .data import pack, resolve_texts
 
-    return pack(_texts(dataset, "heldout", tokenizer), tokenizer, seq_len, num_samples)
+    texts = resolve_texts(dataset, split, tokenizer, max_chars=_CHARS_PER_TOKEN_NEEDED * seq_len * num_samples)
+    return pack(texts, tokenizer, seq_len, num_samples)
+
+
+def calibration_samples(tokenizer: Any, dataset: str | Path | None, seq_len: int, num_samples: int) -> torch.Tensor:
+    return _samples(tokenizer, dataset, "calibration", seq_len, num_samples)
+
+
+def heldout_samples(tokenizer: Any, dataset: str | Path | None, seq_len: int, num_samples: int) -> torch.Tensor:
+    return _samples(tokenizer, dataset, "heldout", seq_len, num_samples)
 
 
 def _disk_model(directory: Path) -> torch.nn.Module:

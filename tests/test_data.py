@@ -14,9 +14,11 @@ from seqgen.data import (
     HELDOUT_MODULES,
     batches,
     default_texts,
+    hub_texts,
     load_texts,
     pack,
     pad_batch,
+    resolve_texts,
 )
 from seqgen.errors import SeqgenError
 
@@ -170,6 +172,54 @@ def test_load_jsonl_bad_record_names_the_line(tmp_path: Path) -> None:
     path.write_text("{not json\n", encoding="utf-8")
     with pytest.raises(SeqgenError, match=re.escape(f"{path}:1")):
         load_texts(path)
+
+
+class FakeDatasets:
+    """Stands in for the `datasets` package (this machine has no network): records what load_dataset is asked."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+        self.calls: list[tuple] = []
+        self.read = 0
+
+    def load_dataset(self, name: str, config: str | None, *, split: str, streaming: bool):
+        self.calls.append((name, config, split, streaming))
+        if name == "missing/dataset":
+            raise FileNotFoundError("Dataset 'missing/dataset' doesn't exist on the Hub")
+        for row in self.rows:
+            self.read += 1
+            yield row
+
+
+def test_hub_dataset_names_are_parsed_and_rows_read_like_jsonl(monkeypatch: pytest.MonkeyPatch) -> None:
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    fake = FakeDatasets([{"text": "first document"}, {"text": "  "}, chat, {"text": "x" * 100}, {"text": "never"}])
+    monkeypatch.setitem(__import__("sys").modules, "datasets", fake)
+    texts = hub_texts("wikitext:wikitext-2-raw-v1@test", max_chars=100)
+    assert fake.calls == [("wikitext", "wikitext-2-raw-v1", "test", True)]
+    assert texts == ["first document", "user: hi\nassistant: hello", "x" * 100] and fake.read == 4
+    assert resolve_texts("HuggingFaceH4/ultrachat_200k", "calibration")[0] == "first document"
+    assert fake.calls[-1] == ("HuggingFaceH4/ultrachat_200k", None, "train", True)
+
+    with pytest.raises(SeqgenError, match=r"'missing/dataset'.*Check the name, config and split"):
+        hub_texts("missing/dataset")
+    fake.rows = [{"body": "no text field"}]
+    with pytest.raises(SeqgenError, match=r"row 0 has neither a 'text'.*fields: \['body'\]"):
+        hub_texts("some/dataset")
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # not installed
+    with pytest.raises(SeqgenError, match="pip install datasets"):
+        resolve_texts("some/dataset", "calibration")
+
+
+def test_resolve_texts_prefers_files_and_the_builtin_corpus(tmp_path: Path) -> None:
+    assert resolve_texts(None, "heldout") == default_texts("heldout")
+    path = tmp_path / "corpus.txt"
+    path.write_text("one\n\ntwo", encoding="utf-8")
+    assert resolve_texts(str(path), "calibration") == ["one", "two"]
+    with pytest.raises(SeqgenError, match="no such file"):
+        resolve_texts(str(tmp_path / "missing.jsonl"), "calibration")
+    with pytest.raises(SeqgenError, match="is a directory"):
+        resolve_texts(str(tmp_path), "calibration")
 
 
 # ---- batching and padding ------------------------------------------------------------------------------------------

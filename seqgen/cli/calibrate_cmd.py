@@ -18,8 +18,9 @@ def _group_size(value: int) -> int | None:
 @click.command()
 @click.argument("package", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", "model_id", required=True, help="Model id or checkpoint directory (see `seqgen emit`).")
-@click.option("--dataset", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help=".txt or .jsonl calibration text. Default: the built-in corpus.")
+@click.option("--dataset", default=None,
+              help="A .txt or .jsonl file, or a Hugging Face dataset NAME[:CONFIG][@SPLIT] (online, needs the datasets "
+                   "package). Default: the built-in corpus.")
 @click.option("--algorithm", type=click.Choice(["gptq", "rtn"]), default="gptq")
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4")
 @click.option("--group-size", type=_GROUP, default=64, help="Columns per scale; -1 for one scale per channel.")
@@ -47,7 +48,7 @@ def _group_size(value: int) -> int | None:
 @click.option("--save", "save_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--save-format", type=click.Choice(["compressed", "fake"]), default="compressed",
               help="compressed: compressed-tensors (packed ints + scales) for vLLM; fake: dequantized weights.")
-def calibrate(package: Path | None, model_id: str, dataset: Path | None, algorithm: str, bits: str,
+def calibrate(package: Path | None, model_id: str, dataset: str | None, algorithm: str, bits: str,
               group_size: int, asym: bool, act_order: bool, dampening: float, num_samples: int, seq_len: int,
               batch_size: int, ignore: tuple[str, ...], no_propagate_error: bool, observe: bool, all_experts: bool,
               offload: str, spill_dir: Path | None, device: str | None, reemit: bool, save_dir: Path,
@@ -77,12 +78,13 @@ def calibrate(package: Path | None, model_id: str, dataset: Path | None, algorit
 
 @click.command(name="eval")
 @click.option("--model", "model_id", required=True, help="Model id or checkpoint directory (quantized or not).")
-@click.option("--dataset", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help=".txt or .jsonl text. Default: the built-in held-out corpus.")
+@click.option("--dataset", default=None,
+              help="A .txt or .jsonl file, or a Hugging Face dataset NAME[:CONFIG][@SPLIT] (online, needs the datasets "
+                   "package). Default: the built-in held-out corpus.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=512)
 @click.option("--max-samples", type=click.IntRange(min=1), default=40)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
-def evaluate(model_id: str, dataset: Path | None, seq_len: int, max_samples: int, batch_size: int) -> None:
+def evaluate(model_id: str, dataset: str | None, seq_len: int, max_samples: int, batch_size: int) -> None:
     """Print the perplexity of MODEL on held-out text."""
     from ..job import heldout_samples, load_tokenizer
     from ..evaluate import perplexity
