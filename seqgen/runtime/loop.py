@@ -232,6 +232,7 @@ def calibrate(
             with tqdm(total=len(cache) * (calibration_pass + propagation_pass), desc=subgraph.name, leave=False,
                       unit="batch") as bar:
                 if calibration_pass:
+                    bar.set_description(f"{subgraph.name} calibrate")
                     tick = time.perf_counter()
                     # Routing can differ per batch, so with fused experts every batch runs whole.
                     collector = _Collector(algorithm, linears, options.observe,
@@ -243,6 +244,7 @@ def calibrate(
                                   before_batch=lambda b: collector.new_batch(cache.attention_mask(b)),
                                   progress=lambda: bar.update())
                     seconds["calibrate"] = time.perf_counter() - tick
+                    bar.set_description(f"{subgraph.name} compress")
                     tick = time.perf_counter()
                     if weights is not None:  # disk offload: the pass's activations go back before GPTQ's peak
                         release_free_memory()
@@ -258,6 +260,7 @@ def calibrate(
                     expert_done.update(fused.compress())
                 experts.clear()
                 if propagation_pass:
+                    bar.set_description(f"{subgraph.name} propagate")
                     tick = time.perf_counter()
                     with torch.no_grad():
                         cache.run(model, subgraph, commit=True, progress=lambda: bar.update())
