@@ -160,8 +160,8 @@ class QuantizedWeight:
         """The float weight ``(q - z) * s`` that the codes stand for, ``[out_features, in_features]``."""
         q = self.codes.to(torch.float32, copy=True)  # modified in place below
         group = self.scheme.effective_group_size(self.in_features)
-        default = torch.arange(self.in_features, device=q.device) // group
-        if self.g_idx is None or torch.equal(self.g_idx.long(), default):
+        natural = torch.arange(self.in_features, device=q.device) // group if self.g_idx is not None else None
+        if natural is None or torch.equal(self.g_idx.long(), natural):
             # consecutive groups: parameters broadcast over a [rows, groups, group] view, in place
             view = q.view(self.out_features, -1, group)
             if self.zero_point is not None:

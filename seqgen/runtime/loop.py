@@ -35,7 +35,7 @@ from ..algorithms import ActivationObserver, Algorithm, QuantizedWeight, QuantSc
 from ..errors import SeqgenError
 from ..package import Package, Subgraph
 from .dispatch import Dispatcher, SafetensorsWeights, execution_device
-from .experts import FusedExperts, find_fused_experts, unsupported_experts
+from .experts import EXPERT_PARAMS, FusedExperts, find_fused_experts, unsupported_experts
 from .intermediates import IntermediatesCache, StopBatch
 from .memory import release_free_memory, reuse_large_allocations
 
@@ -269,7 +269,7 @@ def calibrate(
             if on_subgraph_done is not None:
                 on_subgraph_done(subgraph, done, expert_done)
             changed = [f"{name}.weight" for name in done]
-            changed += [f"{name}.{param}" for name in expert_plan[i] for param in ("gate_up_proj", "down_proj")]
+            changed += [f"{name}.{param}" for name in expert_plan[i] for param in EXPERT_PARAMS]
             dispatcher.offload(subgraph, changed=changed)
             if weights is not None:  # disk offload: the subgraph's weights and buffers go back to the OS
                 release_free_memory()
