@@ -18,9 +18,21 @@ import torch
 from .errors import SeqgenError
 from .runtime import CalibrationOptions, CalibrationResult, SafetensorsWeights, calibrate
 
-__all__ = ["CalibrationJob", "JobSummary", "run_job", "load_tokenizer", "calibration_samples", "heldout_samples"]
+__all__ = [
+    "DTYPES",
+    "CalibrationJob",
+    "JobSummary",
+    "run_job",
+    "load_tokenizer",
+    "model_dtype",
+    "calibration_samples",
+    "heldout_samples",
+]
 
 logger = logging.getLogger(__name__)
+
+# What the model computes in while it is calibrated; GPTQ's statistics and solve are fp32 whatever this is.
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,7 @@ class CalibrationJob:
     offload: str = "memory"  # or "disk"
     reemit: bool = False
     save_format: str = "compressed"  # or "fake"
+    dtype: str = "float32"  # weights and activations while calibrating: one of DTYPES
     options: CalibrationOptions = field(default_factory=CalibrationOptions)
 
 
@@ -90,14 +103,28 @@ def heldout_samples(tokenizer: Any, dataset: str | Path | None, seq_len: int, nu
     return _samples(tokenizer, dataset, "heldout", seq_len, num_samples)
 
 
-def _disk_model(directory: Path) -> torch.nn.Module:
+def model_dtype(name: str, model_id: str) -> torch.dtype:
+    """The torch dtype for ``--dtype NAME``; ``auto`` is the checkpoint's own (its config's ``dtype``), else fp32."""
+    if name not in DTYPES:
+        raise SeqgenError(f"unknown dtype {name!r}; use one of {list(DTYPES)}.")
+    if name != "auto":
+        return getattr(torch, name)
+    from .models import load_config
+
+    stored = getattr(load_config(model_id), "dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) and stored.is_floating_point else torch.float32
+
+
+def _disk_model(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
     """The model skeleton: parameters on meta, buffers real (non-persistent ones such as rotary tables)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(directory)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
 
@@ -111,13 +138,14 @@ def run_job(job: CalibrationJob) -> JobSummary:
 
     start = time.perf_counter()
     tokenizer = load_tokenizer(job.model_id)
+    dtype = model_dtype(job.dtype, job.model_id)
     weights = None
     if job.offload == "disk":
         directory = _checkpoint_dir(job.model_id)
-        model = _disk_model(directory)
+        model = _disk_model(directory, dtype)
         weights = SafetensorsWeights(directory, model)
     else:
-        model = load_model(job.model_id)
+        model = load_model(job.model_id, dtype)
     if job.save_format == "compressed" and job.options.quantize_experts:
         check_compressed_experts(model, job.options.scheme)  # fail before the calibration, not after it
     if job.package is not None:

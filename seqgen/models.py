@@ -490,7 +490,7 @@ def load_model(model_id: str, dtype: torch.dtype = torch.float32, **kwargs: Any)
     from transformers import AutoModelForCausalLM
 
     if model_id.startswith("tiny:"):
-        return tiny_model(model_id.split(":", 1)[1])
+        return tiny_model(model_id.split(":", 1)[1]).to(dtype)
     path: str | Path = smollm2_dir() if model_id == DEFAULT_MODEL else model_id
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)

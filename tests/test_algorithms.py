@@ -330,6 +330,20 @@ def test_gptq_accepts_low_precision_weight_and_inputs() -> None:
     assert q.codes.shape == (16, 64) and torch.isfinite(q.dequantize()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("algorithm", ["gptq", "rtn"])
+def test_scales_are_stored_in_the_weight_dtype(dtype: torch.dtype, algorithm: str) -> None:
+    """Scales are rounded to the weight's dtype when computed, so the in-memory dequantized weight is exactly what a
+    loader computes from the saved codes and scales (in that dtype, as compressed-tensors does)."""
+    x = correlated_inputs(600, 64)
+    w = random_weight(16, 64).to(dtype)
+    scheme = QuantScheme(bits=4, group_size=32, symmetric=False, act_order=True)
+    q = gptq_quantize(w, x, scheme)[0] if algorithm == "gptq" else quantize_rtn(w, scheme)
+    assert torch.equal(q.scale.to(dtype).float(), q.scale)
+    idx = q.group_index()
+    loader = (q.codes.to(dtype) - q.zero_point.to(dtype)[:, idx]) * q.scale.to(dtype)[:, idx]
+    assert torch.equal(q.dequantize(dtype), loader)
+
 def test_gptq_cholesky_retries_then_raises(caplog: pytest.LogCaptureFixture) -> None:
     w = random_weight(4, 4)
     scheme = QuantScheme(group_size=None, dampening=0.01)

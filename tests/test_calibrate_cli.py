@@ -93,12 +93,13 @@ def test_saved_model_reloads_with_the_same_logits(checkpoint: Path, tmp_path: Pa
     assert torch.equal(logits(plain), logits(fake.model))
 
 
-def test_spill_dir_flag(checkpoint: Path, tmp_path: Path) -> None:
+def test_spill_dir_and_dtype_flags(checkpoint: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["calibrate", "--model", str(checkpoint), *ARGS, "--spill-dir",
-                                      str(tmp_path / "spill"), "--save", str(tmp_path / "out")])
+                                      str(tmp_path / "spill"), "--dtype", "bfloat16", "--save", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "spill").is_dir() and not any((tmp_path / "spill").iterdir())
-    assert (tmp_path / "out" / "config.json").exists()
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as saved:
+        assert saved.get_tensor("model.layers.1.self_attn.o_proj.weight_scale").dtype == torch.bfloat16
 
 
 def test_eval_prints_perplexity(checkpoint: Path) -> None:
@@ -186,3 +187,19 @@ def test_disk_offload_reads_and_writes_per_expert_checkpoints(arch: str, moe_che
     assert tensor_names(tmp_path / "fake") == tensor_names(source), "the source checkpoint's own names"
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "fake", dtype=torch.float32).eval()
     assert torch.equal(logits(plain), expected)
+
+
+def test_bfloat16_calibration_saves_and_reloads(checkpoint: Path, tmp_path: Path) -> None:
+    """--dtype bfloat16: the model computes in bf16 (GPTQ's solve stays fp32), in memory and from disk alike."""
+    options = CalibrationOptions(scheme=QuantScheme(bits=4, group_size=32))
+    summary = run_job(CalibrationJob(model_id=str(checkpoint), save_dir=tmp_path / "memory", num_samples=4,
+                                     seq_len=32, batch_size=2, dtype="bfloat16", options=options))
+    assert {p.dtype for p in summary.model.parameters()} == {torch.bfloat16}
+    expected = logits(summary.model)
+    with safe_open(tmp_path / "memory" / "model.safetensors", "pt") as saved:
+        assert saved.get_tensor("model.layers.0.mlp.down_proj.weight_scale").dtype == torch.bfloat16
+    run_job(CalibrationJob(model_id=str(checkpoint), save_dir=tmp_path / "disk", num_samples=4, seq_len=32,
+                           batch_size=2, dtype="bfloat16", offload="disk", options=options))
+    for saved in ("memory", "disk"):
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / saved, dtype=torch.bfloat16).eval()
+        assert torch.equal(logits(reloaded), expected), saved

@@ -95,7 +95,9 @@ class QuantScheme:
         return in_features if self.group_size is None else self.group_size
 
 
-def compute_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+def compute_qparams(
+    w: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (and zero point) over the last dim of ``w`` (fp32); returns tensors of shape ``w.shape[:-1]``.
 
     Symmetric: ``s = max|w| / ((qmax - qmin) / 2)`` (``/ 7.5`` at 4 bits), the min-max convention of
@@ -103,17 +105,22 @@ def compute_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor,
     than ``max|w| / (2^(b-1) - 1)`` at the cost of clipping the largest positive value by half a step. Asymmetric:
     the range ``[min(w, 0), max(w, 0)]`` is spread over ``2^b - 1`` steps and ``z = round(-min / s)``, so 0 is
     exact. A group of zeros gets ``s = 1``.
+
+    ``scale_dtype`` is the dtype the scale will be stored in (the weight's): the scale is rounded to it here, so the
+    codes, the algorithm's error feedback and the in-memory dequantized weights all use the value a loader (vLLM,
+    compressed-tensors) reads back. Rounding bf16 scales only at save time would make the reloaded weights differ.
     """
     if scheme.symmetric:
         scale = w.abs().amax(dim=-1) / ((scheme.qmax - scheme.qmin) / 2)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return scale, None
-    lo = w.amin(dim=-1).clamp(max=0)
-    hi = w.amax(dim=-1).clamp(min=0)
-    scale = (hi - lo) / scheme.qmax
+    else:
+        lo = w.amin(dim=-1).clamp(max=0)
+        scale = (w.amax(dim=-1).clamp(min=0) - lo) / scheme.qmax
+    if scale_dtype is not None and scale_dtype != scale.dtype:
+        scale = scale.to(scale_dtype).to(scale.dtype)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = torch.round(-lo / scale).clamp(scheme.qmin, scheme.qmax)
-    return scale, zero
+    if scheme.symmetric:
+        return scale, None
+    return scale, torch.round(-lo / scale).clamp(scheme.qmin, scheme.qmax)
 
 
 def quantize_codes(
@@ -199,7 +206,7 @@ def quantize_rtn(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
     out_features, in_features = weight.shape
     n_groups = scheme.n_groups(in_features)
     w = weight.detach().float().reshape(out_features, n_groups, in_features // n_groups)
-    scale, zero = compute_qparams(w, scheme)
+    scale, zero = compute_qparams(w, scheme, weight.dtype)
     codes = quantize_codes(w, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), scheme)
     return QuantizedWeight(
         codes=codes.reshape(out_features, in_features).to(scheme.code_dtype),

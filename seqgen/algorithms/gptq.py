@@ -216,7 +216,8 @@ class GPTQ(Algorithm):
         static_group: list[int] = []
         if perm is not None:
             position = torch.argsort(perm)  # where each original column sits in wt
-            static = [compute_qparams(wt[position[g * group : (g + 1) * group]].T, scheme) for g in range(n_groups)]
+            static = [compute_qparams(wt[position[g * group : (g + 1) * group]].T, scheme, weight.dtype)
+                      for g in range(n_groups)]
             static_group = (perm // group).tolist()
 
         codes_t = torch.empty(cols, rows, dtype=scheme.code_dtype, device=device)
@@ -235,7 +236,7 @@ class GPTQ(Algorithm):
                 if perm is not None:
                     scale, zero = static[static_group[j]]
                 elif j % group == 0:
-                    scale, zero = self._group_params(wt, err1, u, i1, i2, i, group)
+                    scale, zero = self._group_params(wt, err1, u, i1, i2, i, group, weight.dtype)
                     scales[j // group] = scale
                     if zeros is not None:
                         zeros[j // group] = zero
@@ -280,7 +281,15 @@ class GPTQ(Algorithm):
         )
 
     def _group_params(
-        self, wt: torch.Tensor, err1: torch.Tensor, u: torch.Tensor, i1: int, i2: int, i: int, group: int
+        self,
+        wt: torch.Tensor,
+        err1: torch.Tensor,
+        u: torch.Tensor,
+        i1: int,
+        i2: int,
+        i: int,
+        group: int,
+        scale_dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scale/zero of the group starting at column ``j = i1 + i``, from its current error-updated weights.
 
@@ -296,7 +305,7 @@ class GPTQ(Algorithm):
             if i > 0:
                 ahead = ahead - u[i1:j, i2:end].T @ err1[:i]
             current = torch.cat([current, ahead], dim=0)
-        return compute_qparams(current.T, self.scheme)
+        return compute_qparams(current.T, self.scheme, scale_dtype)
 
     def _factor(self, stats: HessianStatistics) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Dead inputs, the activation-order permutation (or None) and ``U``, computed once per statistics."""
