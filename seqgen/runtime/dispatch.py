@@ -87,13 +87,6 @@ class SafetensorsWeights:
         from .experts import EXPERT_PARAMS, checkpoint_layout, is_fused_experts
 
         missing = {name: t for name, t in model.state_dict(keep_vars=True).items() if name not in self.weight_map}
-        for name, tensor in missing.items():
-            owner, _, attr = name.rpartition(".")
-            if attr in EXPERT_PARAMS and is_fused_experts(model.get_submodule(owner)):
-                continue
-            reverted = revert_weight_conversion(model, {name: torch.empty(tensor.shape, device="meta")})
-            if len(reverted) == 1 and next(iter(reverted)) in self.weight_map:
-                self.sources[name] = [_Piece(next(iter(reverted)), None, None)]
         owners = {name.rpartition(".")[0] for name in missing if name.rpartition(".")[2] in EXPERT_PARAMS}
         for owner in sorted(o for o in owners if is_fused_experts(model.get_submodule(o))):
             layout = checkpoint_layout(model, owner) or {}
@@ -101,6 +94,15 @@ class SafetensorsWeights:
                 for key, (param, expert, rows) in layout.items():
                     self.sources.setdefault(param, []).append(_Piece(key, expert, rows))
                     self._shapes[param] = tuple(missing[param].shape)
+        for name, tensor in missing.items():  # renamed, whole (experts too, where the checkpoint keeps them fused)
+            if name in self.sources:
+                continue
+            reverted = revert_weight_conversion(model, {name: torch.empty(tensor.shape, device="meta")})
+            if len(reverted) != 1:
+                continue
+            key, stored = next(iter(reverted.items()))
+            if key in self.weight_map and stored.shape == tensor.shape:  # a rename, no more
+                self.sources[name] = [_Piece(key, None, None)]
         if self.sources:
             logger.info("%d model tensors are read from checkpoint tensors of other names (e.g. %s <- %s)",
                         len(self.sources), next(iter(self.sources)), self.checkpoint_keys(next(iter(self.sources)))[0])
