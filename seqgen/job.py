@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .errors import SeqgenError
-from .runtime import CalibrationOptions, CalibrationResult, SafetensorsWeights, calibrate
+from .runtime import CalibrationOptions, CalibrationResult, SafetensorsWeights, calibrate, execution_device
 
 __all__ = [
     "DTYPES",
@@ -47,7 +47,7 @@ class CalibrationJob:
     offload: str = "memory"  # or "disk"
     reemit: bool = False
     save_format: str = "compressed"  # or "fake"
-    dtype: str = "float32"  # weights and activations while calibrating: one of DTYPES
+    dtype: str | None = None  # weights and activations while calibrating: one of DTYPES (see model_dtype)
     options: CalibrationOptions = field(default_factory=CalibrationOptions)
 
 
@@ -103,8 +103,14 @@ def heldout_samples(tokenizer: Any, dataset: str | Path | None, seq_len: int, nu
     return _samples(tokenizer, dataset, "heldout", seq_len, num_samples)
 
 
-def model_dtype(name: str, model_id: str) -> torch.dtype:
-    """The torch dtype for ``--dtype NAME``; ``auto`` is the checkpoint's own (its config's ``dtype``), else fp32."""
+def model_dtype(name: str | None, model_id: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for ``--dtype NAME``; ``auto`` is the checkpoint's own (its config's ``dtype``), else fp32.
+
+    Without a name: ``auto`` on CUDA (a 70B bf16 checkpoint would need twice the memory in fp32), float32 on the CPU,
+    where bf16 matmuls are slower and fp32 is what the eager model is checked against.
+    """
+    if name is None:
+        name = "auto" if device.type == "cuda" else "float32"
     if name not in DTYPES:
         raise SeqgenError(f"unknown dtype {name!r}; use one of {list(DTYPES)}.")
     if name != "auto":
@@ -138,7 +144,7 @@ def run_job(job: CalibrationJob) -> JobSummary:
 
     start = time.perf_counter()
     tokenizer = load_tokenizer(job.model_id)
-    dtype = model_dtype(job.dtype, job.model_id)
+    dtype = model_dtype(job.dtype, job.model_id, execution_device(job.options.device))
     weights = None
     if job.offload == "disk":
         directory = _checkpoint_dir(job.model_id)

@@ -205,3 +205,16 @@ def test_bfloat16_calibration_saves_and_reloads(checkpoint: Path, tmp_path: Path
     for saved in ("memory", "disk"):
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / saved, dtype=torch.bfloat16).eval()
         assert torch.equal(logits(reloaded), expected), saved
+
+
+def test_default_dtype_is_the_checkpoints_on_cuda_fp32_on_cpu(tmp_path: Path) -> None:
+    from seqgen.errors import SeqgenError
+    from seqgen.job import model_dtype
+
+    tiny_model("llama", hidden_size=64, intermediate_size=128, head_dim=16).to(torch.bfloat16).save_pretrained(tmp_path)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda:0")  # only the device's type is read
+    assert model_dtype(None, str(tmp_path), cuda) == model_dtype("auto", str(tmp_path), cpu) == torch.bfloat16
+    assert model_dtype(None, str(tmp_path), cpu) == torch.float32
+    assert model_dtype("float16", str(tmp_path), cuda) == torch.float16
+    with pytest.raises(SeqgenError, match="unknown dtype 'fp8'"):
+        model_dtype("fp8", str(tmp_path), cpu)

@@ -43,9 +43,9 @@ def _group_size(value: int) -> int | None:
 @click.option("--spill-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the activations between subgraphs in files under this directory instead of RAM (one "
                    "batch in memory at a time; for calibration sets larger than RAM).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32",
-              help="Weights and activations while calibrating (GPTQ's Hessian and solve stay fp32). bfloat16 halves "
-                   "the memory, for GPUs; auto: the checkpoint's own dtype.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default=None,
+              help="Weights and activations while calibrating (GPTQ's Hessian and solve stay fp32); auto: the "
+                   "checkpoint's own. Default: auto on CUDA, float32 on the CPU.")
 @click.option("--device", default=None, help="Execution device. Default: cuda:0 when available, else cpu.")
 @click.option("--reemit", is_flag=True, help="Ignore the partition cache and emit the package again.")
 @click.option("--save", "save_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
@@ -54,7 +54,7 @@ def _group_size(value: int) -> int | None:
 def calibrate(package: Path | None, model_id: str, dataset: str | None, algorithm: str, bits: str,
               group_size: int, asym: bool, act_order: bool, dampening: float, num_samples: int, seq_len: int,
               batch_size: int, ignore: tuple[str, ...], no_propagate_error: bool, observe: bool, all_experts: bool,
-              offload: str, spill_dir: Path | None, dtype: str, device: str | None, reemit: bool, save_dir: Path,
+              offload: str, spill_dir: Path | None, dtype: str | None, device: str | None, reemit: bool, save_dir: Path,
               save_format: str) -> None:
     """Quantize MODEL layer by layer with PACKAGE (default: from the partition cache) and save it."""
     from ..algorithms import QuantScheme
