@@ -95,7 +95,7 @@ def _child(python: str, code: str, *args: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=1, help="runs per row; the table shows medians")
+    parser.add_argument("--runs", type=int, default=1, help="rounds (each row once per round); medians shown")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=40)
@@ -119,16 +119,15 @@ def main() -> None:
             },
             data_file,
         )
-        rows: dict[str, list[dict[str, float]]] = {}
-        for name in args.rows.split(","):
-            rows[f"seqgen {name}"] = [
-                _child(sys.executable, _SEQGEN_CHILD, name, data_file, str(args.batch_size)) for _ in range(args.runs)
-            ]
+        plan = {f"seqgen {name}": (sys.executable, _SEQGEN_CHILD, name, data_file, str(args.batch_size))
+                for name in args.rows.split(",")}
         if args.vs_llmcompressor:
-            rows["llm-compressor gptq"] = [
-                _child(args.vs_llmcompressor, _LLMCOMPRESSOR_CHILD, str(smollm2_dir()), data_file)
-                for _ in range(args.runs)
-            ]
+            plan["llm-compressor gptq"] = (args.vs_llmcompressor, _LLMCOMPRESSOR_CHILD, str(smollm2_dir()), data_file)
+        # Round by round, every row once per round: a slow spell of the machine hits the rows of a round alike.
+        rows: dict[str, list[dict[str, float]]] = {}
+        for _ in range(args.runs):
+            for label, (python, code, *child_args) in plan.items():
+                rows.setdefault(label, []).append(_child(python, code, *child_args))
 
     med = {k: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for k, runs in rows.items()}
     fp = med.get("seqgen fp", {}).get("ppl")
@@ -140,6 +139,10 @@ def main() -> None:
         ratio = f"{m['seconds'] / reference:.2f}x" if reference and m["seconds"] else "-"
         increase = f"{(m['ppl'] / fp - 1) * 100:+.1f}%" if fp else "-"
         print(f"{name:<22} {m['seconds']:>8.1f} {ratio:>8} {m['rss_mb']:>12.0f} {m['ppl']:>9.3f} {increase:>8}")
+    if "seqgen gptq" in rows and "llm-compressor gptq" in rows:
+        ratios = [a["seconds"] / b["seconds"] for a, b in zip(rows["seqgen gptq"], rows["llm-compressor gptq"])]
+        print(f"seqgen gptq / llm-compressor gptq wall time per round: {', '.join(f'{r:.2f}x' for r in ratios)} "
+              f"(median {statistics.median(ratios):.2f}x)")
 
 
 if __name__ == "__main__":
