@@ -145,9 +145,13 @@ def save_quantized(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("saved %d quantized layers and %d quantized expert projections (%s format) to %s", len(quantized),
-                len(experts), save_format, out)
+    logger.info("saved %s (%s format) to %s", _counts(len(quantized), len(experts)), save_format, out)
     return out
+
+
+def _counts(layers: int, experts: int) -> str:
+    """``"N quantized layers"``, plus the quantized expert projections when there are any (for log lines)."""
+    return f"{layers} quantized layers" + (f" and {experts} quantized expert projections" if experts else "")
 
 
 def quantization_config(
@@ -634,6 +638,6 @@ class StreamingSaver:
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
-        logger.info("saved %d quantized layers and %d quantized expert projections (%s format, streamed) to %s",
-                    len(self.shapes), len(self.expert_shapes), self.save_format, self.out)
+        logger.info("saved %s (%s format, streamed) to %s", _counts(len(self.shapes), len(self.expert_shapes)),
+                    self.save_format, self.out)
         return self.out
