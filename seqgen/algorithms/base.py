@@ -126,11 +126,11 @@ def compute_qparams(
 def quantize_codes(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme
 ) -> torch.Tensor:
-    """Integer codes (as fp32 values) of ``w`` given broadcastable ``scale`` and ``zero``."""
-    q = torch.round(w / scale)
+    """Integer codes (as fp32 values) of ``w`` given broadcastable ``scale`` and ``zero``, in one new tensor."""
+    q = torch.div(w, scale).round_()
     if zero is not None:
-        q = q + zero
-    return q.clamp(scheme.qmin, scheme.qmax)
+        q.add_(zero)
+    return q.clamp_(scheme.qmin, scheme.qmax)
 
 
 @dataclass

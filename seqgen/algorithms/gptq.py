@@ -231,6 +231,10 @@ class GPTQ(Algorithm):
             w1 = wt[i1:i2]  # a view: updated in place
             err1 = torch.empty_like(w1)
             u1 = u[i1:i2, i1:i2]
+            # Per column views and U's diagonal as Python floats, made once per block: the column step below is
+            # the sequential core of GPTQ, and on either device its cost is the number of ops it dispatches.
+            columns, errors, codes = w1.unbind(0), err1.unbind(0), codes_t[i1:i2].unbind(0)
+            diagonal = u1.diagonal().tolist()
             for i in range(i2 - i1):
                 j = i1 + i
                 if perm is not None:
@@ -240,12 +244,11 @@ class GPTQ(Algorithm):
                     scales[j // group] = scale
                     if zeros is not None:
                         zeros[j // group] = zero
-                col = w1[i]
+                col, err = columns[i], errors[i]
                 q = quantize_codes(col, scale, zero, scheme)
-                codes_t[j] = q
-                deq = (q - zero) * scale if zero is not None else q * scale
-                err = err1[i]
-                torch.div(col - deq, u1[i, i], out=err)
+                codes[i].copy_(q)
+                q = q.sub_(zero).mul_(scale) if zero is not None else q.mul_(scale)  # dequantized
+                torch.sub(col, q, out=err).div_(diagonal[i])
                 # OBS update of the block's later columns: W[:, k] -= err * U[j, k].
                 if i + 1 < i2 - i1:
                     w1[i + 1 :].addr_(u1[i, i + 1 :], err, alpha=-1.0)
