@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import seqgen.emitter
 from seqgen.algorithms import QuantScheme
+from seqgen.evaluate import perplexity
 from seqgen.cli import cli
-from seqgen.job import CalibrationJob, run_job
+from seqgen.job import CalibrationJob, heldout_samples, run_job
 from seqgen.models import smollm2_dir, tiny_model
 from seqgen.runtime import CalibrationOptions
 
@@ -103,10 +104,19 @@ def test_spill_dir_and_dtype_flags(checkpoint: Path, tmp_path: Path) -> None:
 
 
 def test_eval_prints_perplexity(checkpoint: Path) -> None:
-    result = CliRunner().invoke(cli, ["eval", "--model", str(checkpoint), "--seq-len", "32", "--max-samples", "2"])
-    assert result.exit_code == 0, result.output
-    value = float(result.stdout.split("perplexity: ")[1].split()[0])
-    assert 1.0 < value < 1e6
+    def evaluate(*extra: str) -> float:
+        result = CliRunner().invoke(cli, ["eval", "--model", str(checkpoint), "--seq-len", "32", "--max-samples", "2",
+                                          *extra])
+        assert result.exit_code == 0, result.output
+        assert "(2 samples x 32 tokens)" in result.stdout
+        return float(result.stdout.split("perplexity: ")[1].split()[0])
+
+    samples = heldout_samples(AutoTokenizer.from_pretrained(checkpoint), None, 32, 2)
+    expected = {dtype: perplexity(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval(), samples)
+                for dtype in (torch.float32, torch.bfloat16)}
+    assert expected[torch.float32] > 1.0 and round(expected[torch.float32], 4) != round(expected[torch.bfloat16], 4)
+    assert evaluate() == round(expected[torch.float32], 4)  # the CPU's default: fp32, whatever the checkpoint's
+    assert evaluate("--dtype", "bfloat16") == round(expected[torch.bfloat16], 4)
 
 
 def test_gptq_act_order_saves_compressed(checkpoint: Path, tmp_path: Path) -> None:

@@ -87,13 +87,24 @@ def calibrate(package: Path | None, model_id: str, dataset: str | None, algorith
 @click.option("--seq-len", type=click.IntRange(min=2), default=512)
 @click.option("--max-samples", type=click.IntRange(min=1), default=40)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
-def evaluate(model_id: str, dataset: str | None, seq_len: int, max_samples: int, batch_size: int) -> None:
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default=None,
+              help="auto: the checkpoint's own. Default: auto on CUDA, float32 on the CPU.")
+@click.option("--device", default=None,
+              help="Default: the GPUs when CUDA is available (a model larger than one is spread over them and the "
+                   "CPU), else cpu.")
+def evaluate(model_id: str, dataset: str | None, seq_len: int, max_samples: int, batch_size: int, dtype: str | None,
+             device: str | None) -> None:
     """Print the perplexity of MODEL on held-out text."""
-    from ..job import heldout_samples, load_tokenizer
     from ..evaluate import perplexity
+    from ..job import heldout_samples, load_tokenizer, model_dtype
     from ..models import load_model
+    from ..runtime import execution_device
 
-    model = load_model(model_id)
+    target = execution_device(device)
+    placement = {}
+    if target.type != "cpu":
+        placement = {"device_map": "auto" if device is None else {"": str(target)}}
+    model = load_model(model_id, model_dtype(dtype, model_id, target), **placement)
     samples = heldout_samples(load_tokenizer(model_id), dataset, seq_len, max_samples)
     value = perplexity(model, samples, batch_size=batch_size)
     out(f"perplexity: {value:.4f} ({samples.shape[0]} samples x {seq_len} tokens)")
