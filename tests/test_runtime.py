@@ -190,3 +190,26 @@ def test_fused_experts_are_quantized_per_expert(tmp_path: Path, arch: str) -> No
         assert torch.equal(experts.down_proj[e], quantized.dequantize())
     original = fresh.get_submodule("model.layers.0.mlp.experts").gate_up_proj
     assert not torch.equal(experts.gate_up_proj, original)
+
+
+def test_memory_offload_keeps_parameters_and_ties(tmp_path: Path) -> None:
+    """Memory-mode moves (what CUDA runs; on the CPU the copies are no-ops) swap each parameter's data in place: the
+    same Parameter objects before and after, so tied embeddings stay one tensor and outside references stay valid."""
+    from seqgen.runtime.dispatch import Dispatcher
+
+    tied = tiny_model("llama", tie_word_embeddings=True, **SIZES)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    package = seqgen.load(emit_model(meta_model(tied.config), tmp_path / "p").path)
+    before = dict(tied.named_parameters(remove_duplicate=False))
+    expected = package.run(tied, **batches(1)[0])["logits"]
+    dispatcher = Dispatcher(tied, torch.device("cpu"))
+    dispatcher.moves = True  # as on an accelerator
+    for subgraph in package.subgraphs:
+        dispatcher.onload(subgraph)
+        dispatcher.offload(subgraph, changed=[f"{name}.weight" for name in quantizable_linears(tied, subgraph, ())])
+    after = dict(tied.named_parameters(remove_duplicate=False))
+    assert after.keys() == before.keys() and all(after[name] is before[name] for name in before)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    embedding = package.subgraphs[0].modules + package.subgraphs[-1].modules
+    assert "model.embed_tokens" in embedding and "lm_head" in embedding
+    assert torch.equal(package.run(tied, **batches(1)[0])["logits"], expected)

@@ -158,11 +158,28 @@ def _module_tensors(model: torch.nn.Module, subgraph: Subgraph) -> dict[str, tup
 
 
 def _set_tensor(owner: torch.nn.Module, attr: str, value: torch.Tensor) -> None:
+    """Make ``value`` the tensor of ``owner.<attr>``. A parameter keeps its identity (its ``.data`` is swapped), so
+    tied weights stay tied and outside references stay valid; only to or from the meta device (disk offload's
+    skeleton), where ``.data`` cannot be swapped, is the parameter replaced."""
     current = getattr(owner, attr)
-    if isinstance(current, torch.nn.Parameter):
-        owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
-    else:
+    if not isinstance(current, torch.nn.Parameter):
         owner._buffers[attr] = value
+    elif current.device.type != "meta" and value.device.type != "meta":
+        current.data = value
+    else:
+        owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+
+
+def _unaliased(tensors: dict[str, tuple[torch.nn.Module, str]]) -> dict[str, tuple[torch.nn.Module, str]]:
+    """``tensors`` without the later names of one tensor object (tied weights): moving it once moves them all."""
+    seen: set[int] = set()
+    kept: dict[str, tuple[torch.nn.Module, str]] = {}
+    for name, (owner, attr) in tensors.items():
+        current = getattr(owner, attr)
+        if current.device.type == "meta" or id(current) not in seen:  # a meta skeleton's aliases load one by one
+            kept[name] = (owner, attr)
+        seen.add(id(current))
+    return kept
 
 
 class Dispatcher:
@@ -215,7 +232,7 @@ class Dispatcher:
         """Start copying ``subgraph``'s weights to the device on a side stream (CUDA, memory mode only)."""
         if self._stream is None or self.weights is not None:
             return
-        tensors = _module_tensors(self.model, subgraph)
+        tensors = _unaliased(_module_tensors(self.model, subgraph))
         with torch.cuda.stream(self._stream):
             for name, (owner, attr) in tensors.items():
                 source = self._source(name, owner, attr)
@@ -227,7 +244,7 @@ class Dispatcher:
     def onload(self, subgraph: Subgraph) -> None:
         if not self.moves:
             return
-        tensors = _module_tensors(self.model, subgraph)
+        tensors = _unaliased(_module_tensors(self.model, subgraph))
         if self._staged_event is not None:
             torch.cuda.current_stream(self.device).wait_event(self._staged_event)
             self._staged_event = None
@@ -255,8 +272,9 @@ class Dispatcher:
         in memory mode they are copied back into their home copy; in disk mode the caller saved them already."""
         if not self.moves:
             return
-        changed = set(changed)
-        for name, (owner, attr) in _module_tensors(self.model, subgraph).items():
+        tensors = _module_tensors(self.model, subgraph)
+        rewritten = {id(getattr(*tensors[name])) for name in changed if name in tensors}  # by object: aliases too
+        for name, (owner, attr) in _unaliased(tensors).items():
             current = getattr(owner, attr)
             if self.weights is not None and name in self.weights:
                 _set_tensor(owner, attr, torch.empty_like(current, device="meta"))
@@ -264,7 +282,7 @@ class Dispatcher:
             home = self._home.get(name)
             if home is None:
                 continue
-            if name in changed:
+            if id(current) in rewritten:
                 home.copy_(current.data)
             _set_tensor(owner, attr, home)
         if self.device.type == "cuda":
