@@ -5,7 +5,8 @@ earliest subgraph where all its inputs exist, where reading the output of a grou
 after that group. So the head subgraph (0) holds the embeddings, masks and rotary tables, whatever reads a layer's
 output lands with the next layer, and the final norm and ``lm_head`` form the tail. Nodes written inline (attribute
 reads such as ``x.shape[1]``) go with their single user, and a fresh leaf instance (an empty KV cache, see
-:data:`seqgen.trace.leaves.LEAF_CLASSES`) is built in each subgraph that uses it. Empty subgraphs are dropped.
+:data:`seqgen.trace.leaves.LEAF_CLASSES`) or a small constant tensor made in forward (a ``torch.tensor(...)``
+literal) is built in each subgraph that uses it. Empty subgraphs are dropped.
 
 For each subgraph the partitioner lists the values it reads from earlier ones (inputs), the values later ones or the
 caller read (outputs), and the inputs that nothing later reads (consumed: the runtime frees them).
@@ -106,10 +107,11 @@ def partition_graph(
             if user.op != "output":
                 place[node] = place[user]
 
-    # a fresh leaf instance (an empty KV cache) is built in every subgraph that uses it, never passed between them
+    # a fresh leaf instance (an empty KV cache) or a constant literal is built in every subgraph that uses it, never
+    # passed between them
     copies: dict[Node, list[int]] = {}
     for node in reversed(list(graph.nodes)):
-        if node.meta.get("seqgen_fresh") and node.users:
+        if (node.meta.get("seqgen_fresh") or node.meta.get("seqgen_literal")) and node.users:
             needed = sorted({p for user in node.users for p in (place.get(user, tail), *copies.get(user, ()))})
             place[node], copies[node] = needed[0], needed[1:]
 

@@ -6,10 +6,14 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import LlamaForCausalLM
 
+import seqgen
 from conftest import CORE_ARCHS, run_fresh, save_tiny
 from seqgen.emitter import EmitOptions, emit_model
-from seqgen.models import meta_model
+from seqgen.models import TINY_SEED, meta_model, tiny_config
+from seqgen.verify import random_batch
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +83,30 @@ def test_emit_70b_config_on_meta_without_weights(tmp_path: Path) -> None:
     index = emit_model(meta_model(config), tmp_path / "p").index
     assert len(index["subgraphs"]) == 82
     assert index["subgraphs"][80]["targets"] == ["model.layers.79"]
+
+
+class ScaledLlama(LlamaForCausalLM):
+    """Makes a constant tensor in forward, as some modeling code does (`epsilon_tensor = torch.tensor(1e-5)`)."""
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        output = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logit_scale = torch.tensor([0.5, 0.25]).sum()
+        output.logits = output.logits * logit_scale
+        return output
+
+
+def test_constant_tensor_made_in_forward_is_written_as_a_literal(tmp_path: Path) -> None:
+    with torch.device("meta"):
+        skeleton = ScaledLlama(tiny_config("llama")).eval()
+    result = emit_model(skeleton, tmp_path / "p")
+    tail = (result.path / result.index["subgraphs"][-1]["file"]).read_text()
+    # computed eagerly while tracing (no traced value is involved), so the literal holds the result, in the one
+    # subgraph that uses it: nothing is passed between subgraphs for it
+    assert "logit_scale = torch.tensor(0.75, dtype=torch.float32)" in tail
+    assert all("logit_scale" not in sg["inputs"] for sg in result.index["subgraphs"])
+    torch.manual_seed(TINY_SEED)
+    model = ScaledLlama(tiny_config("llama")).eval()
+    batch = random_batch(model.config.vocab_size, 2, 9, seed=0)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    assert torch.equal(seqgen.load(result.path).run(model, **batch)["logits"], expected)

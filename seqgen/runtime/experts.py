@@ -144,8 +144,9 @@ def checkpoint_layout(model: torch.nn.Module, owner: str) -> dict[str, tuple[str
     weight name -> (fused parameter, expert, its rows there); None when it does not split them into one 2-D weight
     per expert (architectures whose checkpoints keep the experts fused, e.g. GraniteMoE).
 
-    Each row of each fused parameter is tagged with its index and the tags go through ``revert_weight_conversion``
-    (what ``save_pretrained`` runs), so the names and splits are the model's own, e.g. Mixtral's
+    Each row of each fused parameter is tagged with its index (two equal columns: some transformers versions squeeze
+    a dimension of size 1 while splitting) and the tags go through ``revert_weight_conversion`` (what
+    ``save_pretrained`` runs), so the names and splits are the model's own, e.g. Mixtral's
     ``block_sparse_moe.experts.<e>.w1.weight`` = rows ``[0, I)`` of expert ``e`` of ``gate_up_proj``.
     """
     from transformers.core_model_loading import revert_weight_conversion
@@ -156,18 +157,20 @@ def checkpoint_layout(model: torch.nn.Module, owner: str) -> dict[str, tuple[str
     for name in EXPERT_PARAMS:
         param = f"{owner}.{name}"
         experts, rows = model.get_parameter(param).shape[:2]
-        probes[param] = torch.arange(start, start + experts * rows).reshape(experts, rows, 1)
+        probes[param] = torch.arange(start, start + experts * rows).reshape(experts, rows, 1).repeat(1, 1, 2)
         ranges.append((param, start, start + experts * rows, rows))
         start += experts * rows
     reverted = revert_weight_conversion(model, dict(probes))
     layout: dict[str, tuple[str, int, torch.Tensor]] = {}
     seen = torch.zeros(start, dtype=torch.long)
     for key, tags in sorted(reverted.items()):
-        flat = tags.reshape(-1)
+        per_expert = tags.dim() == 2 and tags.shape[1] == 2 and key.endswith(".weight")
+        if not per_expert or not torch.equal(tags[:, 0], tags[:, 1]):  # a split of whole rows, not transposed
+            return None
+        flat = tags[:, 0]
         param, first, end, rows = next(r for r in ranges if r[1] <= int(flat[0]) < r[2])
         expert = (flat - first) // rows
-        per_expert = tags.dim() == 2 and tags.shape[1] == 1 and key.endswith(".weight")
-        if not per_expert or int(flat.min()) < first or int(flat.max()) >= end or not bool((expert == expert[0]).all()):
+        if int(flat.min()) < first or int(flat.max()) >= end or not bool((expert == expert[0]).all()):
             return None
         layout[key] = (param, int(expert[0]), (flat - first) % rows)
         seen[flat] += 1

@@ -58,6 +58,8 @@ LEAF_CLASSES: dict[str, bool] = {
     # layers that share keys/values (gemma3n, gemma4) pass them to later layers through this dict: one instance,
     # built in the head subgraph and handed to every layer
     "transformers.cache_utils.KVSharingDict": False,
+    # the same dict before transformers 5.2x: a plain UserDict, created in the model's forward
+    "collections.UserDict": False,
 }
 
 

@@ -130,6 +130,8 @@ class _Root(torch.nn.Module):
 
 
 _TRACE_CODE = torch.fx.Tracer.trace.__code__  # frames above it belong to the caller, not the model
+# Constant tensors made in forward with at most this many elements are written into the generated code as literals.
+_MAX_LITERAL_TENSOR = 16
 
 
 def _is_model_code(filename: str) -> bool:
@@ -347,6 +349,7 @@ class SeqgenTracer(torch.fx.Tracer):
         self._failures: dict[Node, Exception] = {}
         self._len_guarded: set[Node] = set()
         self._config_paths = self._find_configs(model)
+        self._literals: dict[int, tuple[torch.Tensor, Node]] = {}
 
     def trace(self, root, concrete_args=None):  # type: ignore[override]
         with _proxy_aware_torch_functions(), self._leaf_patches.active(), _traced_module_state(self):
@@ -407,6 +410,29 @@ class SeqgenTracer(torch.fx.Tracer):
             and getattr(inspect.getmodule(a), a.__name__, None) is a
         ):
             return a  # an importable function passed as a value (e.g. a mask function)
+        if (
+            type(a) is torch.Tensor
+            and a.device.type == "cpu"
+            and a.numel() <= _MAX_LITERAL_TENSOR
+            and a not in self.tensor_attrs
+        ):
+            # a small constant made in forward (`eps = torch.tensor(1e-5)`): written out as a literal in each subgraph
+            # that uses it, where torch.fx would store it as an attribute of the traced root that no file could hold
+            known = self._literals.get(id(a))
+            if known is not None and known[0] is a:
+                return known[1]
+            node = self.create_node("call_function", torch.tensor, (a.tolist(),), {"dtype": a.dtype})
+            node.meta["seqgen_literal"] = True
+            self._literals[id(a)] = (a, node)  # the tensor is kept, so its id is not reused
+            frame = inspect.currentframe()
+            while frame is not None and not _is_model_code(frame.f_code.co_filename):
+                frame = frame.f_back
+            if frame is not None:  # named after the model code's local, as traced values are
+                name = next((k for k, v in frame.f_locals.items() if v is a and not k.startswith("_")), None)
+                if name is not None:
+                    node.meta["seqgen_source_name"] = name
+            del frame
+            return node
         return super().create_arg(a)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[override]
