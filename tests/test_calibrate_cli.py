@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,7 @@ def test_all_experts_flag_feeds_every_expert(moe_checkpoint: Path, tmp_path: Pat
                                       "--save", str(tmp_path / "all")])
     assert result.exit_code == 0, result.output
     assert "quantized 8 linears and 16 expert projections" in result.output  # 2 layers x 2 projections x 4 experts
+    assert re.search(r"time by phase: onload [\d.]+s, calibrate [\d.]+s, compress [\d.]+s", result.output)
 
     # the same calibration (the CLI's defaults) without all_experts: experts see only the tokens routed to them
     scheme = QuantScheme(bits=4, group_size=32, symmetric=True, act_order=True, dampening=0.01)

@@ -79,7 +79,11 @@ def test_passes_and_skipped_tail(package: seqgen.Package) -> None:
             m.model.layers[i].register_forward_pre_hook(count(f"layer{i} entered"))
             m.model.layers[i].mlp.down_proj.register_forward_hook(count(f"layer{i} down_proj ran"))
         m.lm_head.register_forward_pre_hook(count("lm_head entered"))
-        calibrate(m, package, batches(n), CalibrationOptions(scheme=SCHEME, propagate_error=propagate))
+        result = calibrate(m, package, batches(n), CalibrationOptions(scheme=SCHEME, propagate_error=propagate))
+        phases = result.phase_seconds()
+        assert list(phases) == ["onload", "calibrate", "compress", "propagate", "offload"]  # the head always propagates
+        assert sum(phases.values()) <= result.seconds
+        assert result.phase_summary().startswith(f"onload {phases['onload']:.1f}s, calibrate ")
         expected = {"layer0 entered": 2 * n, "layer0 down_proj ran": 1 + n, "layer1 entered": n,
                     "layer1 down_proj ran": 1}
         if not propagate:  # the calibration pass's outputs are kept: layer 0 runs once, whole

@@ -59,6 +59,9 @@ class CalibrationOptions:
     spill_dir: str | Path | None = None  # activations between subgraphs wait in files here, not in RAM
 
 
+_PHASES = ("onload", "calibrate", "compress", "propagate", "offload")  # a subgraph's phases, in the order they run
+
+
 @dataclass
 class SubgraphReport:
     name: str
@@ -75,6 +78,16 @@ class CalibrationResult:
     linears: int = 0  # quantized nn.Linear layers (also when the weights were streamed out, not kept)
     seconds: float = 0.0
     peak_device_bytes: int | None = None
+
+    def phase_seconds(self) -> dict[str, float]:
+        """Seconds per phase, summed over the subgraphs, in the order the phases run (phases that never ran are
+        left out)."""
+        return {phase: sum(r.seconds[phase] for r in self.reports if phase in r.seconds)
+                for phase in _PHASES if any(phase in r.seconds for r in self.reports)}
+
+    def phase_summary(self) -> str:
+        """``phase_seconds`` as one line, e.g. ``calibrate 70.9s, compress 8.0s, propagate 49.4s``."""
+        return ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in self.phase_seconds().items())
 
 
 def quantizable_linears(model: torch.nn.Module, subgraph: Subgraph, ignore: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
@@ -284,8 +297,8 @@ def calibrate(
     result.seconds = time.perf_counter() - start
     if device.type == "cuda":
         result.peak_device_bytes = torch.cuda.max_memory_allocated(device)
-    logger.info("calibrated %d linears and %d expert projections in %d subgraphs in %.1fs", result.linears,
-                len(result.experts), len(subgraphs), result.seconds)
+    logger.info("calibrated %d linears and %d expert projections in %d subgraphs in %.1fs (%s)", result.linears,
+                len(result.experts), len(subgraphs), result.seconds, result.phase_summary())
     return result
 
 
