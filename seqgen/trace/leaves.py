@@ -206,5 +206,8 @@ def resolve_leaf_functions(model: torch.nn.Module, ignore: Iterable[str]) -> lis
 
 # Model types traced with their own cache (see ``trace_model``), because only a cached trace equals eager mode to the
 # last bit: their attention concatenates keys and values into the cache and reads them back (gpt_neo, git,
-# bigbird_pegasus), or their SSM layers take another kernel path when a cache exists (the mamba family).
-CACHE_NUMERICS: frozenset[str] = frozenset({"gpt_neo", "git", "bigbird_pegasus", "mamba", "mamba2", "falcon_mamba"})
+# bigbird_pegasus; gptj before transformers 5.2x), or their SSM layers take another kernel path when a cache exists
+# (the mamba family).
+CACHE_NUMERICS: frozenset[str] = frozenset(
+    {"gpt_neo", "git", "bigbird_pegasus", "gptj", "mamba", "mamba2", "falcon_mamba"}
+)
