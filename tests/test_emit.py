@@ -11,6 +11,7 @@ from transformers import LlamaForCausalLM
 
 import seqgen
 from conftest import CORE_ARCHS, run_fresh, save_tiny
+from seqgen import TraceFailure
 from seqgen.emitter import EmitOptions, emit_model
 from seqgen.models import TINY_SEED, meta_model, tiny_config
 from seqgen.verify import random_batch
@@ -110,3 +111,23 @@ def test_constant_tensor_made_in_forward_is_written_as_a_literal(tmp_path: Path)
     with torch.no_grad():
         expected = model(**batch).logits
     assert torch.equal(seqgen.load(result.path).run(model, **batch)["logits"], expected)
+
+
+class OffsetLlama(LlamaForCausalLM):
+    """Adds a constant too large to write out as a literal."""
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        output = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        output.logits = output.logits + torch.zeros(self.config.vocab_size)
+        return output
+
+
+def test_large_constant_tensor_is_refused_with_its_line(tmp_path: Path) -> None:
+    with torch.device("meta"):
+        skeleton = OffsetLlama(tiny_config("llama")).eval()
+    with pytest.raises(TraceFailure) as caught:
+        emit_model(skeleton, tmp_path / "p")
+    message = str(caught.value)
+    assert "test_emit.py:" in message and "torch.zeros(self.config.vocab_size)" in message
+    assert "shape (99,)" in message and "--ignore NAME" in message
+    assert not (tmp_path / "p").exists()

@@ -410,30 +410,36 @@ class SeqgenTracer(torch.fx.Tracer):
             and getattr(inspect.getmodule(a), a.__name__, None) is a
         ):
             return a  # an importable function passed as a value (e.g. a mask function)
-        if (
-            type(a) is torch.Tensor
-            and a.device.type == "cpu"
-            and a.numel() <= _MAX_LITERAL_TENSOR
-            and a not in self.tensor_attrs
-        ):
-            # a small constant made in forward (`eps = torch.tensor(1e-5)`): written out as a literal in each subgraph
-            # that uses it, where torch.fx would store it as an attribute of the traced root that no file could hold
-            known = self._literals.get(id(a))
-            if known is not None and known[0] is a:
-                return known[1]
-            node = self.create_node("call_function", torch.tensor, (a.tolist(),), {"dtype": a.dtype})
-            node.meta["seqgen_literal"] = True
-            self._literals[id(a)] = (a, node)  # the tensor is kept, so its id is not reused
-            frame = inspect.currentframe()
-            while frame is not None and not _is_model_code(frame.f_code.co_filename):
-                frame = frame.f_back
-            if frame is not None:  # named after the model code's local, as traced values are
-                name = next((k for k, v in frame.f_locals.items() if v is a and not k.startswith("_")), None)
-                if name is not None:
-                    node.meta["seqgen_source_name"] = name
-            del frame
-            return node
+        if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter) and a not in self.tensor_attrs:
+            return self._constant_tensor(a)
         return super().create_arg(a)
+
+    def _constant_tensor(self, a: torch.Tensor) -> Node:
+        """A tensor made in forward from no traced value (``eps = torch.tensor(1e-5)``), written out as a literal in
+        each subgraph that uses it. torch.fx would store it as an attribute of the traced root, which no package file
+        could hold."""
+        if type(a) is not torch.Tensor or a.device.type != "cpu" or a.numel() > _MAX_LITERAL_TENSOR:
+            where, code = _innermost_model_line()
+            raise TraceFailure(
+                f"{where}: `{code}` uses a constant {a.device.type} tensor of shape {tuple(a.shape)} made while "
+                f"tracing; only CPU constants of up to {_MAX_LITERAL_TENSOR} elements are written into the generated "
+                "code. Pass --ignore NAME for the function that makes or uses it, so that it runs as a leaf."
+            )
+        known = self._literals.get(id(a))
+        if known is not None and known[0] is a:
+            return known[1]
+        node = self.create_node("call_function", torch.tensor, (a.tolist(),), {"dtype": a.dtype})
+        node.meta["seqgen_literal"] = True
+        self._literals[id(a)] = (a, node)  # the tensor is kept, so its id is not reused
+        frame = inspect.currentframe()
+        while frame is not None and not _is_model_code(frame.f_code.co_filename):
+            frame = frame.f_back
+        if frame is not None:  # named after the model code's local, as traced values are
+            name = next((k for k, v in frame.f_locals.items() if v is a and not k.startswith("_")), None)
+            if name is not None:
+                node.meta["seqgen_source_name"] = name
+        del frame
+        return node
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[override]
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
