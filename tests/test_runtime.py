@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -217,3 +218,26 @@ def test_memory_offload_keeps_parameters_and_ties(tmp_path: Path) -> None:
     embedding = package.subgraphs[0].modules + package.subgraphs[-1].modules
     assert "model.embed_tokens" in embedding and "lm_head" in embedding
     assert torch.equal(package.run(tied, **batches(1)[0])["logits"], expected)
+
+
+def test_disk_prefetch_reads_ahead_the_next_subgraphs_bytes(package: seqgen.Package, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk mode prefetches by asking the kernel for the exact byte ranges of the next subgraph's tensors."""
+    from seqgen.runtime.dispatch import Dispatcher
+
+    model().save_pretrained(tmp_path / "ckpt")
+    weights = SafetensorsWeights(tmp_path / "ckpt")
+    data = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+    ranges = weights.byte_ranges("model.safetensors")
+    for key, (offset, length) in ranges.items():
+        stored = weights.read([key], torch.device("cpu"))[key]
+        assert data[offset : offset + length] == stored.contiguous().view(torch.uint8).numpy().tobytes(), key
+
+    advised: list[tuple[int, int, int]] = []
+    monkeypatch.setattr("os.posix_fadvise", lambda fd, offset, length, advice: advised.append((offset, length, advice)))
+    layer = package.subgraphs[1]
+    Dispatcher(meta_model(model().config), torch.device("cpu"), weights).prefetch(layer)
+    expected = {ranges[name] for name in ranges if name.startswith(f"{layer.targets[0]}.")}
+    assert len(expected) == 9  # 7 linears and 2 norms
+    assert {(offset, length) for offset, length, _ in advised} == expected
+    assert {advice for _, _, advice in advised} == {os.POSIX_FADV_WILLNEED}

@@ -9,13 +9,17 @@ exactly those to the execution device before the subgraph runs and back after. T
 * **disk**: the model skeleton has its parameters on the meta device, and tensors are read from the checkpoint's
   safetensors files (memory-mapped) when a subgraph needs them, then dropped. RAM holds one subgraph's weights, so a
   model larger than RAM calibrates. Checkpoint names that differ from the model's (fused MoE experts stored one
-  linear per expert, renamed modules) are resolved by :class:`SafetensorsWeights`.
+  linear per expert, renamed modules) are resolved by :class:`SafetensorsWeights`. :meth:`Dispatcher.prefetch` asks
+  the kernel to read the next subgraph's byte ranges into the page cache while the current one computes
+  (``posix_fadvise(WILLNEED)``): the reads overlap compute, and nothing is added to the process's memory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +75,7 @@ class SafetensorsWeights:
         # model tensor name -> the checkpoint tensors it is read from, when it is not stored under its own name
         self.sources: dict[str, list[_Piece]] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._ranges: dict[str, dict[str, tuple[int, int]]] = {}  # file -> key -> (byte offset, length), when read
         if model is not None:
             self._find_converted(model)
 
@@ -106,6 +111,36 @@ class SafetensorsWeights:
         if self.sources:
             logger.info("%d model tensors are read from checkpoint tensors of other names (e.g. %s <- %s)",
                         len(self.sources), next(iter(self.sources)), self.checkpoint_keys(next(iter(self.sources)))[0])
+
+    def byte_ranges(self, file: str) -> dict[str, tuple[int, int]]:
+        """Where each tensor of ``file`` lies in it: key -> (byte offset, length), from the safetensors header."""
+        if file not in self._ranges:
+            with open(self.directory / file, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            self._ranges[file] = {key: (8 + size + info["data_offsets"][0],
+                                        info["data_offsets"][1] - info["data_offsets"][0])
+                                  for key, info in header.items() if key != "__metadata__"}
+        return self._ranges[file]
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Ask the kernel to start reading the tensors ``names`` into the page cache (no-op where ``posix_fadvise``
+        does not exist). Returns at once; a later :meth:`read` of them then finds their pages in memory."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            for key in self.checkpoint_keys(name):
+                by_file.setdefault(self.weight_map[key], []).append(key)
+        for file, keys in sorted(by_file.items()):
+            ranges = self.byte_ranges(file)
+            fd = os.open(self.directory / file, os.O_RDONLY)
+            try:
+                for key in keys:
+                    offset, length = ranges[key]
+                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
     def read(self, names: Iterable[str], device: torch.device) -> dict[str, torch.Tensor]:
         """The tensors ``names`` on ``device``; fused experts are assembled one expert weight at a time."""
@@ -229,8 +264,13 @@ class Dispatcher:
         return home
 
     def prefetch(self, subgraph: Subgraph) -> None:
-        """Start copying ``subgraph``'s weights to the device on a side stream (CUDA, memory mode only)."""
-        if self._stream is None or self.weights is not None:
+        """Start moving ``subgraph``'s weights closer while the current subgraph computes: in disk mode the kernel
+        reads their bytes into the page cache; in memory mode on CUDA they are copied to the device on a side
+        stream. Nothing to do in memory mode on the CPU."""
+        if self.weights is not None:
+            self.weights.prefetch(n for n in _module_tensors(self.model, subgraph) if n in self.weights)
+            return
+        if self._stream is None:
             return
         tensors = _unaliased(_module_tensors(self.model, subgraph))
         with torch.cuda.stream(self._stream):

@@ -2,7 +2,7 @@
 
 Per subgraph (see ``calibrate``):
 
-1. onload exactly the modules its index entry lists (and prefetch the next subgraph's on CUDA);
+1. onload exactly the modules its index entry lists (and prefetch the next subgraph's: disk reads, CUDA copies);
 2. **calibration pass** over all batches with hooks on the linears to quantize; linears that read the same input
    tensor (q/k/v, gate/up) share one :class:`~seqgen.algorithms.Statistics`, so their Hessian is computed once.
    Its outputs are dropped, so after the first batch each batch stops at the last linear's input;
@@ -52,7 +52,7 @@ class CalibrationOptions:
     propagate_error: bool = True
     observe: bool = False  # keep per-channel activation statistics of every quantized linear's input
     device: str | None = None  # default: cuda:0 when available, else cpu
-    prefetch: bool = True  # CUDA: copy the next subgraph's weights on a side stream while this one computes
+    prefetch: bool = True  # next subgraph's weights: disk reads ahead (page cache); CUDA copies on a side stream
     quantize_experts: bool = True  # fused MoE experts (3D parameters), per expert
     all_experts: bool = False  # route every calibration token through every expert's statistics
     reuse_allocations: bool = True  # on the CPU: glibc keeps large freed buffers for reuse (see runtime.memory)
