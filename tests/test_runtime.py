@@ -64,6 +64,26 @@ def test_what_gets_quantized(package: seqgen.Package) -> None:
         assert not torch.equal(weight, fresh.get_submodule(name).weight)
 
 
+def test_group_size_that_misfits_a_layer_is_refused_before_calibrating(package: seqgen.Package) -> None:
+    m = model()  # in_features: 64 everywhere but down_proj (128)
+    calls = []
+    m.model.embed_tokens.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(seqgen.SeqgenError) as caught:
+        calibrate(m, package, batches(1), CalibrationOptions(scheme=QuantScheme(group_size=48)))
+    assert not calls, "refused before any subgraph ran"
+    message = str(caught.value)
+    assert "group size 48 does not divide the input width of 14 of the 14 weights to quantize" in message
+    assert "in_features 64: model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj and 10 more" in message
+    assert "in_features 128: model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj\n" in message
+    assert "--group-size 64 (divides every width)" in message and "--group-size -1" in message
+    assert r"--ignore '\.(down_proj|gate_proj|k_proj|o_proj|q_proj|up_proj|v_proj)$'" in message
+    only_down = CalibrationOptions(scheme=QuantScheme(group_size=48), ignore=(r"(q|k|v|o|gate|up)_proj$",))
+    with pytest.raises(seqgen.SeqgenError, match=r"of 2 of the 2 weights(.|\n)*--group-size 128 (.|\n)*"
+                                                 r"--ignore 'down_proj\$'\.$"):
+        calibrate(m, package, batches(1), only_down)
+    assert not calls
+
+
 def test_passes_and_skipped_tail(package: seqgen.Package) -> None:
     """Per batch: layer 0 is entered by the calibration and the propagation pass; layer 1, the last quantized one,
     only by the calibration pass (its outputs feed nothing that runs); lm_head never. Calibration passes end at

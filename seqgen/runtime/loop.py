@@ -20,6 +20,7 @@ after it do not run at all: their outputs (the logits) are not needed.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -217,6 +218,7 @@ def calibrate(
             f"no nn.Linear to quantize inside the targets of {package.path} (ignore patterns: {options.ignore}); "
             "check --ignore, or emit with other --targets."
         )
+    _check_group_size(options.scheme, plan[: last + 1], expert_plan[: last + 1])
     needs_data = algorithm.new_statistics(1, torch.device("cpu")) is not None or options.observe
     result = CalibrationResult()
     if device.type == "cuda":
@@ -300,6 +302,42 @@ def calibrate(
     logger.info("calibrated %d linears and %d expert projections in %d subgraphs in %.1fs (%s)", result.linears,
                 len(result.experts), len(subgraphs), result.seconds, result.phase_summary())
     return result
+
+
+def _check_group_size(scheme: QuantScheme, plan: list[dict[str, torch.nn.Linear]],
+                      expert_plan: list[dict[str, torch.nn.Module]]) -> None:
+    """Refuse, before any calibration, a group size that does not divide the input width of every weight to quantize
+    (otherwise the first such layer would fail after its subgraph's calibration pass)."""
+    if scheme.group_size is None:
+        return
+    widths: dict[str, tuple[int, str]] = {}  # weight -> (in_features, the module name's end, for --ignore)
+    for linears in plan:
+        widths.update({name: (module.in_features, name.rsplit(".", 1)[-1]) for name, module in linears.items()})
+    for experts in expert_plan:  # ignore patterns match the experts module, not its parameters
+        for name, module in experts.items():
+            leaf = name.rsplit(".", 1)[-1]
+            widths[f"{name}.gate_up_proj"] = (module.gate_up_proj.shape[2], leaf)
+            widths[f"{name}.down_proj"] = (module.down_proj.shape[2], leaf)
+    misfits: dict[int, list[str]] = {}
+    for name, (width, _) in widths.items():
+        if width % scheme.group_size:
+            misfits.setdefault(width, []).append(name)
+    if not misfits:
+        return
+    lines = []
+    for width, names in sorted(misfits.items()):
+        more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+        lines.append(f"  in_features {width}: {', '.join(names[:2])}{more}")
+    leaves = sorted({widths[name][1] for names in misfits.values() for name in names})
+    common = math.gcd(*(width for width, _ in widths.values()))
+    sizes = [g for g in (128, 64, 32, 16) if common % g == 0]
+    size_hint = f"--group-size {sizes[0]} (divides every width), " if sizes else ""
+    raise SeqgenError(
+        f"group size {scheme.group_size} does not divide the input width of {sum(map(len, misfits.values()))} of "
+        f"the {len(widths)} weights to quantize:\n" + "\n".join(lines) + "\n"
+        f"Use {size_hint}--group-size -1 (one scale per output channel), or leave them unquantized with "
+        + (f"--ignore '{leaves[0]}$'" if len(leaves) == 1 else f"--ignore '\\.({'|'.join(leaves)})$'") + "."
+    )
 
 
 def _experts_of(model: torch.nn.Module, subgraph: Subgraph, options: CalibrationOptions) -> dict[str, torch.nn.Module]:
