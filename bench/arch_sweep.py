@@ -9,13 +9,23 @@ For each model type of transformers' ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``:
    sample shape (2, 64) and (3, 9), with ``seqgen.verify.random_batch``;
 5. **layers**: the number of subgraphs with targets equals ``num_hidden_layers`` of the text config.
 
-A row passes when all of these hold. Types whose tiny config cannot be instantiated at all are listed apart and not
+A row passes when all of these hold. With ``--calibrate`` the check worker then also quantizes the model it has
+loaded (``seqgen.runtime.calibrate``, GPTQ W4 per channel with act-order, two batches, every token through every
+expert) and checks that
+
+6. **calibrated**: at least one weight was quantized, every quantized linear holds its dequantized codes, and no
+   other parameter changed;
+7. **round trip**: the model saved in compressed-tensors format (``seqgen.save.save_quantized``) loads with
+   ``from_pretrained`` and its logits equal the in-memory quantized model's (max abs diff <= 1e-5).
+
+The calibration columns are reported apart from the emit pass/fail. Types whose tiny config cannot be instantiated at all are listed apart and not
 counted. Steps 1-2 run in emit workers, steps 3-4 in check workers: long-lived subprocesses that take one type at a
 time and are replaced when a type runs past ``--timeout``.
 
     python bench/arch_sweep.py                        # every type, 2 parallel workers
     python bench/arch_sweep.py --only llama,gpt2 --jobs 1
     python bench/arch_sweep.py --write-docs           # also write docs/coverage.md
+    python bench/arch_sweep.py --calibrate            # also quantize, save and reload every model
 
 Results: ``bench/results/arch_sweep.json`` (gitignored); a summary table on stdout.
 """
@@ -189,10 +199,96 @@ def _check_one(task: dict[str, Any]) -> dict[str, Any]:
         row["stage"] = "compare"
         row["error"] = "logits differ from eager: " + ", ".join(f"{k}: {v:.3g}" for k, v in diffs.items())
     row["seconds_check"] = round(time.perf_counter() - start, 2)
+    if task.get("calibrate") and row["equal"]:
+        start = time.perf_counter()
+        row.update(_calibrate_one(model, package, task))
+        row["seconds_calibrate"] = round(time.perf_counter() - start, 2)
     traced = sorted(n for n in sys.modules if n.startswith(("seqgen.trace", "seqgen.emitter")))
     if traced:
         row["tracer_imported"] = traced
     return row
+
+
+CAL_ATOL = 1e-5  # reloaded compressed model vs the in-memory quantized one: the same weights, another dequantize
+
+
+def _calibrate_one(model: Any, package: Any, task: dict[str, Any]) -> dict[str, Any]:
+    """Quantize ``model`` in place with the package, save it compressed, reload it, compare (steps 6 and 7)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from seqgen.algorithms import QuantScheme
+    from seqgen.runtime import CalibrationOptions, calibrate
+    from seqgen.save import save_quantized
+    from seqgen.verify import random_batch
+
+    row: dict[str, Any] = {"cal_calibrated": False, "cal_round_trip": False}
+    vocab = task["vocab_size"]
+    probe = random_batch(vocab, 2, 11, seed=7)
+    before = {name: p.detach().clone() for name, p in model.named_parameters(remove_duplicate=False)}
+    linears = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    stage = "calibrate"
+    try:
+        with torch.no_grad():
+            fp_logits = model(**probe).logits
+        options = CalibrationOptions(scheme=QuantScheme(bits=4, group_size=None, act_order=True), all_experts=True)
+        batches = [random_batch(vocab, 2, 16, seed=100 + i) for i in range(2)]
+        result = calibrate(model, package, batches, options)
+        row["cal_linears"] = len(result.quantized)
+        row["cal_experts"] = len(result.experts)
+        row["cal_linears_left"] = len(linears - set(result.quantized))  # lm_head, vision towers, ...
+        changed = {name for name, p in model.named_parameters(remove_duplicate=False)
+                   if not torch.equal(p, before[name])}
+        quantized = {f"{name}.weight" for name in result.quantized}
+        quantized |= {key.rsplit(".", 1)[0] for key in result.experts}  # "<module>.<param>.<expert>"
+        if not quantized:
+            raise AssertionError("nothing was quantized")
+        unexpected = sorted(changed - quantized)
+        if unexpected:
+            raise AssertionError(f"{len(unexpected)} parameters changed that were not quantized: {unexpected[:3]}")
+        for name, qweight in result.quantized.items():
+            if not torch.equal(model.get_submodule(name).weight, qweight.dequantize()):
+                raise AssertionError(f"{name} does not hold its dequantized codes")
+        with torch.no_grad():
+            quant_logits = model(**probe).logits
+        row["cal_logits_change"] = (quant_logits - fp_logits).abs().max().item()
+        if not torch.isfinite(quant_logits).all():
+            raise AssertionError("the quantized model's logits are not finite")
+        row["cal_calibrated"] = True
+        stage = "save"
+        out = Path(task["model_dir"]).parent / "quantized"
+        save_quantized(model, result.quantized, out, experts=result.experts)
+        stage = "reload"
+
+        def reload(**kwargs: Any) -> Any:
+            try:
+                return AutoModelForCausalLM.from_pretrained(out, **kwargs).eval()
+            except ValueError:  # a saved config that no auto class maps (mllama's text config)
+                return getattr(transformers, task["model_class"]).from_pretrained(out, **kwargs).eval()
+
+        try:  # transformers' default: quantized linears stay packed, decompressed in forward (what vLLM reads)
+            reloaded = reload()
+            row["cal_reload"] = "packed"
+        except Exception as exc:  # noqa: BLE001 - e.g. model code that reads a quantized linear's .weight
+            # the same checkpoint, decompressed while loading: tells a wrong checkpoint from a loader limitation
+            row["cal_packed_error"] = _first_line(exc)
+            reloaded = reload(quantization_config=transformers.CompressedTensorsConfig(dequantize=True))
+            row["cal_reload"] = "decompressed"
+        with torch.no_grad():
+            reloaded_logits = reloaded(**probe).logits
+        row["cal_round_trip_diff"] = (reloaded_logits - quant_logits).abs().max().item()
+        row["cal_round_trip"] = row["cal_round_trip_diff"] <= CAL_ATOL
+        if not row["cal_round_trip"]:
+            stage = "compare"
+            raise AssertionError(f"reloaded logits differ by {row['cal_round_trip_diff']:.3g}")
+    except Exception as exc:  # noqa: BLE001 - every failure is a row
+        row.update(cal_stage=stage, cal_error=_first_line(exc), cal_traceback=traceback.format_exc()[-3000:])
+    return row
+
+
+def calibrated(row: dict[str, Any]) -> bool:
+    return bool(row.get("cal_calibrated") and row.get("cal_round_trip"))
 
 
 NOTES: list[str] = []  # what the tracer logged about the current architecture (use_cache=False, skipped layers)
@@ -346,7 +442,8 @@ def passed(row: dict[str, Any]) -> bool:
     )
 
 
-def sweep(types: list[str], jobs: int, timeout: float, keep: bool, build_only: bool = False) -> list[dict[str, Any]]:
+def sweep(types: list[str], jobs: int, timeout: float, keep: bool, build_only: bool = False,
+          calibrate: bool = False) -> list[dict[str, Any]]:
     workdir = Path(tempfile.mkdtemp(prefix="seqgen-sweep-"))
     rows: dict[str, dict[str, Any]] = {arch: {"arch": arch} for arch in types}
     lock = threading.Lock()
@@ -367,7 +464,7 @@ def sweep(types: list[str], jobs: int, timeout: float, keep: bool, build_only: b
     _run_phase("build" if build_only else "emit", [{"arch": a} for a in types], jobs, timeout, workdir, emitted)
     checks = [
         {"arch": a, "model_dir": r["model_dir"], "package_dir": r["package_dir"], "vocab_size": r["vocab_size"],
-         "model_class": r["model_class"]}
+         "model_class": r["model_class"], "calibrate": calibrate}
         for a, r in rows.items() if r.get("emitted")
     ]
     done[0] = 0
@@ -379,6 +476,9 @@ def sweep(types: list[str], jobs: int, timeout: float, keep: bool, build_only: b
             row.update(result)
             done[0] += 1
             state = "PASS" if passed(row) else f"{row.get('stage')}: {row.get('error', '')[:90]}"
+            if calibrate and passed(row):
+                state += " | calibrated, round trip" if calibrated(row) else (
+                    f" | {row.get('cal_stage')}: {row.get('cal_error', '')[:90]}")
             print(f"[check {done[0]:3d}/{len(checks)}] {task['arch']:28s} {state}", flush=True)
 
     if not build_only:
@@ -416,6 +516,11 @@ def summary(rows: list[dict[str, Any]]) -> list[tuple[str, int, str]]:
                                                r.get("target_subgraphs") == expected_layers(r))),
         ("pass (all of the above)", sum(1 for r in counted if r["pass"])),
     ]
+    if any("cal_calibrated" in r for r in counted):
+        steps += [
+            ("calibrated (GPTQ W4, per channel)", sum(1 for r in counted if r.get("cal_calibrated"))),
+            ("saved compressed, reloaded, logits equal", sum(1 for r in counted if calibrated(r))),
+        ]
     return [("instantiable architectures", total, "100%" if total else "-")] + [
         (name, n, _pct(n, total)) for name, n in steps
     ]
@@ -515,6 +620,11 @@ def print_report(rows: list[dict[str, Any]]) -> None:
         print(f"\nfailures ({len(failed)}):")
         for r in failed:
             print(f"  {r['arch']:28s} [{r.get('stage')}] {r.get('error', '')[:200]}")
+    cal_failed = [r for r in counted if r["pass"] and "cal_calibrated" in r and not calibrated(r)]
+    if cal_failed:
+        print(f"\ncalibration failures ({len(cal_failed)}):")
+        for r in cal_failed:
+            print(f"  {r['arch']:28s} [{r.get('cal_stage')}] {r.get('cal_error', '')[:200]}")
     if apart:
         print(f"\nnot instantiable (not counted, {len(apart)}):")
         for r in apart:
@@ -530,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp directory with models and packages")
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results path")
     parser.add_argument("--build-only", action="store_true", help="only build the tiny models and run them eagerly")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="also quantize each passing model with its package, save it compressed and reload it")
     parser.add_argument("--worker", choices=["build", "emit", "check"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -544,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"not causal-LM model types: {', '.join(unknown)}")
         types = wanted
-    rows = sweep(types, args.jobs, args.timeout, args.keep, args.build_only)
+    rows = sweep(types, args.jobs, args.timeout, args.keep, args.build_only, args.calibrate)
     print_report(rows)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     command = "python bench/arch_sweep.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))

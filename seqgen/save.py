@@ -201,10 +201,11 @@ def _quantization_config(
     for index, (args, names) in enumerate(by_args.values()):
         targets = ["Linear"] if len(by_args) == 1 else sorted(names)
         groups[f"group_{index}"] = QuantizationScheme(targets=targets, weights=args, format=PACK_FORMAT)
+    quantized_weights = {id(module.weight) for module in modules.values()}  # a shared weight: quantized everywhere
     ignore = [
         name
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name and name not in quantized
+        for name, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, torch.nn.Linear) and name and id(module.weight) not in quantized_weights
     ]
     return QuantizationConfig(
         config_groups=groups,
@@ -478,14 +479,23 @@ def _compressed_state_dict(
         weight = modules[name].weight
         own = f"{name}.weight"
         shared = [key for key, value in state_dict.items() if key != own and _same_storage(value, weight)]
-        if shared:
+        # linears that hold this very weight (a block that several layers share, as in Zamba) get it packed too;
+        # save_pretrained then keeps the tie's source only, as for dense tied weights
+        aliases = [key[: -len(".weight")] for key in shared if key.endswith(".weight")
+                   and isinstance(alias := model.get_submodule(key[: -len(".weight")]), torch.nn.Linear)
+                   and alias.weight is weight]
+        others = [key for key in shared if key[: -len(".weight")] not in aliases]
+        if others:
             raise SeqgenError(
-                f"{name}.weight shares its storage with {shared} (tied weights); a tied weight cannot be stored "
-                "quantized in one place and dense in the other. Leave this layer unquantized."
+                f"{name}.weight shares its storage with {others} (tied weights, or views of one fused tensor); "
+                "such a weight cannot be stored quantized in one place and dense in the other. Leave this layer "
+                "unquantized (--ignore), or save with --save-format fake."
             )
-        state_dict.pop(own)
-        for key, tensor in _compress(name, qweight, weight.dtype).items():
-            state_dict[f"{name}.{key}"] = tensor
+        packed = _compress(name, qweight, weight.dtype)
+        for module_name in [name, *aliases]:
+            state_dict.pop(f"{module_name}.weight")
+            for key, tensor in packed.items():
+                state_dict[f"{module_name}.{key}"] = tensor
     return state_dict
 
 

@@ -261,3 +261,70 @@ def test_disk_prefetch_reads_ahead_the_next_subgraphs_bytes(package: seqgen.Pack
     assert len(expected) == 9  # 7 linears and 2 norms
     assert {(offset, length) for offset, length, _ in advised} == expected
     assert {advice for _, _, advice in advised} == {os.POSIX_FADV_WILLNEED}
+
+
+def test_projections_that_are_not_linears_are_named_when_nothing_can_be_quantized(tmp_path: Path) -> None:
+    gpt2 = tiny_model("gpt2")  # transformers' Conv1D (weight [in, out]) in every block
+    package = seqgen.load(emit_model(meta_model(gpt2.config), tmp_path / "gpt2").path)
+    with pytest.raises(seqgen.SeqgenError, match="projections with Conv1D, which seqgen does not quantize"):
+        calibrate(gpt2, package, [random_batch(99, 2, 9)], CalibrationOptions())
+
+
+def test_linears_that_never_run_stay_unquantized_with_one_warning(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from seqgen.save import quantization_config
+
+    mamba = tiny_model("mamba")  # its mixer reads dt_proj.weight itself: the module's forward never runs
+    fresh = {name: p.clone() for name, p in mamba.named_parameters()}
+    package = seqgen.load(emit_model(meta_model(mamba.config), tmp_path / "mamba").path)
+    with caplog.at_level("WARNING", logger="seqgen"):
+        result = calibrate(mamba, package, batches(2), CalibrationOptions(scheme=QuantScheme(group_size=None)))
+    never = [f"backbone.layers.{i}.mixer.dt_proj" for i in range(2)]
+    assert result.unquantized == never
+    assert sorted(result.quantized) == sorted(f"backbone.layers.{i}.mixer.{p}" for i in range(2)
+                                              for p in ("in_proj", "x_proj", "out_proj"))
+    for name in never:
+        assert torch.equal(mamba.get_submodule(name).weight, fresh[f"{name}.weight"])
+    warnings = [r.getMessage() for r in caplog.records if "never ran" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("backbone.layers.0.mixer.dt_proj never ran")
+    assert r"--ignore '\.(mixer\.dt_proj)$'" in warnings[0]
+    assert set(never) <= set(quantization_config(mamba, result.quantized).ignore)
+
+
+def test_an_expert_no_token_reached_is_an_error() -> None:
+    from seqgen.runtime.loop import _never_ran
+
+    linears = {f"model.layers.0.mlp.experts.{e}.{p}": torch.nn.Linear(2, 2) for e in range(2) for p in ("w1", "w2")}
+    stats = {name: None for name in linears if ".experts.0." in name}
+    with pytest.raises(seqgen.SeqgenError, match=r"experts\.1\.w1 \(and 1 more experts\) never ran"):
+        _never_ran(linears, stats)
+
+
+def test_a_weight_shared_by_several_layers_is_quantized_once_and_saved_packed(tmp_path: Path) -> None:
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from seqgen.save import save_quantized
+
+    zamba = tiny_model("zamba")  # layers 1 and 4 tie one transformer block ("shared_transf")
+    first, second = (f"model.layers.{i}.shared_transf.self_attn.q_proj" for i in (1, 4))
+    assert zamba.get_submodule(first).weight is zamba.get_submodule(second).weight
+    package = seqgen.load(emit_model(meta_model(zamba.config), tmp_path / "zamba").path)
+    result = calibrate(zamba, package, batches(2), CalibrationOptions(scheme=QuantScheme(group_size=None)))
+    assert first in result.quantized and not any(".layers.4.shared_transf." in name for name in result.quantized)
+    assert torch.equal(zamba.get_submodule(second).weight, result.quantized[first].dequantize())
+    out = save_quantized(zamba, result.quantized, tmp_path / "out")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    # save_pretrained keeps one copy of tied tensors (the first layer's), as for dense weights
+    assert f"{first}.weight_packed" in keys and not any(key.startswith(f"{second}.") for key in keys)
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert not any("shared_transf" in name for name in ignore)
+    # transformers 5.24 re-ties the block by its '.weight' keys, which packed linears lack: the default (lazy) load
+    # stops there, so the checkpoint is checked decompressed while loading
+    reloaded = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))
+    batch = random_batch(99, 2, 11, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(**batch).logits, zamba(**batch).logits, rtol=0, atol=1e-6)

@@ -76,6 +76,9 @@ def calibrate(package: Path | None, model_id: str, dataset: str | None, algorith
     experts = f" and {len(summary.result.experts)} expert projections" if summary.result.experts else ""
     out(f"quantized {summary.linears} linears{experts} with {algorithm} W{bits} group {group_size} in "
         f"{summary.calibration_seconds:.1f}s (total {summary.total_seconds:.1f}s)")
+    if summary.result.unquantized:
+        out(f"left {len(summary.result.unquantized)} linears unquantized: their forward never ran while calibrating "
+            "(see the warning above)")
     out(f"time by phase: {summary.result.phase_summary()}")
     out(f"saved {save_format} model to {save_dir}")
 

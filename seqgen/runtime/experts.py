@@ -9,7 +9,10 @@ also feeds every expert's statistics (the output is unchanged), so rarely routed
 
 Each expert's slice is then quantized like a linear layer and written back, dequantized, into the 3D parameter
 (``save.py`` stores the compressed format as one packed linear per expert).
-Layouts other than this one (transposed weights, biases, clamped activations as in gpt-oss) are reported, not guessed.
+``down_proj``'s statistics see what the module computes between the two projections: its own ``_apply_gate`` where it
+has one (clamped or soft-capped SwiGLUs of newer models), else ``act_fn(gate) * up``.
+Layouts other than this one (transposed weights, biases as in gpt-oss, a clamp outside ``_apply_gate``) are reported,
+not guessed.
 """
 
 from __future__ import annotations
@@ -45,8 +48,17 @@ def _standard_layout(module: torch.nn.Module) -> bool:
         and not getattr(module, "is_transposed", False)
         and not getattr(module, "has_bias", False)
         and callable(getattr(module, "act_fn", None))
-        and not hasattr(module, "limit")  # gpt-oss clamps its gate
+        and (hasattr(module, "_apply_gate") or not hasattr(module, "limit"))  # a clamp outside _apply_gate: unknown
     )
+
+
+def _gated(module: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """What ``down_proj`` reads, from the tokens' ``gate_up`` projection: the module's own ``_apply_gate`` where it
+    has one (clamps, softcaps, two-argument activations), else ``act_fn(gate) * up``."""
+    if hasattr(module, "_apply_gate"):
+        return module._apply_gate(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return module.act_fn(gate) * up
 
 
 def find_fused_experts(root: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Module]:
@@ -96,8 +108,7 @@ class FusedExperts:
             if tokens.shape[0] == 0 or self.gate_up_stats[e] is None:
                 continue
             self.gate_up_stats[e].update(tokens)
-            gate, up = torch.nn.functional.linear(tokens, module.gate_up_proj[e]).chunk(2, dim=-1)
-            self.down_stats[e].update(module.act_fn(gate) * up)
+            self.down_stats[e].update(_gated(module, torch.nn.functional.linear(tokens, module.gate_up_proj[e])))
 
     def __enter__(self) -> FusedExperts:
         self._handle = self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)

@@ -77,6 +77,7 @@ class CalibrationResult:
     activation_stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     reports: list[SubgraphReport] = field(default_factory=list)
     linears: int = 0  # quantized nn.Linear layers (also when the weights were streamed out, not kept)
+    unquantized: list[str] = field(default_factory=list)  # linears in the targets whose forward never ran
     seconds: float = 0.0
     peak_device_bytes: int | None = None
 
@@ -210,17 +211,16 @@ def calibrate(
     algorithm = get_algorithm(options.algorithm, options.scheme)
     dispatcher = Dispatcher(model, device, weights)
     cache = IntermediatesCache(batches, device, options.spill_dir)
-    plan = [quantizable_linears(model, sg, options.ignore) for sg in package.subgraphs]
+    plan = _once_each([quantizable_linears(model, sg, options.ignore) for sg in package.subgraphs])
     expert_plan = [_experts_of(model, sg, options) for sg in package.subgraphs]
     last = max((i for i, work in enumerate(zip(plan, expert_plan)) if any(work)), default=-1)
     if last < 0:
-        raise SeqgenError(
-            f"no nn.Linear to quantize inside the targets of {package.path} (ignore patterns: {options.ignore}); "
-            "check --ignore, or emit with other --targets."
-        )
+        raise SeqgenError(f"no nn.Linear to quantize inside the targets of {package.path} (ignore patterns: "
+                          f"{options.ignore}); {_why_nothing_to_quantize(model, package)}")
     _check_group_size(options.scheme, plan[: last + 1], expert_plan[: last + 1])
     needs_data = algorithm.new_statistics(1, torch.device("cpu")) is not None or options.observe
     result = CalibrationResult()
+    warned: set[str] = set()  # kinds of linears reported as never run
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -263,6 +263,11 @@ def calibrate(
                     tick = time.perf_counter()
                     if weights is not None:  # disk offload: the pass's activations go back before GPTQ's peak
                         release_free_memory()
+                    never = _never_ran(linears, collector.stats)
+                    if never:
+                        _warn_never_ran(never, subgraph.targets, warned)
+                        result.unquantized += never
+                        linears = {name: m for name, m in linears.items() if name not in never}
                     done = _compress(algorithm, linears, collector.stats)
                     for name, observer in collector.observers.items():
                         observer.reduce_()
@@ -302,6 +307,71 @@ def calibrate(
     logger.info("calibrated %d linears and %d expert projections in %d subgraphs in %.1fs (%s)", result.linears,
                 len(result.experts), len(subgraphs), result.seconds, result.phase_summary())
     return result
+
+
+def _once_each(plan: list[dict[str, torch.nn.Linear]]) -> list[dict[str, torch.nn.Linear]]:
+    """``plan`` with each weight kept at its first linear only. A weight that several targets share (Zamba ties one
+    transformer block into several layers) is quantized once, with the statistics of its first use; later targets
+    run it quantized."""
+    seen: dict[int, str] = {}
+    kept = []
+    for linears in plan:
+        kept.append({})
+        for name, module in linears.items():
+            if id(module.weight) in seen:
+                logger.debug("%s holds the weight of %s, quantized there", name, seen[id(module.weight)])
+                continue
+            seen[id(module.weight)] = name
+            kept[-1][name] = module
+    shared = sum(map(len, plan)) - sum(map(len, kept))
+    if shared:
+        logger.info("%d linears are shared between targets; each is quantized at its first use", shared)
+    return kept
+
+
+def _never_ran(linears: Mapping[str, torch.nn.Linear], stats: Mapping[str, Statistics | None]) -> list[str]:
+    """The linears whose forward never ran in the calibration pass. They stay unquantized (a compressed save lists
+    them in ``ignore``): a branch these inputs never take (cross-attention without encoder states) or model code that
+    reads the weight itself (Mamba's ``dt_proj``, some routers), where a quantized weight would not be what runs. An
+    expert that no token reached is an error instead: a layer of quantized and unquantized experts is one that
+    serving engines cannot load."""
+    never = [name for name in linears if name not in stats]
+    experts = [name for name in never if re.search(r"\.experts?\.\d+\.", name)]
+    if experts:
+        raise SeqgenError(
+            f"{experts[0]} (and {len(experts) - 1} more experts) never ran during the calibration pass: no "
+            "calibration token was routed to it, so it has no statistics. Add samples, or --ignore its experts."
+        )
+    return never
+
+
+def _warn_never_ran(never: list[str], targets: tuple[str, ...], warned: set[str]) -> None:
+    """One warning per linear of a target (its name inside the target) that never ran, at its first subgraph."""
+    inner = sorted({next((name[len(t) + 1:] for t in targets if name.startswith(f"{t}.")), name) for name in never})
+    if set(inner) <= warned:
+        return
+    warned.update(inner)
+    pattern = "|".join(re.escape(name) for name in inner)
+    logger.warning(
+        "%s never ran during the calibration pass: %s unquantized, here and in every target where %s not run (see "
+        "CalibrationResult.unquantized). A branch these inputs do not take, or model code that reads the weight "
+        "directly. Pass --ignore '\\.(%s)$' to leave them out knowingly.",
+        ", ".join(never), "it stays" if len(never) == 1 else "they stay", "it does" if len(never) == 1 else "they do",
+        pattern,
+    )
+
+
+def _why_nothing_to_quantize(model: torch.nn.Module, package: Package) -> str:
+    """The fix for a calibration with nothing to quantize: other --ignore or --targets, unless the targets hold their
+    projections in module types that are not ``nn.Linear`` (GPT-2's ``Conv1D``), which are not quantized."""
+    kinds = sorted({type(m).__name__ for target in {t for sg in package.subgraphs for t in sg.targets}
+                    for m in model.get_submodule(target).modules()
+                    if not isinstance(m, torch.nn.Linear) and isinstance(getattr(m, "weight", None), torch.Tensor)
+                    and m.weight.dim() == 2 and type(m).__name__ not in ("Embedding",)})
+    if kinds:
+        return (f"the targets compute their projections with {', '.join(kinds)}, which seqgen does not quantize "
+                "(only nn.Linear and fused MoE experts).")
+    return "check --ignore, or emit with other --targets."
 
 
 def _check_group_size(scheme: QuantScheme, plan: list[dict[str, torch.nn.Linear]],
@@ -365,11 +435,6 @@ def _compress(
     """
     groups: dict[int, list[str]] = {}
     for name in linears:
-        if name not in stats:
-            raise SeqgenError(
-                f"{name} never ran during the calibration pass, so it has no statistics (an expert no token was "
-                "routed to, or a branch the samples never take). Add samples, or --ignore it."
-            )
         shared = stats[name]
         key = id(shared) if shared is not None and algorithm.row_separable else id(linears[name])
         groups.setdefault(key, []).append(name)
