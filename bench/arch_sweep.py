@@ -226,7 +226,13 @@ def _calibrate_one(model: Any, package: Any, task: dict[str, Any]) -> dict[str, 
     row: dict[str, Any] = {"cal_calibrated": False, "cal_round_trip": False}
     vocab = task["vocab_size"]
     probe = random_batch(vocab, 2, 11, seed=7)
-    before = {name: p.detach().clone() for name, p in model.named_parameters(remove_duplicate=False)}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}  # one name per (tied) parameter
+    aliases: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), set()).add(name)
+    warnings: list[str] = []
+    capture = _Capture(warnings)
+    logging.getLogger("seqgen").addHandler(capture)
     linears = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     stage = "calibrate"
     try:
@@ -238,10 +244,10 @@ def _calibrate_one(model: Any, package: Any, task: dict[str, Any]) -> dict[str, 
         row["cal_linears"] = len(result.quantized)
         row["cal_experts"] = len(result.experts)
         row["cal_linears_left"] = len(linears - set(result.quantized))  # lm_head, vision towers, ...
-        changed = {name for name, p in model.named_parameters(remove_duplicate=False)
-                   if not torch.equal(p, before[name])}
+        changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
         quantized = {f"{name}.weight" for name in result.quantized}
         quantized |= {key.rsplit(".", 1)[0] for key in result.experts}  # "<module>.<param>.<expert>"
+        quantized |= {alias for name in quantized for alias in aliases[id(model.get_parameter(name))]}
         if not quantized:
             raise AssertionError("nothing was quantized")
         unexpected = sorted(changed - quantized)
@@ -284,7 +290,20 @@ def _calibrate_one(model: Any, package: Any, task: dict[str, Any]) -> dict[str, 
             raise AssertionError(f"reloaded logits differ by {row['cal_round_trip_diff']:.3g}")
     except Exception as exc:  # noqa: BLE001 - every failure is a row
         row.update(cal_stage=stage, cal_error=_first_line(exc), cal_traceback=traceback.format_exc()[-3000:])
+    finally:
+        logging.getLogger("seqgen").removeHandler(capture)
+    if any("which transformers" in w and "drops while loading" in w for w in warnings):
+        row["cal_loader_warning"] = True  # seqgen's save warned that transformers' loader loses dense tensors
     return row
+
+
+class _Capture(logging.Handler):
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
 
 
 def calibrated(row: dict[str, Any]) -> bool:
@@ -547,6 +566,15 @@ def _note(row: dict[str, Any]) -> str:
     return "; ".join(notes)
 
 
+def _calibration_cell(row: dict[str, Any]) -> str:
+    if "cal_calibrated" not in row:
+        return ""
+    if calibrated(row):
+        return "yes" if row.get("cal_reload") == "packed" else "yes, decompressed on load"
+    warned = "; loader drops dense tensors" if row.get("cal_loader_warning") else ""
+    return f"{row.get('cal_stage')}: {row.get('cal_error', '')[:160]}{warned}"
+
+
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
     import torch
     import transformers
@@ -576,10 +604,23 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "| --- | ---: | ---: |",
     ]
     lines += [f"| {name} | {n} | {pct} |" for name, n, pct in summary(rows)]
+    with_calibration = any("cal_calibrated" in r for r in counted)
+    if with_calibration:
+        lines += [
+            "",
+            "With `--calibrate`, each passing model is then quantized by its package (GPTQ W4, one scale per channel,",
+            "act-order, two batches, every token through every expert), saved in compressed-tensors format and loaded",
+            "back with `from_pretrained`; *calibrated* says what happened: *yes* when the reloaded logits equal the",
+            "in-memory quantized model's, *yes, decompressed on load* when transformers' default (packed) load fails",
+            "on the model's own code but the checkpoint decompressed while loading is equal; otherwise the step that",
+            "failed. *loader drops dense tensors*: seqgen's save warned that transformers 5.24 loses unquantized",
+            "tensors that its compressed-tensors loader sends through the model's weight converters.",
+        ]
     lines += [
         "",
-        "| architecture | class | emitted | loaded | equal | subgraphs with targets / decoder layers | error | notes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| architecture | class | emitted | loaded | equal | subgraphs with targets / decoder layers | error | notes |"
+        + (" calibrated |" if with_calibration else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if with_calibration else ""),
     ]
     for r in counted:
         layers = f"{r.get('target_subgraphs', '-')} / {r.get('decoder_layers', '-')}"
@@ -587,6 +628,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         lines.append(
             f"| {r['arch']} | {_cell(r.get('model_class'))} | {_cell(r.get('emitted'))} | {_cell(r.get('loaded'))} "
             f"| {_cell(r.get('equal'))} | {layers} | {error} | {_cell(_note(r))} |"
+            + (f" {_cell(_calibration_cell(r))} |" if with_calibration else "")
         )
     if apart:
         lines += [
@@ -624,7 +666,9 @@ def print_report(rows: list[dict[str, Any]]) -> None:
     if cal_failed:
         print(f"\ncalibration failures ({len(cal_failed)}):")
         for r in cal_failed:
-            print(f"  {r['arch']:28s} [{r.get('cal_stage')}] {r.get('cal_error', '')[:200]}")
+            warned = " (seqgen warned at save: transformers' loader drops dense tensors)" if r.get(
+                "cal_loader_warning") else ""
+            print(f"  {r['arch']:28s} [{r.get('cal_stage')}] {r.get('cal_error', '')[:200]}{warned}")
     if apart:
         print(f"\nnot instantiable (not counted, {len(apart)}):")
         for r in apart:

@@ -126,7 +126,6 @@ def save_quantized(
         expert_linears = _expert_linears(model, experts)
         config = _quantization_config(model, quantized, expert_linears)
         state_dict = _compressed_state_dict(model, quantized, modules, experts, expert_linears)
-        _warn_unquantized_experts(model, experts)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -136,6 +135,7 @@ def save_quantized(
             model.save_pretrained(tmp, state_dict=state_dict, max_shard_size=max_shard_size)
             del state_dict
             ModelCompressor(quantization_config=config).update_config(str(tmp))
+            _warn_dense_tensors_transformers_drops(model, tmp)
         else:
             apply_fake_quant(model, quantized, experts=experts)
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
@@ -207,6 +207,8 @@ def _quantization_config(
         for name, module in model.named_modules(remove_duplicate=False)
         if isinstance(module, torch.nn.Linear) and name and id(module.weight) not in quantized_weights
     ]
+    ignore += [f"{name}.{e}.{linear}" for name, module in _sequential_experts(model).items()
+               for e in range(module.gate_up_proj.shape[0]) for linear in _SEQUENTIAL_EXPERTS[type(module).__name__]]
     return QuantizationConfig(
         config_groups=groups,
         format=PACK_FORMAT,
@@ -339,22 +341,43 @@ def _asymmetric_experts_error(name: str) -> SeqgenError:
     )
 
 
-def _warn_unquantized_experts(model: torch.nn.Module, experts: Mapping[str, QuantizedWeight]) -> None:
-    """Warn about fused experts saved per expert but unquantized: transformers 5.24 cannot load those."""
-    quantized = {key.rsplit(".", 2)[0] for key in experts}
-    left = [
-        name
-        for name, module in model.named_modules()
-        if is_fused_experts(module) and name not in quantized and checkpoint_layout(model, name) is not None
-    ]
-    if left:
+def _warn_dense_tensors_transformers_drops(model: torch.nn.Module, directory: Path) -> None:
+    """Warn about dense tensors of a compressed checkpoint that transformers' loader loses.
+
+    transformers 5.24 puts its ``CompressedTensorsDequantize`` in front of each of the model's weight converters whose
+    sources are ``.weight`` tensors (per-expert merges into fused experts, concatenations such as Kimi's q/k/v
+    convolutions), and that op passes on packed weights only: a dense tensor such a converter collects is dropped,
+    so ``from_pretrained`` fails or leaves the parameter randomly initialised. The checkpoint is complete; the loader
+    is what fails. Found by running the saved names through the model's own conversion mapping.
+    """
+    from safetensors import safe_open
+
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        conversions = get_model_conversion_mapping(model)
+        renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+        converters = [c for c in conversions if isinstance(c, WeightConverter)
+                      and all(source.endswith(".weight") for source in c._original_source_patterns)]
+        if not converters:
+            return
+        keys: list[str] = []
+        for file in sorted(directory.glob("*.safetensors")):
+            with safe_open(file, "pt") as f:
+                keys += [key for key in f.keys() if key.endswith(".weight")]
+        dropped = [key for key in keys if rename_source_key(key, renamings, converters)[1] is not None]
+    except (ImportError, AttributeError, TypeError) as exc:  # another transformers: nothing known to check
+        logger.debug("skipped the check of dense tensors in converted weights: %s", exc)
+        return
+    if dropped:
         logger.warning(
-            "%d fused experts modules (e.g. %s) are saved unquantized in a compressed-tensors checkpoint; "
-            "transformers 5.24 does not load such experts (its CompressedTensorsDequantize drops expert weights that "
-            "have no weight_packed). Pass their quantized experts (CalibrationResult.experts), or use "
-            "save_format='fake'.",
-            len(left),
-            left[0],
+            "%d dense tensors of this compressed-tensors checkpoint (e.g. %s) go through one of %s's weight "
+            "converters, which transformers 5.24 drops while loading a compressed checkpoint (its "
+            "CompressedTensorsDequantize passes on packed weights only): from_pretrained fails or leaves them random. "
+            "Quantize them (fused experts: pass CalibrationResult.experts), or use save_format='fake' to load with "
+            "transformers.",
+            len(dropped), dropped[0], type(model).__name__,
         )
 
 
@@ -451,6 +474,28 @@ def _compress(name: str, qweight: QuantizedWeight, dtype: torch.dtype) -> dict[s
     return tensors
 
 
+# Fused experts that transformers rebuilds as one nn.Linear per expert when it loads a compressed-tensors checkpoint
+# (quantizers/base.py MODULES_TO_PATCH_FOR_QUANTIZATION): class -> their per-expert linears' names in that module.
+_SEQUENTIAL_EXPERTS = {"Llama4TextExperts": ("gate_proj", "up_proj", "down_proj")}
+
+
+def _sequential_experts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The fused experts modules of ``model`` that a compressed checkpoint must store one linear per expert."""
+    return {name: module for name, module in model.named_modules() if type(module).__name__ in _SEQUENTIAL_EXPERTS}
+
+
+def _per_expert_weights(name: str, gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Llama 4's transposed fused experts (``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``) as the ``[out, in]``
+    weights of transformers' ``SequentialLlama4TextExperts`` (copies: save_pretrained takes no strided views)."""
+    inter = gate_up.shape[-1] // 2
+    weights = {}
+    for e in range(gate_up.shape[0]):
+        weights[f"{name}.{e}.gate_proj.weight"] = gate_up[e, :, :inter].T.contiguous()
+        weights[f"{name}.{e}.up_proj.weight"] = gate_up[e, :, inter:].T.contiguous()
+        weights[f"{name}.{e}.down_proj.weight"] = down[e].T.contiguous()
+    return weights
+
+
 def _compressed_state_dict(
     model: torch.nn.Module,
     quantized: Mapping[str, QuantizedWeight],
@@ -475,6 +520,9 @@ def _compressed_state_dict(
         dtype = model.get_parameter(linear.param).dtype
         for key, tensor in _compress(name, linear.qweight, dtype).items():
             state_dict[f"{name}.{key}"] = tensor
+    for name in _sequential_experts(model):  # unquantized (an unsupported layout), and listed in `ignore`
+        state_dict.update(_per_expert_weights(name, state_dict.pop(f"{name}.gate_up_proj"),
+                                              state_dict.pop(f"{name}.down_proj")))
     for name, qweight in quantized.items():
         weight = modules[name].weight
         own = f"{name}.weight"
@@ -611,8 +659,16 @@ class StreamingSaver:
         packed |= {linear.param for linear in expert_linears.values()}
         for name in packed:
             self.packed.update(self.weights.checkpoint_keys(name))
-        for name, (owner, attr) in _module_tensors(self.model, subgraph).items():
-            if name not in self.weights or name in packed:
+        sequential = {f"{name}.{param}": name for name in _sequential_experts(self.model) if compressed
+                      for param in EXPERT_PARAMS}
+        own = _module_tensors(self.model, subgraph)
+        for name in sorted({owner for param, owner in sequential.items() if param in own}):
+            module = self.model.get_submodule(name)
+            tensors.update(_per_expert_weights(name, module.gate_up_proj, module.down_proj))
+            for param in EXPERT_PARAMS:
+                self.packed.update(self.weights.checkpoint_keys(f"{name}.{param}"))
+        for name, (owner, attr) in own.items():
+            if name not in self.weights or name in packed or name in sequential:
                 continue
             value = getattr(owner, attr)
             for piece in self.weights.sources.get(name, [None]):
@@ -642,6 +698,7 @@ class StreamingSaver:
 
                 config = quantization_config(self.model, self.shapes, experts=self.expert_shapes)
                 ModelCompressor(quantization_config=config).update_config(str(self.tmp))
+                _warn_dense_tensors_transformers_drops(self.model, self.tmp)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(self.tmp)
             _move_into_place(self.tmp, self.out)

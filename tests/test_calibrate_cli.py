@@ -166,7 +166,8 @@ def test_all_experts_flag_feeds_every_expert(moe_checkpoint: Path, tmp_path: Pat
 
 # the checkpoint's name of expert 3's down projection: transformers 5 fuses the experts when it loads the checkpoint;
 # GraniteMoE's checkpoint keeps them fused, under other names (block_sparse_moe.input_linear/output_linear)
-DOWN_3 = {"mixtral": "block_sparse_moe.experts.3.w2", "qwen3_moe": "mlp.experts.3.down_proj", "granitemoe": None}
+DOWN_3 = {"mixtral": "block_sparse_moe.experts.3.w2", "qwen3_moe": "mlp.experts.3.down_proj", "granitemoe": None,
+          "llama4_text": None}
 
 
 @pytest.mark.parametrize("arch", list(DOWN_3))
@@ -178,8 +179,8 @@ def test_disk_offload_reads_and_writes_per_expert_checkpoints(arch: str, moe_che
     source = moe_checkpoint
     if arch != "mixtral":
         source = tmp_path / arch
-        tiny_model(arch, vocab_size=49152, hidden_size=64, intermediate_size=128,
-                   moe_intermediate_size=64).save_pretrained(source)
+        extra = {"intermediate_size_mlp": 128} if arch == "llama4_text" else {"moe_intermediate_size": 64}
+        tiny_model(arch, vocab_size=49152, hidden_size=64, intermediate_size=128, **extra).save_pretrained(source)
         AutoTokenizer.from_pretrained(moe_checkpoint).save_pretrained(source)
     options = CalibrationOptions(scheme=QuantScheme(bits=4, group_size=32), all_experts=True)
 
@@ -194,6 +195,9 @@ def test_disk_offload_reads_and_writes_per_expert_checkpoints(arch: str, moe_che
     assert tensor_names(tmp_path / "disk") == tensor_names(tmp_path / "memory")
     if DOWN_3[arch] is not None:
         assert f"model.layers.1.{DOWN_3[arch]}.weight_packed" in tensor_names(tmp_path / "disk")
+    if arch == "llama4_text":  # transposed experts, left unquantized, as the per-expert linears transformers loads
+        assert "model.layers.0.feed_forward.experts.3.down_proj.weight" in tensor_names(tmp_path / "disk")
+        assert "model.layers.0.feed_forward.experts.down_proj" not in tensor_names(tmp_path / "disk")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "disk", dtype=torch.float32).eval()
     assert torch.equal(logits(reloaded), expected)
 

@@ -70,8 +70,16 @@ def find_fused_experts(root: torch.nn.Module, prefix: str) -> dict[str, torch.nn
     }
 
 
+def _holds_3d_projections(module: torch.nn.Module) -> bool:
+    """Experts stored as 3D ``*_proj`` parameters in any arrangement (Nemotron-H's ungated ``up_proj``/``down_proj``
+    too)."""
+    return any(p.dim() == 3 and name.endswith("proj") for name, p in module.named_parameters(recurse=False))
+
+
 def unsupported_experts(root: torch.nn.Module, prefix: str) -> list[str]:
-    return [f"{prefix}.{name}" for name, m in root.named_modules() if is_fused_experts(m) and not _standard_layout(m)]
+    """Modules of fused experts that are not calibrated: any with 3D projections but not the standard layout."""
+    return [f"{prefix}.{name}" for name, m in root.named_modules()
+            if _holds_3d_projections(m) and not (is_fused_experts(m) and _standard_layout(m))]
 
 
 class FusedExperts:
