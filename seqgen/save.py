@@ -47,7 +47,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from .errors import SeqgenError
-from .runtime.experts import EXPERT_PARAMS, checkpoint_layout, find_fused_experts, is_fused_experts
+from .runtime.experts import (
+    EXPERT_PARAMS,
+    checkpoint_layout,
+    expert_weight,
+    find_fused_experts,
+    is_fused_experts,
+    is_transposed_experts,
+)
 
 if TYPE_CHECKING:
     from .algorithms.base import QuantizedWeight, QuantScheme
@@ -84,7 +91,8 @@ def apply_fake_quant(
             weight.copy_(qweight.dequantize(dtype=weight.dtype).to(weight.device))
         for key, qweight in (experts or {}).items():
             param, expert = params[key]
-            param[expert].copy_(qweight.dequantize(dtype=param.dtype).to(param.device))
+            target = expert_weight(model.get_submodule(key.rsplit(".", 2)[0]), key.rsplit(".", 2)[1], expert)
+            target.copy_(qweight.dequantize(dtype=param.dtype).to(param.device))
 
 
 def save_quantized(
@@ -207,7 +215,8 @@ def _quantization_config(
         for name, module in model.named_modules(remove_duplicate=False)
         if isinstance(module, torch.nn.Linear) and name and id(module.weight) not in quantized_weights
     ]
-    ignore += [f"{name}.{e}.{linear}" for name, module in _sequential_experts(model).items()
+    packed_experts = {linear.param.rpartition(".")[0] for linear in expert_linears.values()}
+    ignore += [f"{name}.{e}.{linear}" for name, module in _sequential_experts(model).items() if name not in packed_experts
                for e in range(module.gate_up_proj.shape[0]) for linear in _SEQUENTIAL_EXPERTS[type(module).__name__]]
     return QuantizationConfig(
         config_groups=groups,
@@ -279,10 +288,11 @@ def _resolve_experts(
             )
         param = getattr(module, param_name)
         expert = int(index)
-        if expert >= param.shape[0] or tuple(qweight.codes.shape) != tuple(param.shape[1:]):
+        if expert >= param.shape[0] or qweight.codes.shape != expert_weight(module, param_name, 0).shape:
+            layout = "[experts, in, out]" if is_transposed_experts(module) else "[experts, out, in]"
             raise SeqgenError(
                 f"quantized expert {key!r} has codes of shape {tuple(qweight.codes.shape)}, but {owner}.{param_name} "
-                f"is {tuple(param.shape)} [experts, out, in]; quantize this model's experts, not another model's."
+                f"is {tuple(param.shape)} {layout}; quantize this model's experts, not another model's."
             )
         resolved[key] = (param, expert)
     for owner in {key.rsplit(".", 2)[0] for key in experts}:
@@ -513,16 +523,19 @@ def _compressed_state_dict(
             del state_dict[param]
         else:
             fused = model.get_parameter(param)
-            state_dict[param] = torch.stack(
-                [experts[f"{param}.{e}"].dequantize(fused.dtype) for e in range(fused.shape[0])]
-            )
+            transposed = is_transposed_experts(model.get_submodule(param.rpartition(".")[0]))
+            state_dict[param] = torch.stack([
+                experts[f"{param}.{e}"].dequantize(fused.dtype).T if transposed
+                else experts[f"{param}.{e}"].dequantize(fused.dtype) for e in range(fused.shape[0])
+            ])
     for name, linear in expert_linears.items():
         dtype = model.get_parameter(linear.param).dtype
         for key, tensor in _compress(name, linear.qweight, dtype).items():
             state_dict[f"{name}.{key}"] = tensor
-    for name in _sequential_experts(model):  # unquantized (an unsupported layout), and listed in `ignore`
-        state_dict.update(_per_expert_weights(name, state_dict.pop(f"{name}.gate_up_proj"),
-                                              state_dict.pop(f"{name}.down_proj")))
+    for name in _sequential_experts(model):  # left unquantized: per expert too, and listed in `ignore`
+        if f"{name}.gate_up_proj" in state_dict:
+            state_dict.update(_per_expert_weights(name, state_dict.pop(f"{name}.gate_up_proj"),
+                                                  state_dict.pop(f"{name}.down_proj")))
     for name, qweight in quantized.items():
         weight = modules[name].weight
         own = f"{name}.weight"
@@ -662,7 +675,7 @@ class StreamingSaver:
         sequential = {f"{name}.{param}": name for name in _sequential_experts(self.model) if compressed
                       for param in EXPERT_PARAMS}
         own = _module_tensors(self.model, subgraph)
-        for name in sorted({owner for param, owner in sequential.items() if param in own}):
+        for name in sorted({owner for param, owner in sequential.items() if param in own and param not in packed}):
             module = self.model.get_submodule(name)
             tensors.update(_per_expert_weights(name, module.gate_up_proj, module.down_proj))
             for param in EXPERT_PARAMS:

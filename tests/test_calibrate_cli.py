@@ -195,8 +195,8 @@ def test_disk_offload_reads_and_writes_per_expert_checkpoints(arch: str, moe_che
     assert tensor_names(tmp_path / "disk") == tensor_names(tmp_path / "memory")
     if DOWN_3[arch] is not None:
         assert f"model.layers.1.{DOWN_3[arch]}.weight_packed" in tensor_names(tmp_path / "disk")
-    if arch == "llama4_text":  # transposed experts, left unquantized, as the per-expert linears transformers loads
-        assert "model.layers.0.feed_forward.experts.3.down_proj.weight" in tensor_names(tmp_path / "disk")
+    if arch == "llama4_text":  # transposed, stored fused: saved as the per-expert linears transformers loads
+        assert "model.layers.0.feed_forward.experts.3.down_proj.weight_packed" in tensor_names(tmp_path / "disk")
         assert "model.layers.0.feed_forward.experts.down_proj" not in tensor_names(tmp_path / "disk")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "disk", dtype=torch.float32).eval()
     assert torch.equal(logits(reloaded), expected)

@@ -11,8 +11,12 @@ Each expert's slice is then quantized like a linear layer and written back, dequ
 (``save.py`` stores the compressed format as one packed linear per expert).
 ``down_proj``'s statistics see what the module computes between the two projections: its own ``_apply_gate`` where it
 has one (clamped or soft-capped SwiGLUs of newer models), else ``act_fn(gate) * up``.
-Layouts other than this one (transposed weights, biases as in gpt-oss, a clamp outside ``_apply_gate``) are reported,
-not guessed.
+
+Llama 4 is the one other layout calibrated: transposed weights (``gate_up_proj [E, H, 2I]``, ``x @ W``) and a forward
+that takes each token once per expert, pre-scaled by its router score (rows of zeros where it is not routed); each
+expert's statistics take its nonzero rows (with ``all_experts``: the MoE block's unscaled input), and the weights are
+quantized as ``[out, in]`` (``expert_weight``). Other layouts (gpt-oss's transposed weights with biases, a clamp
+outside ``_apply_gate``, ungated experts) are reported and left unquantized, not guessed.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ import torch
 from ..algorithms import Algorithm, QuantizedWeight, Statistics
 from ..errors import SeqgenError
 
-__all__ = ["EXPERT_PARAMS", "FusedExperts", "checkpoint_layout", "find_fused_experts", "is_fused_experts",
-           "unsupported_experts"]
+__all__ = ["EXPERT_PARAMS", "FusedExperts", "checkpoint_layout", "expert_weight", "find_fused_experts",
+           "is_fused_experts", "is_transposed_experts", "unsupported_experts"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +65,30 @@ def _gated(module: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
     return module.act_fn(gate) * up
 
 
+# Llama 4 stores its experts transposed (``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``, applied as ``x @ W``)
+# and its forward(hidden_states) takes every token once per expert, as rows ``[E * T, H]``, already scaled by the
+# token's router score (zero where the token is not routed to the expert).
+_TRANSPOSED_EXPERTS = ("Llama4TextExperts",)
+
+
+def is_transposed_experts(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is fused experts of Llama 4's transposed, routed-rows layout."""
+    return type(module).__name__ in _TRANSPOSED_EXPERTS and is_fused_experts(module)
+
+
+def expert_weight(module: torch.nn.Module, param_name: str, expert: int) -> torch.Tensor:
+    """Expert ``expert``'s slice of the fused ``param_name`` as a linear weight ``[out, in]`` (a view)."""
+    weight = getattr(module, param_name).data[expert]
+    return weight.T if is_transposed_experts(module) else weight
+
+
 def find_fused_experts(root: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Module]:
-    """Fused experts modules of the standard layout under ``root`` (names prefixed with ``prefix``, if any)."""
+    """Fused experts modules that are calibrated, under ``root`` (names prefixed with ``prefix``, if any): the
+    standard layout and Llama 4's."""
     return {
         ".".join(part for part in (prefix, name) if part): m
         for name, m in root.named_modules()
-        if is_fused_experts(m) and _standard_layout(m)
+        if is_fused_experts(m) and (_standard_layout(m) or is_transposed_experts(m))
     }
 
 
@@ -78,24 +100,35 @@ def _holds_3d_projections(module: torch.nn.Module) -> bool:
 
 def unsupported_experts(root: torch.nn.Module, prefix: str) -> list[str]:
     """Modules of fused experts that are not calibrated: any with 3D projections but not the standard layout."""
-    return [f"{prefix}.{name}" for name, m in root.named_modules()
-            if _holds_3d_projections(m) and not (is_fused_experts(m) and _standard_layout(m))]
+    calibrated = set(find_fused_experts(root, "").values())
+    return [f"{prefix}.{name}" for name, m in root.named_modules() if _holds_3d_projections(m) and m not in calibrated]
 
 
 class FusedExperts:
     """Statistics collection and quantization for one fused experts module (see the module docstring)."""
 
-    def __init__(self, name: str, module: torch.nn.Module, algorithm: Algorithm, all_experts: bool) -> None:
+    def __init__(self, name: str, module: torch.nn.Module, algorithm: Algorithm, all_experts: bool,
+                 parent: torch.nn.Module | None = None) -> None:
+        """``parent`` (the MoE block that calls the experts) is needed for Llama 4's layout with ``all_experts``:
+        its input is the tokens before router scores scale them."""
         self.name = name
         self.module = module
         self.algorithm = algorithm
         self.all_experts = all_experts
-        self.num_experts, two_inter, self.hidden = module.gate_up_proj.shape
+        self.transposed = is_transposed_experts(module)
+        if self.transposed:
+            self.num_experts, self.hidden, two_inter = module.gate_up_proj.shape
+        else:
+            self.num_experts, two_inter, self.hidden = module.gate_up_proj.shape
         self.inter = two_inter // 2
+        self.parent = parent
+        if self.transposed and all_experts and parent is None:
+            raise SeqgenError(f"{name}: all_experts needs the MoE block that calls these experts (parent).")
         self.gate_up_stats: list[Statistics | None] = []
         self.down_stats: list[Statistics | None] = []
         self.routed = torch.zeros(self.num_experts, dtype=torch.long)
-        self._handle: Any = None
+        self._unscaled: torch.Tensor | None = None  # Llama 4 with all_experts: the block's input tokens
+        self._handles: list[Any] = []
 
     def _ensure_stats(self, device: torch.device) -> None:
         if not self.gate_up_stats:
@@ -118,14 +151,39 @@ class FusedExperts:
             self.gate_up_stats[e].update(tokens)
             self.down_stats[e].update(_gated(module, torch.nn.functional.linear(tokens, module.gate_up_proj[e])))
 
+    @torch.no_grad()
+    def _pre_hook_transposed(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Llama 4: expert ``e`` reads rows ``[e * T, (e + 1) * T)``, its routed tokens scaled by their scores and
+        zeros elsewhere; the statistics take the nonzero rows, as the expert computes on them."""
+        rows = (args[0] if args else kwargs["hidden_states"]).reshape(self.num_experts, -1, self.hidden)
+        self._ensure_stats(rows.device)
+        for e in range(self.num_experts):
+            routed = rows[e].ne(0).any(dim=-1)
+            self.routed[e] += int(routed.sum())
+            tokens = self._unscaled if self.all_experts else rows[e][routed]
+            if tokens is None or tokens.shape[0] == 0 or self.gate_up_stats[e] is None:
+                continue
+            self.gate_up_stats[e].update(tokens)
+            gate, up = (tokens @ module.gate_up_proj[e]).chunk(2, dim=-1)
+            self.down_stats[e].update(up * module.act_fn(gate))
+        self._unscaled = None
+
+    def _keep_unscaled(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._unscaled = (args[0] if args else kwargs["hidden_states"]).reshape(-1, self.hidden)
+
     def __enter__(self) -> FusedExperts:
-        self._handle = self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        hook = self._pre_hook_transposed if self.transposed else self._pre_hook
+        self._handles.append(self.module.register_forward_pre_hook(hook, with_kwargs=True))
+        if self.transposed and self.all_experts:
+            assert self.parent is not None
+            self._handles.append(self.parent.register_forward_pre_hook(self._keep_unscaled, with_kwargs=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._unscaled = None
 
     @torch.no_grad()
     def compress(self) -> dict[str, QuantizedWeight]:
@@ -148,10 +206,11 @@ class FusedExperts:
                 if expert_stats is not None:
                     expert_stats.reduce_()
                     expert_stats.single_use = True
-                quantized = self.algorithm.quantize(param.data[e], expert_stats)
+                weight = expert_weight(self.module, param_name, e)  # [out, in]
+                quantized = self.algorithm.quantize(weight.contiguous() if self.transposed else weight, expert_stats)
                 if expert_stats is not None:
                     expert_stats.release()  # freed once used: the memory of the statistics shrinks expert by expert
-                param.data[e].copy_(quantized.dequantize(param.dtype))
+                weight.copy_(quantized.dequantize(param.dtype))
                 done[f"{self.name}.{param_name}.{e}"] = quantized.to("cpu")
         logger.info("%s: quantized %d experts (tokens routed per expert: min %d, max %d)", self.name,
                     self.num_experts, int(self.routed.min()), int(self.routed.max()))
@@ -160,8 +219,9 @@ class FusedExperts:
 
 def checkpoint_layout(model: torch.nn.Module, owner: str) -> dict[str, tuple[str, int, torch.Tensor]] | None:
     """Where transformers' save-time weight conversion puts the experts of the fused module ``owner``: checkpoint
-    weight name -> (fused parameter, expert, its rows there); None when it does not split them into one 2-D weight
-    per expert (architectures whose checkpoints keep the experts fused, e.g. GraniteMoE).
+    weight name -> (fused parameter, expert, its rows there, in ``[out, in]`` orientation); None when it does not
+    split them into one 2-D weight per expert (architectures whose checkpoints keep the experts fused, e.g.
+    GraniteMoE). Llama 4's experts, stored fused, load per expert when quantized: that layout is fixed.
 
     Each row of each fused parameter is tagged with its index (two equal columns: some transformers versions squeeze
     a dimension of size 1 while splitting) and the tags go through ``revert_weight_conversion`` (what
@@ -170,6 +230,17 @@ def checkpoint_layout(model: torch.nn.Module, owner: str) -> dict[str, tuple[str
     """
     from transformers.core_model_loading import revert_weight_conversion
 
+    module = model.get_submodule(owner)
+    if is_transposed_experts(module):  # what transformers' SequentialLlama4TextExperts loads: a Llama4TextMLP each
+        experts, hidden, two_inter = module.gate_up_proj.shape
+        gate, up = torch.arange(two_inter // 2), torch.arange(two_inter // 2, two_inter)
+        return {
+            key: value
+            for e in range(experts)
+            for key, value in ((f"{owner}.{e}.gate_proj.weight", (f"{owner}.gate_up_proj", e, gate)),
+                               (f"{owner}.{e}.up_proj.weight", (f"{owner}.gate_up_proj", e, up)),
+                               (f"{owner}.{e}.down_proj.weight", (f"{owner}.down_proj", e, torch.arange(hidden))))
+        }
     probes: dict[str, torch.Tensor] = {}
     ranges: list[tuple[str, int, int, int]] = []  # (parameter, first tag, end tag, rows per expert)
     start = 0

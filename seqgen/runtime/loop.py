@@ -36,7 +36,7 @@ from ..algorithms import ActivationObserver, Algorithm, QuantizedWeight, QuantSc
 from ..errors import SeqgenError
 from ..package import Package, Subgraph
 from .dispatch import Dispatcher, SafetensorsWeights, execution_device
-from .experts import EXPERT_PARAMS, FusedExperts, find_fused_experts, unsupported_experts
+from .experts import EXPERT_PARAMS, FusedExperts, expert_weight, find_fused_experts, unsupported_experts
 from .intermediates import IntermediatesCache, StopBatch
 from .memory import release_free_memory, reuse_large_allocations
 
@@ -228,7 +228,8 @@ def calibrate(
     with tqdm(total=len(subgraphs), desc="subgraphs", unit="sg") as outer, closing(cache):
         for i, subgraph in enumerate(subgraphs):
             linears = plan[i]
-            experts = {name: FusedExperts(name, module, algorithm, options.all_experts)
+            experts = {name: FusedExperts(name, module, algorithm, options.all_experts,
+                                          parent=model.get_submodule(name.rpartition(".")[0]))
                        for name, module in expert_plan[i].items()}
             next_subgraph = subgraphs[i + 1] if i + 1 < len(subgraphs) else None
             seconds: dict[str, float] = {}
@@ -386,8 +387,8 @@ def _check_group_size(scheme: QuantScheme, plan: list[dict[str, torch.nn.Linear]
     for experts in expert_plan:  # ignore patterns match the experts module, not its parameters
         for name, module in experts.items():
             leaf = name.rsplit(".", 1)[-1]
-            widths[f"{name}.gate_up_proj"] = (module.gate_up_proj.shape[2], leaf)
-            widths[f"{name}.down_proj"] = (module.down_proj.shape[2], leaf)
+            for param in EXPERT_PARAMS:
+                widths[f"{name}.{param}"] = (expert_weight(module, param, 0).shape[1], leaf)
     misfits: dict[int, list[str]] = {}
     for name, (width, _) in widths.items():
         if width % scheme.group_size:
