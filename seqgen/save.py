@@ -50,6 +50,7 @@ from .errors import SeqgenError
 from .runtime.experts import (
     EXPERT_PARAMS,
     checkpoint_layout,
+    expert_params,
     expert_weight,
     find_fused_experts,
     is_fused_experts,
@@ -280,10 +281,11 @@ def _resolve_experts(
             module = model.get_submodule(owner) if owner else None
         except AttributeError:
             module = None
-        if module is None or not is_fused_experts(module) or param_name not in EXPERT_PARAMS or not index.isdigit():
+        if (module is None or not is_fused_experts(module) or param_name not in expert_params(module)
+                or not index.isdigit()):
             raise SeqgenError(
                 f"quantized expert {key!r} does not name an expert of a fused experts module of "
-                f"{type(model).__name__}; keys are '<module>.<gate_up_proj|down_proj>.<expert>', as in "
+                f"{type(model).__name__}; keys are '<module>.<gate_up_proj|up_proj|down_proj>.<expert>', as in "
                 "CalibrationResult.experts."
             )
         param = getattr(module, param_name)
@@ -299,7 +301,7 @@ def _resolve_experts(
         module = model.get_submodule(owner)
         missing = [
             f"{owner}.{name}.{e}"
-            for name in EXPERT_PARAMS
+            for name in expert_params(module)
             for e in range(getattr(module, name).shape[0])
             if f"{owner}.{name}.{e}" not in experts
         ]

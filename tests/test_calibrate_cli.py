@@ -167,19 +167,21 @@ def test_all_experts_flag_feeds_every_expert(moe_checkpoint: Path, tmp_path: Pat
 # the checkpoint's name of expert 3's down projection: transformers 5 fuses the experts when it loads the checkpoint;
 # GraniteMoE's checkpoint keeps them fused, under other names (block_sparse_moe.input_linear/output_linear)
 DOWN_3 = {"mixtral": "block_sparse_moe.experts.3.w2", "qwen3_moe": "mlp.experts.3.down_proj", "granitemoe": None,
-          "llama4_text": None}
+          "llama4_text": None, "nemotron_h": None}
 
 
 @pytest.mark.parametrize("arch", list(DOWN_3))
 def test_disk_offload_reads_and_writes_per_expert_checkpoints(arch: str, moe_checkpoint: Path,
                                                               tmp_path: Path) -> None:
-    """The checkpoints hold one linear per expert (and Mixtral's ``block_sparse_moe`` is the model's ``mlp``), or
-    fused experts under other names (GraniteMoE), the model fused ``experts`` parameters: disk offload reads the
-    experts from the checkpoint and writes them back in its layout, like the in-memory run."""
+    """The checkpoints hold one linear per expert (and Mixtral's ``block_sparse_moe`` is the model's ``mlp``; Nemotron-H's
+    are ungated), or fused experts under other names (GraniteMoE) or transposed (Llama 4), the model fused ``experts``
+    parameters: disk offload reads the experts from the checkpoint and writes them back as the in-memory run does."""
     source = moe_checkpoint
     if arch != "mixtral":
         source = tmp_path / arch
-        extra = {"intermediate_size_mlp": 128} if arch == "llama4_text" else {"moe_intermediate_size": 64}
+        extra = {"llama4_text": {"intermediate_size_mlp": 128},
+                 "nemotron_h": {"moe_intermediate_size": 64, "moe_shared_expert_intermediate_size": 64}}.get(
+                     arch, {"moe_intermediate_size": 64})
         tiny_model(arch, vocab_size=49152, hidden_size=64, intermediate_size=128, **extra).save_pretrained(source)
         AutoTokenizer.from_pretrained(moe_checkpoint).save_pretrained(source)
     options = CalibrationOptions(scheme=QuantScheme(bits=4, group_size=32), all_experts=True)

@@ -383,3 +383,33 @@ def test_llama4_transposed_experts_are_calibrated_from_their_routed_rows(tmp_pat
     reloaded = AutoModelForCausalLM.from_pretrained(dense).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, llama4(**batch).logits, rtol=0, atol=1e-6)
+
+
+def test_ungated_experts_are_calibrated_and_saved_per_expert(tmp_path: Path) -> None:
+    """Nemotron-H's experts are ungated (down(act(up(x))), 3D up_proj/down_proj): calibrated per expert like gated
+    ones, saved as the checkpoint's per-expert linears, reloaded exactly."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from seqgen.save import save_quantized
+
+    nemotron = tiny_model("nemotron_h")
+    name = next(n for n, m in nemotron.named_modules() if type(m).__name__ == "NemotronHExperts")
+    experts = nemotron.get_submodule(name)
+    package = seqgen.load(emit_model(meta_model(nemotron.config), tmp_path / "nemotron").path)
+    result = calibrate(nemotron, package, batches(2), CalibrationOptions(scheme=QuantScheme(group_size=None),
+                                                                         all_experts=True))
+    count = experts.up_proj.shape[0]
+    assert sorted(result.experts) == sorted(f"{name}.{p}.{e}" for p in ("up_proj", "down_proj") for e in range(count))
+    for e in range(count):
+        assert torch.equal(experts.up_proj[e], result.experts[f"{name}.up_proj.{e}"].dequantize())
+    out = save_quantized(nemotron, result.quantized, tmp_path / "out", experts=result.experts)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    leaf = name.split(".", 1)[1]  # the checkpoint's prefix is "backbone", the model's "model"
+    assert any(k.endswith(f"{leaf}.{count - 1}.up_proj.weight_packed") for k in keys)
+    assert not any(k.endswith(f"{leaf}.0.down_proj.weight") for k in keys)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    batch = random_batch(99, 2, 11, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, nemotron(**batch).logits, rtol=0, atol=1e-6)

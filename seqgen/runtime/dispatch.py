@@ -89,10 +89,11 @@ class SafetensorsWeights:
     def _find_converted(self, model: torch.nn.Module) -> None:
         from transformers.core_model_loading import revert_weight_conversion
 
-        from .experts import EXPERT_PARAMS, checkpoint_layout, is_fused_experts, is_transposed_experts
+        from .experts import EXPERT_PARAMS, UNGATED_PARAMS, checkpoint_layout, is_fused_experts, is_transposed_experts
 
         missing = {name: t for name, t in model.state_dict(keep_vars=True).items() if name not in self.weight_map}
-        owners = {name.rpartition(".")[0] for name in missing if name.rpartition(".")[2] in EXPERT_PARAMS}
+        params = set(EXPERT_PARAMS + UNGATED_PARAMS)
+        owners = {name.rpartition(".")[0] for name in missing if name.rpartition(".")[2] in params}
         # (Llama 4's transposed experts are read only as stored, fused: rows of a per-expert split are [out, in])
         for owner in sorted(o for o in owners if is_fused_experts(model.get_submodule(o))
                             and not is_transposed_experts(model.get_submodule(o))):

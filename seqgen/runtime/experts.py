@@ -29,26 +29,44 @@ import torch
 from ..algorithms import Algorithm, QuantizedWeight, Statistics
 from ..errors import SeqgenError
 
-__all__ = ["EXPERT_PARAMS", "FusedExperts", "checkpoint_layout", "expert_weight", "find_fused_experts",
-           "is_fused_experts", "is_transposed_experts", "unsupported_experts"]
+__all__ = ["EXPERT_PARAMS", "UNGATED_PARAMS", "FusedExperts", "checkpoint_layout", "expert_params", "expert_weight",
+           "find_fused_experts", "is_fused_experts", "is_transposed_experts", "unsupported_experts"]
 
 logger = logging.getLogger(__name__)
 
-EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # gated experts (gate and up stacked in the first)
+UNGATED_PARAMS = ("up_proj", "down_proj")  # ungated experts, down(act(up(x))), as in Nemotron-H
+
+
+def _is_3d(module: torch.nn.Module, name: str) -> bool:
+    param = getattr(module, name, None)
+    return isinstance(param, torch.nn.Parameter) and param.dim() == 3
+
+
+def _is_ungated(module: torch.nn.Module) -> bool:
+    return (_is_3d(module, "up_proj") and _is_3d(module, "down_proj")
+            and not hasattr(module, "gate_proj") and not hasattr(module, "gate_up_proj"))
 
 
 def is_fused_experts(module: torch.nn.Module) -> bool:
-    """Whether ``module`` holds its experts as 3D ``gate_up_proj`` / ``down_proj`` parameters (any layout)."""
-    gate_up = getattr(module, "gate_up_proj", None)
+    """Whether ``module`` holds its experts as 3D ``gate_up_proj`` / ``down_proj`` parameters (any layout), or as
+    ungated 3D ``up_proj`` / ``down_proj``."""
     down = getattr(module, "down_proj", None)
-    return isinstance(gate_up, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter) and gate_up.dim() == 3
+    gated = _is_3d(module, "gate_up_proj") and isinstance(down, torch.nn.Parameter)
+    return gated or _is_ungated(module)
+
+
+def expert_params(module: torch.nn.Module) -> tuple[str, str]:
+    """The names of a fused experts module's two projections: the one that reads the tokens, then ``down_proj``."""
+    return UNGATED_PARAMS if _is_ungated(module) else EXPERT_PARAMS
 
 
 def _standard_layout(module: torch.nn.Module) -> bool:
-    gate_up, down = module.gate_up_proj, module.down_proj
-    experts, two_inter, hidden = gate_up.shape
+    first, down = (getattr(module, name) for name in expert_params(module))
+    experts, rows, hidden = first.shape
+    inter = rows if _is_ungated(module) else rows // 2
     return (
-        down.shape == (experts, hidden, two_inter // 2)
+        down.shape == (experts, hidden, inter)
         and not getattr(module, "is_transposed", False)
         and not getattr(module, "has_bias", False)
         and callable(getattr(module, "act_fn", None))
@@ -57,8 +75,10 @@ def _standard_layout(module: torch.nn.Module) -> bool:
 
 
 def _gated(module: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
-    """What ``down_proj`` reads, from the tokens' ``gate_up`` projection: the module's own ``_apply_gate`` where it
-    has one (clamps, softcaps, two-argument activations), else ``act_fn(gate) * up``."""
+    """What ``down_proj`` reads, from the tokens' first projection: the module's own ``_apply_gate`` where it has one
+    (clamps, softcaps, two-argument activations), else ``act_fn(gate) * up``, or ``act_fn(up)`` when ungated."""
+    if _is_ungated(module):
+        return module.act_fn(gate_up)
     if hasattr(module, "_apply_gate"):
         return module._apply_gate(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
@@ -116,15 +136,17 @@ class FusedExperts:
         self.algorithm = algorithm
         self.all_experts = all_experts
         self.transposed = is_transposed_experts(module)
+        self.params = expert_params(module)
+        first = getattr(module, self.params[0])
         if self.transposed:
-            self.num_experts, self.hidden, two_inter = module.gate_up_proj.shape
+            self.num_experts, self.hidden, rows = first.shape
         else:
-            self.num_experts, two_inter, self.hidden = module.gate_up_proj.shape
-        self.inter = two_inter // 2
+            self.num_experts, rows, self.hidden = first.shape
+        self.inter = rows if self.params == UNGATED_PARAMS else rows // 2
         self.parent = parent
         if self.transposed and all_experts and parent is None:
             raise SeqgenError(f"{name}: all_experts needs the MoE block that calls these experts (parent).")
-        self.gate_up_stats: list[Statistics | None] = []
+        self.gate_up_stats: list[Statistics | None] = []  # of the first projection (gate_up, or up when ungated)
         self.down_stats: list[Statistics | None] = []
         self.routed = torch.zeros(self.num_experts, dtype=torch.long)
         self._unscaled: torch.Tensor | None = None  # Llama 4 with all_experts: the block's input tokens
@@ -149,7 +171,8 @@ class FusedExperts:
             if tokens.shape[0] == 0 or self.gate_up_stats[e] is None:
                 continue
             self.gate_up_stats[e].update(tokens)
-            self.down_stats[e].update(_gated(module, torch.nn.functional.linear(tokens, module.gate_up_proj[e])))
+            first = getattr(module, self.params[0])[e]
+            self.down_stats[e].update(_gated(module, torch.nn.functional.linear(tokens, first)))
 
     @torch.no_grad()
     def _pre_hook_transposed(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -199,7 +222,7 @@ class FusedExperts:
                     "samples."
                 )
         done: dict[str, QuantizedWeight] = {}
-        for param_name, stats in (("gate_up_proj", self.gate_up_stats), ("down_proj", self.down_stats)):
+        for param_name, stats in zip(self.params, (self.gate_up_stats, self.down_stats)):
             param = getattr(self.module, param_name)
             for e in range(self.num_experts):
                 expert_stats = stats[e] if stats else None
@@ -244,7 +267,7 @@ def checkpoint_layout(model: torch.nn.Module, owner: str) -> dict[str, tuple[str
     probes: dict[str, torch.Tensor] = {}
     ranges: list[tuple[str, int, int, int]] = []  # (parameter, first tag, end tag, rows per expert)
     start = 0
-    for name in EXPERT_PARAMS:
+    for name in expert_params(module):
         param = f"{owner}.{name}"
         experts, rows = model.get_parameter(param).shape[:2]
         probes[param] = torch.arange(start, start + experts * rows).reshape(experts, rows, 1).repeat(1, 1, 2)

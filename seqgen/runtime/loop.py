@@ -36,7 +36,7 @@ from ..algorithms import ActivationObserver, Algorithm, QuantizedWeight, QuantSc
 from ..errors import SeqgenError
 from ..package import Package, Subgraph
 from .dispatch import Dispatcher, SafetensorsWeights, execution_device
-from .experts import EXPERT_PARAMS, FusedExperts, expert_weight, find_fused_experts, unsupported_experts
+from .experts import FusedExperts, expert_params, expert_weight, find_fused_experts, unsupported_experts
 from .intermediates import IntermediatesCache, StopBatch
 from .memory import release_free_memory, reuse_large_allocations
 
@@ -290,7 +290,7 @@ def calibrate(
             if on_subgraph_done is not None:
                 on_subgraph_done(subgraph, done, expert_done)
             changed = [f"{name}.weight" for name in done]
-            changed += [f"{name}.{param}" for name in expert_plan[i] for param in EXPERT_PARAMS]
+            changed += [f"{name}.{param}" for name, module in expert_plan[i].items() for param in expert_params(module)]
             dispatcher.offload(subgraph, changed=changed)
             if weights is not None:  # disk offload: the subgraph's weights and buffers go back to the OS
                 release_free_memory()
@@ -387,7 +387,7 @@ def _check_group_size(scheme: QuantScheme, plan: list[dict[str, torch.nn.Linear]
     for experts in expert_plan:  # ignore patterns match the experts module, not its parameters
         for name, module in experts.items():
             leaf = name.rsplit(".", 1)[-1]
-            for param in EXPERT_PARAMS:
+            for param in expert_params(module):
                 widths[f"{name}.{param}"] = (expert_weight(module, param, 0).shape[1], leaf)
     misfits: dict[int, list[str]] = {}
     for name, (width, _) in widths.items():
