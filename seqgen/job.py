@@ -140,7 +140,8 @@ def run_job(job: CalibrationJob) -> JobSummary:
     from .emitter import EmitOptions
     from .models import load_model, meta_model
     from .package import load
-    from .save import check_compressed_experts, save_quantized
+    from .runtime.loop import quantizable_linears
+    from .save import check_compressed_experts, check_compressed_linears, save_quantized
 
     start = time.perf_counter()
     tokenizer = load_tokenizer(job.model_id)
@@ -158,6 +159,9 @@ def run_job(job: CalibrationJob) -> JobSummary:
         package, hit = load(job.package), False
     else:
         package, hit = PartitionCache().get_or_emit(meta_model(model.config), EmitOptions(), reemit=job.reemit)
+    if job.save_format == "compressed":  # fail before the calibration, not after it
+        check_compressed_linears(model, [name for sg in package.subgraphs
+                                         for name in quantizable_linears(model, sg, job.options.ignore)])
     samples = calibration_samples(tokenizer, job.dataset, job.seq_len, job.num_samples)
     batches = make_batches(samples, job.batch_size)
     if weights is not None:

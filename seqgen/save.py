@@ -40,7 +40,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -66,6 +66,7 @@ __all__ = [
     "apply_fake_quant",
     "quantization_config",
     "check_compressed_experts",
+    "check_compressed_linears",
     "StreamingSaver",
 ]
 
@@ -233,6 +234,17 @@ def check_compressed_experts(model: torch.nn.Module, scheme: QuantScheme) -> Non
     for owner in find_fused_experts(model, ""):
         if not scheme.symmetric and checkpoint_layout(model, owner) is not None:
             raise _asymmetric_experts_error(owner)
+
+
+def check_compressed_linears(model: torch.nn.Module, names: Iterable[str]) -> None:
+    """Raise now, before a calibration, if a linear of ``names`` could not be saved compressed because its weight
+    shares storage with another tensor (a tied embedding, views of one fused tensor). Weights on meta pass."""
+    state_dict = model.state_dict()
+    for name in names:
+        weight = model.get_submodule(name).weight
+        _, others = _storage_sharers(model, state_dict, name, weight)
+        if others:
+            raise _shared_storage_error(name, others)
 
 
 # ---- internals ------------------------------------------------------------------------------------------------------
@@ -540,26 +552,35 @@ def _compressed_state_dict(
                                                   state_dict.pop(f"{name}.down_proj")))
     for name, qweight in quantized.items():
         weight = modules[name].weight
-        own = f"{name}.weight"
-        shared = [key for key, value in state_dict.items() if key != own and _same_storage(value, weight)]
-        # linears that hold this very weight (a block that several layers share, as in Zamba) get it packed too;
-        # save_pretrained then keeps the tie's source only, as for dense tied weights
-        aliases = [key[: -len(".weight")] for key in shared if key.endswith(".weight")
-                   and isinstance(alias := model.get_submodule(key[: -len(".weight")]), torch.nn.Linear)
-                   and alias.weight is weight]
-        others = [key for key in shared if key[: -len(".weight")] not in aliases]
+        aliases, others = _storage_sharers(model, state_dict, name, weight)
         if others:
-            raise SeqgenError(
-                f"{name}.weight shares its storage with {others} (tied weights, or views of one fused tensor); "
-                "such a weight cannot be stored quantized in one place and dense in the other. Leave this layer "
-                "unquantized (--ignore), or save with --save-format fake."
-            )
+            raise _shared_storage_error(name, others)
         packed = _compress(name, qweight, weight.dtype)
         for module_name in [name, *aliases]:
             state_dict.pop(f"{module_name}.weight")
             for key, tensor in packed.items():
                 state_dict[f"{module_name}.{key}"] = tensor
     return state_dict
+
+
+def _storage_sharers(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], name: str, weight: torch.Tensor
+                     ) -> tuple[list[str], list[str]]:
+    """The other holders of linear ``name``'s weight storage in ``state_dict``: linears that hold this very weight (a
+    block that several layers share, as in Zamba), which get it packed too (save_pretrained then keeps the tie's
+    source only, as for dense tied weights), and any other tensor (a tied embedding, views of one fused tensor)."""
+    shared = [key for key, value in state_dict.items() if key != f"{name}.weight" and _same_storage(value, weight)]
+    aliases = [key[: -len(".weight")] for key in shared if key.endswith(".weight")
+               and isinstance(alias := model.get_submodule(key[: -len(".weight")]), torch.nn.Linear)
+               and alias.weight is weight]
+    return aliases, [key for key in shared if key[: -len(".weight")] not in aliases]
+
+
+def _shared_storage_error(name: str, others: list[str]) -> SeqgenError:
+    return SeqgenError(
+        f"{name}.weight shares its storage with {others} (tied weights, or views of one fused tensor); such a weight "
+        "cannot be stored quantized in one place and dense in the other. Leave this layer unquantized (--ignore), or "
+        "save with --save-format fake."
+    )
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from seqgen.algorithms.base import QuantizedWeight, QuantScheme, quantize_rtn
 from seqgen.errors import SeqgenError
 from seqgen.models import meta_model, tiny_model
-from seqgen.save import apply_fake_quant, check_compressed_experts, save_quantized
+from seqgen.save import apply_fake_quant, check_compressed_experts, check_compressed_linears, save_quantized
 
 # hidden 64 / intermediate 128: every in_features is a multiple of the group size 32
 SIZES = {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16}
@@ -245,6 +245,10 @@ def test_tied_weights_cannot_be_quantized(tmp_path: Path) -> None:
     quantized = {"lm_head": quantize_rtn(model.lm_head.weight, SCHEMES["w8-sym-channel"])}
     with pytest.raises(SeqgenError, match="lm_head.weight shares its storage"):
         save_quantized(model, quantized, tmp_path / "out")
+    # the same check before a calibration (seqgen calibrate runs it on every linear it will quantize)
+    check_compressed_linears(model, ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"])
+    with pytest.raises(SeqgenError, match=r"lm_head.weight shares its storage with \['model.embed_tokens.weight'\]"):
+        check_compressed_linears(model, ["model.layers.0.self_attn.q_proj", "lm_head"])
 
 
 # ---- fused MoE experts (transformers 5: 3D gate_up_proj [E, 2I, H] / down_proj [E, H, I]) ----------------------------
