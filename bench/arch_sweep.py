@@ -292,9 +292,54 @@ def _calibrate_one(model: Any, package: Any, task: dict[str, Any]) -> dict[str, 
         row.update(cal_stage=stage, cal_error=_first_line(exc), cal_traceback=traceback.format_exc()[-3000:])
     finally:
         logging.getLogger("seqgen").removeHandler(capture)
+    if stage in ("reload", "compare") or row["cal_round_trip"]:  # saved: the same job with weights left on disk
+        try:
+            _disk_check(task, package, batches, options, out)
+            row["cal_disk"] = True
+        except Exception as exc:  # noqa: BLE001
+            row.update(cal_disk=False, cal_disk_error=_first_line(exc), cal_disk_traceback=traceback.format_exc()[-3000:])
     if any("which transformers" in w and "drops while loading" in w for w in warnings):
         row["cal_loader_warning"] = True  # seqgen's save warned that transformers' loader loses dense tensors
     return row
+
+
+def _disk_check(task: dict[str, Any], package: Any, batches: list[Any], options: Any, memory_out: Path) -> None:
+    """Step 8: calibrate again with the weights left in the saved model's safetensors files (``--offload disk``: a
+    meta skeleton, one subgraph's tensors read at a time, the checkpoint written as it goes); the checkpoint must be
+    the in-memory run's, tensor for tensor."""
+    import dataclasses
+
+    import torch
+    from safetensors import safe_open
+
+    from seqgen.job import _disk_model
+    from seqgen.runtime import SafetensorsWeights, calibrate
+    from seqgen.save import StreamingSaver
+
+    directory = Path(task["model_dir"])
+    skeleton = _disk_model(directory, torch.float32)
+    weights = SafetensorsWeights(directory, skeleton)
+    disk_out = memory_out.parent / "quantized-disk"
+    saver = StreamingSaver(skeleton, weights, disk_out)
+    calibrate(skeleton, package, batches, dataclasses.replace(options, reuse_allocations=False), weights=weights,
+              on_subgraph_done=saver.add, keep_results=False)
+    saver.finish()
+
+    def tensors(path: Path) -> dict[str, torch.Tensor]:
+        found: dict[str, torch.Tensor] = {}
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(file, "pt") as f:
+                found.update({key: f.get_tensor(key) for key in f.keys()})
+        return found
+
+    memory, disk = tensors(memory_out), tensors(disk_out)
+    if sorted(memory) != sorted(disk):
+        only_memory, only_disk = sorted(set(memory) - set(disk)), sorted(set(disk) - set(memory))
+        raise AssertionError(f"checkpoint names differ: only in memory's {only_memory[:3]}, only in disk's "
+                             f"{only_disk[:3]}")
+    differ = [key for key in memory if not torch.equal(memory[key], disk[key])]
+    if differ:
+        raise AssertionError(f"{len(differ)} tensors differ from the in-memory run's, e.g. {differ[0]}")
 
 
 class _Capture(logging.Handler):
@@ -539,6 +584,7 @@ def summary(rows: list[dict[str, Any]]) -> list[tuple[str, int, str]]:
         steps += [
             ("calibrated (GPTQ W4, per channel)", sum(1 for r in counted if r.get("cal_calibrated"))),
             ("saved compressed, reloaded, logits equal", sum(1 for r in counted if calibrated(r))),
+            ("disk offload writes the same checkpoint", sum(1 for r in counted if r.get("cal_disk"))),
         ]
     return [("instantiable architectures", total, "100%" if total else "-")] + [
         (name, n, _pct(n, total)) for name, n in steps
@@ -669,6 +715,11 @@ def print_report(rows: list[dict[str, Any]]) -> None:
             warned = " (seqgen warned at save: transformers' loader drops dense tensors)" if r.get(
                 "cal_loader_warning") else ""
             print(f"  {r['arch']:28s} [{r.get('cal_stage')}] {r.get('cal_error', '')[:200]}{warned}")
+    disk_failed = [r for r in counted if r.get("cal_disk") is False]
+    if disk_failed:
+        print(f"\ndisk offload failures ({len(disk_failed)}):")
+        for r in disk_failed:
+            print(f"  {r['arch']:28s} {r.get('cal_disk_error', '')[:200]}")
     if apart:
         print(f"\nnot instantiable (not counted, {len(apart)}):")
         for r in apart:

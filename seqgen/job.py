@@ -131,6 +131,7 @@ def _disk_model(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
     config = AutoConfig.from_pretrained(directory)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # as from_pretrained does: tied weights are one parameter, stored under one name
     return model.eval()
 
 

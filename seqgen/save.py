@@ -710,8 +710,11 @@ class StreamingSaver:
             for piece in self.weights.sources.get(name, [None]):
                 key = name if piece is None else piece.key
                 if key not in self.weight_map:
-                    whole = piece is None or piece.expert is None
-                    tensors[key] = value if whole else value[piece.expert].index_select(0, piece.rows.to(value.device))
+                    if piece is None or piece.rows is None:  # under its own name, renamed, or tied
+                        tensors[key] = value
+                    else:  # some rows of the tensor (or of one expert's slice)
+                        rows_of = value if piece.expert is None else value[piece.expert]
+                        tensors[key] = rows_of.index_select(0, piece.rows.to(value.device))
         self._write(tensors)
 
     def finish(self) -> Path:

@@ -413,3 +413,19 @@ def test_ungated_experts_are_calibrated_and_saved_per_expert(tmp_path: Path) -> 
     batch = random_batch(99, 2, 11, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, nemotron(**batch).logits, rtol=0, atol=1e-6)
+
+
+def test_moe_routers_and_shared_expert_gates_stay_unquantized(tmp_path: Path) -> None:
+    """Routing linears (one logit per expert, or a shared expert's one-output gate) keep full precision, as vLLM
+    builds them and as llm-compressor's MoE recipes leave them; shared experts themselves are quantized."""
+    from seqgen.runtime.loop import routing_linears
+
+    assert routing_linears(tiny_model("phimoe")) == {f"model.layers.{i}.mlp.router" for i in range(2)}
+    assert routing_linears(tiny_model("llama4_text")) == {"model.layers.0.feed_forward.router"}
+    assert routing_linears(tiny_model("jetmoe")) == set(), "attention experts' kv_proj is a projection"
+    qwen = tiny_model("qwen2_moe")
+    package = seqgen.load(emit_model(meta_model(qwen.config), tmp_path / "qwen2_moe").path)
+    result = calibrate(qwen, package, batches(2), CalibrationOptions(scheme=QuantScheme(group_size=None),
+                                                                     all_experts=True))
+    assert not {f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)} & set(result.quantized)
+    assert {f"model.layers.{i}.mlp.shared_expert.down_proj" for i in range(2)} <= set(result.quantized)

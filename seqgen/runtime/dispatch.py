@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -47,8 +48,8 @@ class _Piece(NamedTuple):
     """One checkpoint tensor that makes up (part of) a model tensor stored under other names."""
 
     key: str  # the checkpoint's name
-    expert: int | None  # None: the whole model tensor; else its rows ``rows`` of expert ``expert``
-    rows: torch.Tensor | None
+    expert: int | None  # the expert whose rows ``rows`` it fills; None: rows of the whole model tensor
+    rows: torch.Tensor | None  # None: the whole model tensor (a rename, or a tie)
 
 
 class SafetensorsWeights:
@@ -102,18 +103,69 @@ class SafetensorsWeights:
                 for key, (param, expert, rows) in layout.items():
                     self.sources.setdefault(param, []).append(_Piece(key, expert, rows))
                     self._shapes[param] = tuple(missing[param].shape)
-        for name, tensor in missing.items():  # renamed, whole (experts too, where the checkpoint keeps them fused)
+        tied: dict[int, str] = {}  # parameter object -> a name of it that the checkpoint holds
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if name in self.weight_map:
+                tied.setdefault(id(param), name)
+        for name, param in model.named_parameters(remove_duplicate=False):  # tied weights stored under one name
+            if name in missing and id(param) in tied and name not in self.sources:
+                self.sources[name] = [_Piece(tied[id(param)], None, None)]
+        for name, tensor in model.state_dict(keep_vars=True).items():
             if name in self.sources:
                 continue
-            reverted = revert_weight_conversion(model, {name: torch.empty(tensor.shape, device="meta")})
-            if len(reverted) != 1:
-                continue
-            key, stored = next(iter(reverted.items()))
-            if key in self.weight_map and stored.shape == tensor.shape:  # a rename, no more
-                self.sources[name] = [_Piece(key, None, None)]
+            pieces = self._row_pieces(model, name, tuple(tensor.shape))
+            if pieces == "converted":
+                raise SeqgenError(
+                    f"{name} is stored in {self.directory} in a layout that transformers converts while loading (an "
+                    "interleave, a transpose: more than a rename or a split of rows), which disk offload does not "
+                    "reproduce. Calibrate with the weights in memory (--offload memory)."
+                )
+            if pieces is None:
+                logger.debug("%s: not in the checkpoint under any name", name)
+            elif pieces is not None and not (len(pieces) == 1 and pieces[0].key == name and pieces[0].rows is None):
+                self.sources[name] = pieces
+                if pieces[0].rows is not None:
+                    self._shapes[name] = tuple(tensor.shape)
         if self.sources:
             logger.info("%d model tensors are read from checkpoint tensors of other names (e.g. %s <- %s)",
                         len(self.sources), next(iter(self.sources)), self.checkpoint_keys(next(iter(self.sources)))[0])
+
+    def _row_pieces(self, model: torch.nn.Module, name: str, shape: tuple[int, ...]) -> list[_Piece] | str | None:
+        """Where the checkpoint keeps model tensor ``name``, as pieces made of whole rows of it (a rename is one
+        piece of all rows; a fused q/k/v convolution stored as three is three), found by sending a probe through
+        transformers' save-time conversion (what ``save_pretrained`` runs): every element is tagged with its position,
+        and the trailing dimensions get distinct even sizes, so a transpose, an interleave or a reshape shows. None
+        when the checkpoint lacks what the conversion names; ``"converted"`` when it holds it, converted otherwise."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        if not shape:
+            return [_Piece(name, None, None)] if name in self.weight_map else None
+        rows, trailing = shape[0], (6, 10, 14, 22, 26)[: len(shape) - 1]
+        width = math.prod(trailing)
+        probe = torch.arange(rows * width).reshape((rows,) + trailing)  # every element tagged with its position
+        try:
+            reverted = revert_weight_conversion(model, {name: probe})
+        except Exception:  # noqa: BLE001 - a converter that needs the real sizes: not a row split
+            return "converted"
+        if not reverted or any(key not in self.weight_map for key in reverted):
+            return None
+        pieces: list[_Piece] = []
+        seen = torch.zeros(rows, dtype=torch.long)
+        for key, tags in sorted(reverted.items()):
+            if tuple(tags.shape[1:]) != trailing:
+                return "converted"
+            flat = tags.reshape(tags.shape[0], width)
+            index = flat[:, 0] // width
+            if int(flat.min()) < 0 or int(flat.max()) >= rows * width or not torch.equal(flat, probe.reshape(
+                    rows, width)[index]):
+                return "converted"  # rows were not kept whole and in order
+            seen[index] += 1
+            pieces.append(_Piece(key, None, index.clone()))
+        if not bool((seen == 1).all()):
+            return "converted"
+        if len(pieces) == 1 and torch.equal(pieces[0].rows, torch.arange(rows)):
+            return [_Piece(pieces[0].key, None, None)]  # the whole tensor, renamed or not
+        return pieces
 
     def byte_ranges(self, file: str) -> dict[str, tuple[int, int]]:
         """Where each tensor of ``file`` lies in it: key -> (byte offset, length), from the safetensors header."""
@@ -152,11 +204,11 @@ class SafetensorsWeights:
         for name in names:
             for key in self.checkpoint_keys(name):
                 by_file.setdefault(self.weight_map[key], []).append(key)
-        parts: dict[str, tuple[int, torch.Tensor]] = {}  # expert piece key -> (expert, rows) to copy it into
+        parts: dict[str, tuple[int | None, torch.Tensor]] = {}  # piece key -> (expert or None, rows to copy it into)
         target: dict[str, str] = {}
         for name in names:
             for piece in self.sources.get(name, []):
-                if piece.expert is not None:
+                if piece.rows is not None:
                     parts[piece.key] = (piece.expert, piece.rows)
                     target[piece.key] = name
         found: dict[str, torch.Tensor] = {}
@@ -171,12 +223,14 @@ class SafetensorsWeights:
                     if name not in found:
                         found[name] = torch.empty(self._shapes[name], dtype=tensor.dtype, device=device)
                     expert, rows = parts[key]
-                    found[name][expert].index_copy_(0, rows.to(device), tensor)
+                    whole = found[name] if expert is None else found[name][expert]
+                    whole.index_copy_(0, rows.to(device), tensor)
+        result: dict[str, torch.Tensor] = {}
         for name in names:
             pieces = self.sources.get(name, [])
-            if pieces and pieces[0].expert is None:
-                found[name] = found.pop(pieces[0].key)
-        return found
+            renamed = bool(pieces) and pieces[0].rows is None  # (or tied to a tensor stored under another name)
+            result[name] = found[pieces[0].key] if renamed else found[name]
+        return result
 
 
 def _module_tensors(model: torch.nn.Module, subgraph: Subgraph) -> dict[str, tuple[torch.nn.Module, str]]:

@@ -40,7 +40,8 @@ from .experts import FusedExperts, expert_params, expert_weight, find_fused_expe
 from .intermediates import IntermediatesCache, StopBatch
 from .memory import release_free_memory, reuse_large_allocations
 
-__all__ = ["CalibrationOptions", "CalibrationResult", "SubgraphReport", "calibrate", "quantizable_linears"]
+__all__ = ["CalibrationOptions", "CalibrationResult", "SubgraphReport", "calibrate", "quantizable_linears",
+           "routing_linears"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,17 +94,46 @@ class CalibrationResult:
 
 
 def quantizable_linears(model: torch.nn.Module, subgraph: Subgraph, ignore: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
-    """Every ``nn.Linear`` inside the subgraph's targets, except ``lm_head`` and names matching ``ignore``."""
+    """Every ``nn.Linear`` inside the subgraph's targets, except ``lm_head``, MoE routing linears (see
+    :func:`routing_linears`) and names matching ``ignore``."""
     patterns = [re.compile(p) for p in ignore]
     found: dict[str, torch.nn.Linear] = {}
     for target in subgraph.targets:
-        for name, module in model.get_submodule(target).named_modules():
+        root = model.get_submodule(target)
+        routing = routing_linears(root)
+        for name, module in root.named_modules():
             full = f"{target}.{name}" if name else target
-            if not isinstance(module, torch.nn.Linear) or full.split(".")[-1] == "lm_head":
+            if not isinstance(module, torch.nn.Linear) or full.split(".")[-1] == "lm_head" or name in routing:
                 continue
             if any(p.search(full) for p in patterns):
                 continue
             found[full] = module
+    return found
+
+
+_SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
+
+
+def routing_linears(root: torch.nn.Module) -> set[str]:
+    """The names (under ``root``) of the linears that route tokens in its MoE blocks: routers (one logit per expert)
+    and shared-expert gates (one output), which stay in full precision as serving engines expect (vLLM builds them
+    unquantized) and as routing accuracy needs. An MoE block is a module with an ``experts`` child; its experts and
+    shared experts are not routing."""
+    found: set[str] = set()
+    for block_name, block in root.named_modules():
+        experts = getattr(block, "experts", None)
+        if not isinstance(experts, torch.nn.Module):
+            continue
+        if isinstance(experts, torch.nn.ModuleList):
+            count = len(experts)
+        else:
+            fused = [p for p in experts.parameters(recurse=False) if p.dim() == 3]
+            count = fused[0].shape[0] if fused else None
+        for name, module in block.named_modules():
+            if not isinstance(module, torch.nn.Linear) or name.split(".")[0] in ("experts", *_SHARED_EXPERT_NAMES):
+                continue
+            if module.out_features == 1 or module.out_features == count:
+                found.add(f"{block_name}.{name}" if block_name else name)
     return found
 
 
@@ -211,7 +241,8 @@ def calibrate(
     algorithm = get_algorithm(options.algorithm, options.scheme)
     dispatcher = Dispatcher(model, device, weights)
     cache = IntermediatesCache(batches, device, options.spill_dir)
-    plan = _once_each([quantizable_linears(model, sg, options.ignore) for sg in package.subgraphs])
+    plan = _once_each([quantizable_linears(model, sg, options.ignore) for sg in package.subgraphs],
+                      from_disk=weights is not None)
     expert_plan = [_experts_of(model, sg, options) for sg in package.subgraphs]
     last = max((i for i, work in enumerate(zip(plan, expert_plan)) if any(work)), default=-1)
     if last < 0:
@@ -310,16 +341,24 @@ def calibrate(
     return result
 
 
-def _once_each(plan: list[dict[str, torch.nn.Linear]]) -> list[dict[str, torch.nn.Linear]]:
+def _once_each(plan: list[dict[str, torch.nn.Linear]], from_disk: bool) -> list[dict[str, torch.nn.Linear]]:
     """``plan`` with each weight kept at its first linear only. A weight that several targets share (Zamba ties one
     transformer block into several layers) is quantized once, with the statistics of its first use; later targets
-    run it quantized."""
+    run it quantized. With weights read from disk a later target would read the unquantized weight again, so shared
+    weights are refused there."""
     seen: dict[int, str] = {}
     kept = []
     for linears in plan:
         kept.append({})
         for name, module in linears.items():
             if id(module.weight) in seen:
+                if from_disk:
+                    raise SeqgenError(
+                        f"{name} holds the same weight as {seen[id(module.weight)]} (layers that share a block); "
+                        "disk offload would read it unquantized for the later layer. Use memory offload (the "
+                        "default), or leave the shared block unquantized (--ignore a pattern that matches all its "
+                        "names)."
+                    )
                 logger.debug("%s holds the weight of %s, quantized there", name, seen[id(module.weight)])
                 continue
             seen[id(module.weight)] = name
