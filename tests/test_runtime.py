@@ -429,3 +429,33 @@ def test_moe_routers_and_shared_expert_gates_stay_unquantized(tmp_path: Path) ->
                                                                      all_experts=True))
     assert not {f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)} & set(result.quantized)
     assert {f"model.layers.{i}.mlp.shared_expert.down_proj" for i in range(2)} <= set(result.quantized)
+
+
+def test_disk_weights_follow_transformers_conversions(tmp_path: Path) -> None:
+    """SafetensorsWeights reads what from_pretrained would load: tensors that the checkpoint splits by rows (Kimi
+    Linear's q/k/v convolutions, fused into conv1d by transformers) and tied weights stored under one name, exactly;
+    a layout transformers converts otherwise (Inkling 2's interleaved gate/up experts) is refused, not misread."""
+    from transformers import AutoModelForCausalLM
+
+    from seqgen.job import _disk_model
+
+    def loaded_and_read(arch: str, **overrides: object) -> tuple[torch.nn.Module, SafetensorsWeights]:
+        directory = tmp_path / arch
+        tiny_model(arch, **overrides).save_pretrained(directory)
+        loaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        return loaded, SafetensorsWeights(directory, _disk_model(directory, torch.float32))
+
+    kimi, weights = loaded_and_read("kimi_linear")
+    conv = "model.layers.0.self_attn.conv1d.weight"
+    assert weights.checkpoint_keys(conv) == [f"model.layers.0.self_attn.{p}_conv1d.weight" for p in "kqv"]
+    names = [name for name, _ in kimi.named_parameters()]
+    read = weights.read(names, torch.device("cpu"))
+    assert all(torch.equal(read[name], kimi.get_parameter(name)) for name in names)
+
+    llama, weights = loaded_and_read("llama", tie_word_embeddings=True)
+    assert weights.checkpoint_keys("lm_head.weight") == ["model.embed_tokens.weight"]
+    assert torch.equal(weights.read(["lm_head.weight"], torch.device("cpu"))["lm_head.weight"], llama.lm_head.weight)
+
+    with pytest.raises(seqgen.SeqgenError, match=r"experts\.gate_up_proj is stored in .* a layout that transformers "
+                                                 r"converts while loading .*--offload memory"):
+        loaded_and_read("inkling2_text")
