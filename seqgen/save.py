@@ -240,9 +240,10 @@ def check_compressed_linears(model: torch.nn.Module, names: Iterable[str]) -> No
     """Raise now, before a calibration, if a linear of ``names`` could not be saved compressed because its weight
     shares storage with another tensor (a tied embedding, views of one fused tensor). Weights on meta pass."""
     state_dict = model.state_dict()
+    storages = _storages(state_dict)
     for name in names:
         weight = model.get_submodule(name).weight
-        _, others = _storage_sharers(model, state_dict, name, weight)
+        _, others = _storage_sharers(model, state_dict, storages, name, weight)
         if others:
             raise _shared_storage_error(name, others)
 
@@ -550,9 +551,10 @@ def _compressed_state_dict(
         if f"{name}.gate_up_proj" in state_dict:
             state_dict.update(_per_expert_weights(name, state_dict.pop(f"{name}.gate_up_proj"),
                                                   state_dict.pop(f"{name}.down_proj")))
+    storages = _storages(state_dict)
     for name, qweight in quantized.items():
         weight = modules[name].weight
-        aliases, others = _storage_sharers(model, state_dict, name, weight)
+        aliases, others = _storage_sharers(model, state_dict, storages, name, weight)
         if others:
             raise _shared_storage_error(name, others)
         packed = _compress(name, qweight, weight.dtype)
@@ -563,12 +565,26 @@ def _compressed_state_dict(
     return state_dict
 
 
-def _storage_sharers(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], name: str, weight: torch.Tensor
+def _storages(state_dict: Mapping[str, torch.Tensor]) -> dict[tuple[torch.device, int], list[str]]:
+    """The keys of ``state_dict`` by the storage their tensors live in (meta tensors left out)."""
+    found: dict[tuple[torch.device, int], list[str]] = {}
+    for key, value in state_dict.items():
+        if value.device.type != "meta":
+            found.setdefault((value.device, value.untyped_storage().data_ptr()), []).append(key)
+    return found
+
+
+def _storage_sharers(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
+                     storages: Mapping[tuple[torch.device, int], list[str]], name: str, weight: torch.Tensor
                      ) -> tuple[list[str], list[str]]:
-    """The other holders of linear ``name``'s weight storage in ``state_dict``: linears that hold this very weight (a
-    block that several layers share, as in Zamba), which get it packed too (save_pretrained then keeps the tie's
-    source only, as for dense tied weights), and any other tensor (a tied embedding, views of one fused tensor)."""
-    shared = [key for key, value in state_dict.items() if key != f"{name}.weight" and _same_storage(value, weight)]
+    """The other holders of linear ``name``'s weight storage in ``state_dict`` (``storages`` indexes it): linears
+    that hold this very weight (a block that several layers share, as in Zamba), which get it packed too
+    (save_pretrained then keeps the tie's source only, as for dense tied weights), and any other tensor (a tied
+    embedding, views of one fused tensor)."""
+    if weight.device.type == "meta":
+        return [], []
+    shared = [key for key in storages.get((weight.device, weight.untyped_storage().data_ptr()), [])
+              if key != f"{name}.weight" and key in state_dict]
     aliases = [key[: -len(".weight")] for key in shared if key.endswith(".weight")
                and isinstance(alias := model.get_submodule(key[: -len(".weight")]), torch.nn.Linear)
                and alias.weight is weight]
@@ -581,12 +597,6 @@ def _shared_storage_error(name: str, others: list[str]) -> SeqgenError:
         "cannot be stored quantized in one place and dense in the other. Leave this layer unquantized (--ignore), or "
         "save with --save-format fake."
     )
-
-
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.device != b.device or a.device.type == "meta":
-        return False
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _check_target(out: Path) -> None:

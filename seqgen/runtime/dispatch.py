@@ -122,7 +122,7 @@ class SafetensorsWeights:
                 )
             if pieces is None:
                 logger.debug("%s: not in the checkpoint under any name", name)
-            elif pieces is not None and not (len(pieces) == 1 and pieces[0].key == name and pieces[0].rows is None):
+            elif not (len(pieces) == 1 and pieces[0].key == name and pieces[0].rows is None):
                 self.sources[name] = pieces
                 if pieces[0].rows is not None:
                     self._shapes[name] = tuple(tensor.shape)

@@ -12,11 +12,12 @@ Each expert's slice is then quantized like a linear layer and written back, dequ
 ``down_proj``'s statistics see what the module computes between the two projections: its own ``_apply_gate`` where it
 has one (clamped or soft-capped SwiGLUs of newer models), else ``act_fn(gate) * up``.
 
-Llama 4 is the one other layout calibrated: transposed weights (``gate_up_proj [E, H, 2I]``, ``x @ W``) and a forward
+Ungated experts (Nemotron-H: ``up_proj [E, I, H]``, ``down_proj [E, H, I]``, ``down(act(up(x)))``) are handled the same
+way. Llama 4's layout is calibrated too: transposed weights (``gate_up_proj [E, H, 2I]``, ``x @ W``) and a forward
 that takes each token once per expert, pre-scaled by its router score (rows of zeros where it is not routed); each
 expert's statistics take its nonzero rows (with ``all_experts``: the MoE block's unscaled input), and the weights are
 quantized as ``[out, in]`` (``expert_weight``). Other layouts (gpt-oss's transposed weights with biases, a clamp
-outside ``_apply_gate``, ungated experts) are reported and left unquantized, not guessed.
+outside ``_apply_gate``, separate gate and up parameters) are reported and left unquantized, not guessed.
 """
 
 from __future__ import annotations

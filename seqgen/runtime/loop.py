@@ -406,8 +406,8 @@ def _why_nothing_to_quantize(model: torch.nn.Module, package: Package) -> str:
     projections in module types that are not ``nn.Linear`` (GPT-2's ``Conv1D``), which are not quantized."""
     kinds = sorted({type(m).__name__ for target in {t for sg in package.subgraphs for t in sg.targets}
                     for m in model.get_submodule(target).modules()
-                    if not isinstance(m, torch.nn.Linear) and isinstance(getattr(m, "weight", None), torch.Tensor)
-                    and m.weight.dim() == 2 and type(m).__name__ not in ("Embedding",)})
+                    if not isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
+                    and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2})
     if kinds:
         return (f"the targets compute their projections with {', '.join(kinds)}, which seqgen does not quantize "
                 "(only nn.Linear and fused MoE experts).")
