@@ -291,13 +291,34 @@ def test_linears_that_never_run_stay_unquantized_with_one_warning(tmp_path: Path
     assert set(never) <= set(quantization_config(mamba, result.quantized).ignore)
 
 
-def test_an_expert_no_token_reached_is_an_error() -> None:
+def test_experts_no_token_reached_are_quantized_round_to_nearest(caplog: pytest.LogCaptureFixture) -> None:
+    """GPTQ has no Hessian for an expert that no calibration token reached: it is quantized round-to-nearest in the
+    same scheme (a layer of quantized and unquantized experts could not be served), with a warning."""
+    from seqgen.algorithms import quantize_rtn
+    from seqgen.runtime.experts import FusedExperts
     from seqgen.runtime.loop import _never_ran
 
     linears = {f"model.layers.0.mlp.experts.{e}.{p}": torch.nn.Linear(2, 2) for e in range(2) for p in ("w1", "w2")}
+    linears["model.layers.0.self_attn.q_proj"] = torch.nn.Linear(2, 2)
     stats = {name: None for name in linears if ".experts.0." in name}
-    with pytest.raises(seqgen.SeqgenError, match=r"experts\.1\.w1 \(and 1 more experts\) never ran"):
-        _never_ran(linears, stats)
+    assert _never_ran(linears, stats) == (["model.layers.0.self_attn.q_proj"],
+                                          ["model.layers.0.mlp.experts.1.w1", "model.layers.0.mlp.experts.1.w2"])
+
+    mixtral = tiny_model("mixtral")
+    experts = mixtral.get_submodule("model.layers.0.mlp.experts")
+    original = experts.gate_up_proj.detach().clone()
+    fused = FusedExperts("model.layers.0.mlp.experts", experts, get_algorithm("gptq", QuantScheme(group_size=None)),
+                         all_experts=False)
+    x = torch.randn(12, experts.gate_up_proj.shape[2], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), fused:  # tokens routed to experts 0-2 only
+        experts(x, torch.tensor([[0, 1], [1, 2], [2, 0]]).repeat(4, 1), torch.full((12, 2), 0.5))
+    with caplog.at_level("WARNING", logger="seqgen"):
+        done = fused.compress()
+    assert fused.unrouted == [3] and "experts [3] received no calibration tokens" in caplog.text
+    expected = quantize_rtn(original[3], QuantScheme(group_size=None))
+    assert torch.equal(done["model.layers.0.mlp.experts.gate_up_proj.3"].codes, expected.codes)
+    assert not torch.equal(done["model.layers.0.mlp.experts.gate_up_proj.0"].codes,
+                           quantize_rtn(original[0], QuantScheme(group_size=None)).codes)
 
 
 def test_a_weight_shared_by_several_layers_is_quantized_once_and_saved_packed(tmp_path: Path) -> None:

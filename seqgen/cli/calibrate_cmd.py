@@ -79,6 +79,9 @@ def calibrate(package: Path | None, model_id: str, dataset: str | None, algorith
     if summary.result.unquantized:
         out(f"left {len(summary.result.unquantized)} linears unquantized: their forward never ran while calibrating "
             "(see the warning above)")
+    if summary.result.round_to_nearest:
+        out(f"quantized {len(summary.result.round_to_nearest)} expert weights round-to-nearest: no calibration "
+            "token reached them (see the warning above)")
     out(f"time by phase: {summary.result.phase_summary()}")
     out(f"saved {save_format} model to {save_dir}")
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..algorithms import Algorithm, QuantizedWeight, Statistics
+from ..algorithms import Algorithm, QuantizedWeight, Statistics, quantize_rtn
 from ..errors import SeqgenError
 
 __all__ = ["EXPERT_PARAMS", "UNGATED_PARAMS", "FusedExperts", "checkpoint_layout", "expert_params", "expert_weight",
@@ -151,6 +151,7 @@ class FusedExperts:
         self.down_stats: list[Statistics | None] = []
         self.routed = torch.zeros(self.num_experts, dtype=torch.long)
         self._unscaled: torch.Tensor | None = None  # Llama 4 with all_experts: the block's input tokens
+        self.unrouted: list[int] = []  # experts that no calibration token reached: quantized round-to-nearest
         self._handles: list[Any] = []
 
     def _ensure_stats(self, device: torch.device) -> None:
@@ -213,14 +214,20 @@ class FusedExperts:
     def compress(self) -> dict[str, QuantizedWeight]:
         """Quantize every expert's projections in place; keys are ``<module>.<param>.<expert>``."""
         needs_data = self.algorithm.new_statistics(1, torch.device("cpu")) is not None
+        self.unrouted = []
         if needs_data:
-            never = [e for e in range(self.num_experts) if self.gate_up_stats and self.gate_up_stats[e] is not None
-                     and int(self.routed[e]) == 0 and not self.all_experts]
-            if not self.gate_up_stats or never:
+            if not self.gate_up_stats:
                 raise SeqgenError(
-                    f"{self.name}: experts {never or 'all'} received no calibration tokens, so GPTQ has no Hessian "
-                    "for them. Pass --all-experts to route every calibration token through every expert, or add "
-                    "samples."
+                    f"{self.name} never ran during the calibration pass, so its experts have no statistics: the "
+                    "samples never reach this layer's experts. Add samples, or --ignore it."
+                )
+            self.unrouted = [e for e in range(self.num_experts) if self.gate_up_stats[e] is not None
+                             and int(self.routed[e]) == 0 and not self.all_experts]
+            if self.unrouted:
+                logger.warning(
+                    "%s: experts %s received no calibration tokens and are quantized round-to-nearest (no Hessian); "
+                    "--all-experts routes every calibration token through every expert's statistics.",
+                    self.name, self.unrouted,
                 )
         done: dict[str, QuantizedWeight] = {}
         for param_name, stats in zip(self.params, (self.gate_up_stats, self.down_stats)):
@@ -231,7 +238,11 @@ class FusedExperts:
                     expert_stats.reduce_()
                     expert_stats.single_use = True
                 weight = expert_weight(self.module, param_name, e)  # [out, in]
-                quantized = self.algorithm.quantize(weight.contiguous() if self.transposed else weight, expert_stats)
+                if e in self.unrouted:  # the same scheme, so the layer's experts stay one format
+                    quantized = quantize_rtn(weight, self.algorithm.scheme)
+                else:
+                    quantized = self.algorithm.quantize(weight.contiguous() if self.transposed else weight,
+                                                        expert_stats)
                 if expert_stats is not None:
                     expert_stats.release()  # freed once used: the memory of the statistics shrinks expert by expert
                 weight.copy_(quantized.dequantize(param.dtype))

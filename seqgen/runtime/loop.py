@@ -32,7 +32,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..algorithms import ActivationObserver, Algorithm, QuantizedWeight, QuantScheme, Statistics, get_algorithm
+from ..algorithms import (
+    ActivationObserver,
+    Algorithm,
+    QuantizedWeight,
+    QuantScheme,
+    Statistics,
+    get_algorithm,
+    quantize_rtn,
+)
 from ..errors import SeqgenError
 from ..package import Package, Subgraph
 from .dispatch import Dispatcher, SafetensorsWeights, execution_device
@@ -79,6 +87,7 @@ class CalibrationResult:
     reports: list[SubgraphReport] = field(default_factory=list)
     linears: int = 0  # quantized nn.Linear layers (also when the weights were streamed out, not kept)
     unquantized: list[str] = field(default_factory=list)  # linears in the targets whose forward never ran
+    round_to_nearest: list[str] = field(default_factory=list)  # experts no calibration token reached (no statistics)
     seconds: float = 0.0
     peak_device_bytes: int | None = None
 
@@ -295,12 +304,19 @@ def calibrate(
                     tick = time.perf_counter()
                     if weights is not None:  # disk offload: the pass's activations go back before GPTQ's peak
                         release_free_memory()
-                    never = _never_ran(linears, collector.stats)
+                    never, unrouted = _never_ran(linears, collector.stats)
                     if never:
                         _warn_never_ran(never, subgraph.targets, warned)
                         result.unquantized += never
-                        linears = {name: m for name, m in linears.items() if name not in never}
-                    done = _compress(algorithm, linears, collector.stats)
+                    if unrouted:
+                        logger.warning("%s (and %d more experts) received no calibration tokens and are quantized "
+                                       "round-to-nearest (no statistics); add samples to give them data.",
+                                       unrouted[0], len(unrouted) - 1)
+                        result.round_to_nearest += unrouted
+                    linears = {name: m for name, m in linears.items() if name not in never}
+                    done = _compress(algorithm, {n: m for n, m in linears.items() if n not in unrouted},
+                                     collector.stats)
+                    done.update(_round_to_nearest(options.scheme, {n: linears[n] for n in unrouted}))
                     for name, observer in collector.observers.items():
                         observer.reduce_()
                         result.activation_stats[name] = observer.summary()
@@ -310,6 +326,8 @@ def calibrate(
                     done = _compress(algorithm, linears, {name: None for name in linears})
                 for fused in experts.values():
                     expert_done.update(fused.compress())
+                    result.round_to_nearest += [f"{fused.name}.{param}.{e}" for param in fused.params
+                                                for e in fused.unrouted]
                 experts.clear()
                 if propagation_pass:
                     bar.set_description(f"{subgraph.name} propagate")
@@ -369,20 +387,27 @@ def _once_each(plan: list[dict[str, torch.nn.Linear]], from_disk: bool) -> list[
     return kept
 
 
-def _never_ran(linears: Mapping[str, torch.nn.Linear], stats: Mapping[str, Statistics | None]) -> list[str]:
-    """The linears whose forward never ran in the calibration pass. They stay unquantized (a compressed save lists
-    them in ``ignore``): a branch these inputs never take (cross-attention without encoder states) or model code that
-    reads the weight itself (Mamba's ``dt_proj``, some routers), where a quantized weight would not be what runs. An
-    expert that no token reached is an error instead: a layer of quantized and unquantized experts is one that
-    serving engines cannot load."""
+def _never_ran(linears: Mapping[str, torch.nn.Linear], stats: Mapping[str, Statistics | None]
+               ) -> tuple[list[str], list[str]]:
+    """The linears whose forward never ran in the calibration pass, in two lists. Most stay unquantized (a compressed
+    save lists them in ``ignore``): a branch these inputs never take (cross-attention without encoder states) or
+    model code that reads the weight itself (Mamba's ``dt_proj``), where a quantized weight would not be what runs.
+    Experts (``...experts.<e>...``) that no token reached are the second list: they are quantized round-to-nearest,
+    since a layer of quantized and unquantized experts is one that serving engines cannot load."""
     never = [name for name in linears if name not in stats]
-    experts = [name for name in never if re.search(r"\.experts?\.\d+\.", name)]
-    if experts:
-        raise SeqgenError(
-            f"{experts[0]} (and {len(experts) - 1} more experts) never ran during the calibration pass: no "
-            "calibration token was routed to it, so it has no statistics. Add samples, or --ignore its experts."
-        )
-    return never
+    unrouted = [name for name in never if re.search(r"\.experts?\.\d+\.", name)]
+    return [name for name in never if name not in unrouted], unrouted
+
+
+@torch.no_grad()
+def _round_to_nearest(scheme: QuantScheme, linears: Mapping[str, torch.nn.Linear]) -> dict[str, QuantizedWeight]:
+    """Quantize ``linears`` without statistics, in the calibration's scheme, and write back the dequantized weights."""
+    done = {}
+    for name, module in linears.items():
+        quantized = quantize_rtn(module.weight.data, scheme)
+        module.weight.data.copy_(quantized.dequantize(module.weight.dtype))
+        done[name] = quantized.to("cpu")
+    return done
 
 
 def _warn_never_ran(never: list[str], targets: tuple[str, ...], warned: set[str]) -> None:
