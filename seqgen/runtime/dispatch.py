@@ -134,13 +134,14 @@ class SafetensorsWeights:
         """Where the checkpoint keeps model tensor ``name``, as pieces made of whole rows of it (a rename is one
         piece of all rows; a fused q/k/v convolution stored as three is three), found by sending a probe through
         transformers' save-time conversion (what ``save_pretrained`` runs): every element is tagged with its position,
-        and the trailing dimensions get distinct even sizes, so a transpose, an interleave or a reshape shows. None
+        and the trailing dimensions get distinct small sizes, so a transpose, an interleave or a reshape shows. None
         when the checkpoint lacks what the conversion names; ``"converted"`` when it holds it, converted otherwise."""
         from transformers.core_model_loading import revert_weight_conversion
 
         if not shape:
             return [_Piece(name, None, None)] if name in self.weight_map else None
-        rows, trailing = shape[0], (6, 10, 14, 22, 26)[: len(shape) - 1]
+        # distinct, and divisible by 2, 3 and 4 where it matters most (dim 1): chunks and interleaves still apply
+        rows, trailing = shape[0], (12, 8, 6, 4, 2)[: len(shape) - 1]
         width = math.prod(trailing)
         probe = torch.arange(rows * width).reshape((rows,) + trailing)  # every element tagged with its position
         try:
