@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -616,9 +617,13 @@ def _calibration_cell(row: dict[str, Any]) -> str:
     if "cal_calibrated" not in row:
         return ""
     if calibrated(row):
-        return "yes" if row.get("cal_reload") == "packed" else "yes, decompressed on load"
-    warned = "; loader drops dense tensors" if row.get("cal_loader_warning") else ""
-    return f"{row.get('cal_stage')}: {row.get('cal_error', '')[:160]}{warned}"
+        text = "yes" if row.get("cal_reload") == "packed" else "yes, decompressed on load"
+    else:
+        warned = "; loader drops dense tensors" if row.get("cal_loader_warning") else ""
+        text = f"{row.get('cal_stage')}: {row.get('cal_error', '')[:160]}{warned}"
+    if row.get("cal_disk") is False:
+        text += f"; disk offload: {row.get('cal_disk_error', '')[:160]}"
+    return re.sub(r"/\S*seqgen-sweep-[^/]+/", "", text)  # the run's temp directory
 
 
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
@@ -660,7 +665,8 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
             "in-memory quantized model's, *yes, decompressed on load* when transformers' default (packed) load fails",
             "on the model's own code but the checkpoint decompressed while loading is equal; otherwise the step that",
             "failed. *loader drops dense tensors*: seqgen's save warned that transformers 5.24 loses unquantized",
-            "tensors that its compressed-tensors loader sends through the model's weight converters.",
+            "tensors that its compressed-tensors loader sends through the model's weight converters. *disk offload*:",
+            "the same job with the weights left in the saved model's files did not write the same checkpoint.",
         ]
     lines += [
         "",
