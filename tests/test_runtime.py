@@ -480,3 +480,29 @@ def test_disk_weights_follow_transformers_conversions(tmp_path: Path) -> None:
     with pytest.raises(seqgen.SeqgenError, match=r"experts\.gate_up_proj is stored in .* a layout that transformers "
                                                  r"converts while loading .*--offload memory"):
         loaded_and_read("inkling2_text")
+
+
+@pytest.mark.parametrize("all_experts", [False, True])
+def test_experts_calibrated_a_few_per_pass_give_bitwise_the_same_result(tmp_path: Path, all_experts: bool) -> None:
+    """experts_per_pass bounds the memory of the experts' statistics with more calibration passes; what each expert
+    sees is unchanged (the experts compressed between passes feed no expert's input), so the result is the same."""
+    calls = []
+    package = seqgen.load(emit_model(meta_model(tiny_model("qwen3_moe").config), tmp_path / "p").path)
+
+    def run(per_pass: int | None) -> tuple[torch.nn.Module, seqgen.runtime.CalibrationResult]:
+        moe = tiny_model("qwen3_moe")
+        moe.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda *_: calls.append(per_pass))
+        options = CalibrationOptions(scheme=QuantScheme(group_size=None), all_experts=all_experts,
+                                     experts_per_pass=per_pass)
+        return moe, calibrate(moe, package, batches(2), options)
+
+    _, whole = run(None)
+    moe, grouped = run(3)  # 4 experts: passes over experts 0-2, then 3
+    assert calls.count(None) == 2 + 2 and calls.count(3) == 2 * 2 + 2  # (calibration passes + propagation) x batches
+    assert sorted(grouped.experts) == sorted(whole.experts) and sorted(grouped.quantized) == sorted(whole.quantized)
+    for key in whole.experts:
+        assert torch.equal(grouped.experts[key].codes, whole.experts[key].codes), key
+    for key in whole.quantized:
+        assert torch.equal(grouped.quantized[key].codes, whole.quantized[key].codes), key
+    with pytest.raises(seqgen.SeqgenError, match="experts_per_pass must be a positive"):
+        calibrate(moe, package, batches(1), CalibrationOptions(experts_per_pass=0))

@@ -38,6 +38,9 @@ def _group_size(value: int) -> int | None:
 @click.option("--all-experts", is_flag=True,
               help="MoE: feed every calibration token to every expert's statistics (routing and outputs unchanged), "
                    "so rarely routed experts still get GPTQ Hessian data.")
+@click.option("--experts-per-pass", type=click.IntRange(min=1), default=None,
+              help="MoE: collect statistics for this many experts per calibration pass (more passes, less memory for "
+                   "the statistics). Default: all experts in one pass.")
 @click.option("--offload", type=click.Choice(["memory", "disk"]), default="memory",
               help="Where weights wait between subgraphs: CPU RAM, or the checkpoint's safetensors files.")
 @click.option("--spill-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -54,8 +57,8 @@ def _group_size(value: int) -> int | None:
 def calibrate(package: Path | None, model_id: str, dataset: str | None, algorithm: str, bits: str,
               group_size: int, asym: bool, act_order: bool, dampening: float, num_samples: int, seq_len: int,
               batch_size: int, ignore: tuple[str, ...], no_propagate_error: bool, observe: bool, all_experts: bool,
-              offload: str, spill_dir: Path | None, dtype: str | None, device: str | None, reemit: bool, save_dir: Path,
-              save_format: str) -> None:
+              experts_per_pass: int | None, offload: str, spill_dir: Path | None, dtype: str | None,
+              device: str | None, reemit: bool, save_dir: Path, save_format: str) -> None:
     """Quantize MODEL layer by layer with PACKAGE (default: from the partition cache) and save it."""
     from ..algorithms import QuantScheme
     from ..job import CalibrationJob, run_job
@@ -68,7 +71,8 @@ def calibrate(package: Path | None, model_id: str, dataset: str | None, algorith
         batch_size=batch_size, offload=offload, reemit=reemit, save_dir=save_dir, save_format=save_format, dtype=dtype,
         options=CalibrationOptions(algorithm=algorithm, scheme=scheme, ignore=ignore,
                                    propagate_error=not no_propagate_error, observe=observe, device=device,
-                                   all_experts=all_experts, spill_dir=spill_dir),
+                                   all_experts=all_experts, experts_per_pass=experts_per_pass,
+                                   spill_dir=spill_dir),
     )
     summary = run_job(job)
     source = "cache hit" if summary.cache_hit else ("given" if package else "emitted")

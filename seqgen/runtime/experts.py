@@ -152,12 +152,21 @@ class FusedExperts:
         self.routed = torch.zeros(self.num_experts, dtype=torch.long)
         self._unscaled: torch.Tensor | None = None  # Llama 4 with all_experts: the block's input tokens
         self.unrouted: list[int] = []  # experts that no calibration token reached: quantized round-to-nearest
+        self.active = range(self.num_experts)  # the experts this pass calibrates
         self._handles: list[Any] = []
+
+    def select(self, active: range) -> None:
+        """Collect statistics for, and then compress, only the experts ``active`` (one of several calibration passes
+        that bound the memory of the statistics: see ``CalibrationOptions.experts_per_pass``)."""
+        self.active = range(active.start, min(active.stop, self.num_experts))
+        self.gate_up_stats, self.down_stats = [], []
 
     def _ensure_stats(self, device: torch.device) -> None:
         if not self.gate_up_stats:
-            self.gate_up_stats = [self.algorithm.new_statistics(self.hidden, device) for _ in range(self.num_experts)]
-            self.down_stats = [self.algorithm.new_statistics(self.inter, device) for _ in range(self.num_experts)]
+            new = self.algorithm.new_statistics
+            self.gate_up_stats = [new(self.hidden, device) if e in self.active else None
+                                  for e in range(self.num_experts)]
+            self.down_stats = [new(self.inter, device) if e in self.active else None for e in range(self.num_experts)]
 
     @torch.no_grad()
     def _pre_hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -166,7 +175,7 @@ class FusedExperts:
         x = hidden_states.reshape(-1, self.hidden)
         index = top_k_index.reshape(x.shape[0], -1)
         self._ensure_stats(x.device)
-        for e in range(self.num_experts):
+        for e in self.active:
             routed = (index == e).any(dim=-1)
             self.routed[e] += int(routed.sum())
             tokens = x if self.all_experts else x[routed]
@@ -182,7 +191,7 @@ class FusedExperts:
         zeros elsewhere; the statistics take the nonzero rows, as the expert computes on them."""
         rows = (args[0] if args else kwargs["hidden_states"]).reshape(self.num_experts, -1, self.hidden)
         self._ensure_stats(rows.device)
-        for e in range(self.num_experts):
+        for e in self.active:
             routed = rows[e].ne(0).any(dim=-1)
             self.routed[e] += int(routed.sum())
             tokens = self._unscaled if self.all_experts else rows[e][routed]
@@ -212,16 +221,18 @@ class FusedExperts:
 
     @torch.no_grad()
     def compress(self) -> dict[str, QuantizedWeight]:
-        """Quantize every expert's projections in place; keys are ``<module>.<param>.<expert>``."""
+        """Quantize the active experts' projections in place; keys are ``<module>.<param>.<expert>``."""
         needs_data = self.algorithm.new_statistics(1, torch.device("cpu")) is not None
         self.unrouted = []
+        if not self.active:  # fewer experts than this pass's range starts at
+            return {}
         if needs_data:
             if not self.gate_up_stats:
                 raise SeqgenError(
                     f"{self.name} never ran during the calibration pass, so its experts have no statistics: the "
                     "samples never reach this layer's experts. Add samples, or --ignore it."
                 )
-            self.unrouted = [e for e in range(self.num_experts) if self.gate_up_stats[e] is not None
+            self.unrouted = [e for e in self.active if self.gate_up_stats[e] is not None
                              and int(self.routed[e]) == 0 and not self.all_experts]
             if self.unrouted:
                 logger.warning(
@@ -232,7 +243,7 @@ class FusedExperts:
         done: dict[str, QuantizedWeight] = {}
         for param_name, stats in zip(self.params, (self.gate_up_stats, self.down_stats)):
             param = getattr(self.module, param_name)
-            for e in range(self.num_experts):
+            for e in self.active:
                 expert_stats = stats[e] if stats else None
                 if expert_stats is not None:
                     expert_stats.reduce_()
@@ -247,8 +258,9 @@ class FusedExperts:
                     expert_stats.release()  # freed once used: the memory of the statistics shrinks expert by expert
                 weight.copy_(quantized.dequantize(param.dtype))
                 done[f"{self.name}.{param_name}.{e}"] = quantized.to("cpu")
+        routed = self.routed[self.active.start:self.active.stop]
         logger.info("%s: quantized %d experts (tokens routed per expert: min %d, max %d)", self.name,
-                    self.num_experts, int(self.routed.min()), int(self.routed.max()))
+                    len(self.active), int(routed.min()), int(routed.max()))
         return done
 
 

@@ -24,7 +24,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,10 @@ class CalibrationOptions:
     all_experts: bool = False  # route every calibration token through every expert's statistics
     reuse_allocations: bool = True  # on the CPU: glibc keeps large freed buffers for reuse (see runtime.memory)
     spill_dir: str | Path | None = None  # activations between subgraphs wait in files here, not in RAM
+    # fused MoE experts whose statistics are collected at once; more experts take more calibration passes over the
+    # subgraph (None: all in one pass). Bounds the statistics' memory: e.g. DeepSeek-V3's 256 experts hold 57 GB of
+    # fp32 Hessians at once, 64 per pass 14 GB.
+    experts_per_pass: int | None = None
 
 
 _PHASES = ("onload", "calibrate", "compress", "propagate", "offload")  # a subgraph's phases, in the order they run
@@ -241,6 +245,8 @@ def calibrate(
     """
     if not batches:
         raise SeqgenError("calibration needs at least one batch; check --num-samples and the dataset.")
+    if options.experts_per_pass is not None and options.experts_per_pass < 1:
+        raise SeqgenError(f"experts_per_pass must be a positive number of experts, got {options.experts_per_pass}.")
     package.check_model(model)
     for batch in batches:
         package.check_batch(batch)
@@ -285,7 +291,8 @@ def calibrate(
             outputs_needed = i < last  # the last quantized subgraph's outputs feed nothing that runs
             commit_calibration = outputs_needed and not options.propagate_error
             propagation_pass = outputs_needed and (options.propagate_error or not calibration_pass)
-            with tqdm(total=len(cache) * (calibration_pass + propagation_pass), desc=subgraph.name, leave=False,
+            passes = _expert_passes(experts, options.experts_per_pass) if calibration_pass else []
+            with tqdm(total=len(cache) * (len(passes) + propagation_pass), desc=subgraph.name, leave=False,
                       unit="batch") as bar:
                 if calibration_pass:
                     bar.set_description(f"{subgraph.name} calibrate")
@@ -293,12 +300,20 @@ def calibrate(
                     # Routing can differ per batch, so with fused experts every batch runs whole.
                     collector = _Collector(algorithm, linears, options.observe,
                                            stop_early=not commit_calibration and not experts)
-                    with torch.no_grad(), collector, ExitStack() as stack:
+                    for index, active in enumerate(passes):
+                        # later passes: only the next experts' statistics; the experts calibrated so far are
+                        # compressed first (what they compute does not reach any expert's input)
                         for fused in experts.values():
-                            stack.enter_context(fused)
-                        cache.run(model, subgraph, commit=commit_calibration,
-                                  before_batch=lambda b: collector.new_batch(cache.attention_mask(b)),
-                                  progress=lambda: bar.update())
+                            if index:
+                                expert_done.update(_compress_experts(fused, result))
+                            fused.select(active)
+                        with torch.no_grad(), collector if not index else nullcontext(), ExitStack() as stack:
+                            for fused in experts.values():
+                                stack.enter_context(fused)
+                            cache.run(model, subgraph, commit=commit_calibration and not index,
+                                      before_batch=None if index else (
+                                          lambda b: collector.new_batch(cache.attention_mask(b))),
+                                      progress=lambda: bar.update())
                     seconds["calibrate"] = time.perf_counter() - tick
                     bar.set_description(f"{subgraph.name} compress")
                     tick = time.perf_counter()
@@ -325,9 +340,7 @@ def calibrate(
                 elif work:
                     done = _compress(algorithm, linears, {name: None for name in linears})
                 for fused in experts.values():
-                    expert_done.update(fused.compress())
-                    result.round_to_nearest += [f"{fused.name}.{param}.{e}" for param in fused.params
-                                                for e in fused.unrouted]
+                    expert_done.update(_compress_experts(fused, result))
                 experts.clear()
                 if propagation_pass:
                     bar.set_description(f"{subgraph.name} propagate")
@@ -357,6 +370,20 @@ def calibrate(
     logger.info("calibrated %d linears and %d expert projections in %d subgraphs in %.1fs (%s)", result.linears,
                 len(result.experts), len(subgraphs), result.seconds, result.phase_summary())
     return result
+
+
+def _expert_passes(experts: Mapping[str, FusedExperts], per_pass: int | None) -> list[range]:
+    """The experts each calibration pass collects statistics for: all in one pass, or ``per_pass`` at a time."""
+    count = max((fused.num_experts for fused in experts.values()), default=0)
+    if per_pass is None or per_pass >= count:
+        return [range(count)]
+    return [range(start, min(start + per_pass, count)) for start in range(0, count, per_pass)]
+
+
+def _compress_experts(fused: FusedExperts, result: CalibrationResult) -> dict[str, QuantizedWeight]:
+    done = fused.compress()
+    result.round_to_nearest += [f"{fused.name}.{param}.{e}" for param in fused.params for e in fused.unrouted]
+    return done
 
 
 def _once_each(plan: list[dict[str, torch.nn.Linear]], from_disk: bool) -> list[dict[str, torch.nn.Linear]]:
