@@ -153,6 +153,7 @@ class FusedExperts:
         self._unscaled: torch.Tensor | None = None  # Llama 4 with all_experts: the block's input tokens
         self.unrouted: list[int] = []  # experts that no calibration token reached: quantized round-to-nearest
         self.active = range(self.num_experts)  # the experts this pass calibrates
+        self._pending: list[tuple[str, int, QuantizedWeight]] = []  # compressed, not yet written back
         self._handles: list[Any] = []
 
     def select(self, active: range) -> None:
@@ -220,8 +221,10 @@ class FusedExperts:
         self._unscaled = None
 
     @torch.no_grad()
-    def compress(self) -> dict[str, QuantizedWeight]:
-        """Quantize the active experts' projections in place; keys are ``<module>.<param>.<expert>``."""
+    def compress(self, defer: bool = False) -> dict[str, QuantizedWeight]:
+        """Quantize the active experts' projections in place; keys are ``<module>.<param>.<expert>``. With
+        ``defer`` their weights stay as they are until :meth:`write_back` (later calibration passes must see the
+        model the one-pass calibration sees)."""
         needs_data = self.algorithm.new_statistics(1, torch.device("cpu")) is not None
         self.unrouted = []
         if not self.active:  # fewer experts than this pass's range starts at
@@ -256,12 +259,24 @@ class FusedExperts:
                                                         expert_stats)
                 if expert_stats is not None:
                     expert_stats.release()  # freed once used: the memory of the statistics shrinks expert by expert
-                weight.copy_(quantized.dequantize(param.dtype))
-                done[f"{self.name}.{param_name}.{e}"] = quantized.to("cpu")
+                done[f"{self.name}.{param_name}.{e}"] = quantized = quantized.to("cpu")
+                if defer:
+                    self._pending.append((param_name, e, quantized))
+                else:
+                    weight.copy_(quantized.dequantize(param.dtype))
         routed = self.routed[self.active.start:self.active.stop]
         logger.info("%s: quantized %d experts (tokens routed per expert: min %d, max %d)", self.name,
                     len(self.active), int(routed.min()), int(routed.max()))
         return done
+
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Write the dequantized weights that :meth:`compress` deferred into the fused parameters."""
+        for param_name, e, quantized in self._pending:
+            weight = expert_weight(self.module, param_name, e)
+            weight.copy_(quantized.dequantize(weight.dtype).to(weight.device))
+        self._pending.clear()
 
 
 def checkpoint_layout(model: torch.nn.Module, owner: str) -> dict[str, tuple[str, int, torch.Tensor]] | None:

@@ -302,10 +302,11 @@ def calibrate(
                                            stop_early=not commit_calibration and not experts)
                     for index, active in enumerate(passes):
                         # later passes: only the next experts' statistics; the experts calibrated so far are
-                        # compressed first (what they compute does not reach any expert's input)
+                        # compressed first, their weights written back after the last pass (every pass sees the
+                        # model that a single pass would)
                         for fused in experts.values():
                             if index:
-                                expert_done.update(_compress_experts(fused, result))
+                                expert_done.update(_compress_experts(fused, result, defer=True))
                             fused.select(active)
                         with torch.no_grad(), collector if not index else nullcontext(), ExitStack() as stack:
                             for fused in experts.values():
@@ -341,6 +342,7 @@ def calibrate(
                     done = _compress(algorithm, linears, {name: None for name in linears})
                 for fused in experts.values():
                     expert_done.update(_compress_experts(fused, result))
+                    fused.write_back()
                 experts.clear()
                 if propagation_pass:
                     bar.set_description(f"{subgraph.name} propagate")
@@ -380,8 +382,9 @@ def _expert_passes(experts: Mapping[str, FusedExperts], per_pass: int | None) ->
     return [range(start, min(start + per_pass, count)) for start in range(0, count, per_pass)]
 
 
-def _compress_experts(fused: FusedExperts, result: CalibrationResult) -> dict[str, QuantizedWeight]:
-    done = fused.compress()
+def _compress_experts(fused: FusedExperts, result: CalibrationResult, defer: bool = False
+                      ) -> dict[str, QuantizedWeight]:
+    done = fused.compress(defer)
     result.round_to_nearest += [f"{fused.name}.{param}.{e}" for param in fused.params for e in fused.unrouted]
     return done
 
