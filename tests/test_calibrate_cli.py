@@ -142,7 +142,7 @@ def test_all_experts_flag_feeds_every_expert(moe_checkpoint: Path, tmp_path: Pat
     from safetensors import safe_open
 
     result = CliRunner().invoke(cli, ["calibrate", "--model", str(moe_checkpoint), *ARGS, "--all-experts",
-                                      "--save", str(tmp_path / "all")])
+                                      "--experts-per-pass", "3", "--save", str(tmp_path / "all")])
     assert result.exit_code == 0, result.output
     assert "quantized 8 linears and 16 expert projections" in result.output  # 2 layers x 2 projections x 4 experts
     assert re.search(r"time by phase: onload [\d.]+s, calibrate [\d.]+s, compress [\d.]+s", result.output)
