@@ -176,10 +176,17 @@ class FusedExperts:
         x = hidden_states.reshape(-1, self.hidden)
         index = top_k_index.reshape(x.shape[0], -1)
         self._ensure_stats(x.device)
+        # the tokens of each expert, in token order: one stable sort and one count per batch (no sync per expert)
+        flat = index.reshape(-1)
+        token_ids = torch.arange(x.shape[0], device=x.device).repeat_interleave(index.shape[1])
+        by_expert = token_ids[torch.sort(flat, stable=True).indices]
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        starts = [0]
+        for count in counts:
+            starts.append(starts[-1] + count)
         for e in self.active:
-            routed = (index == e).any(dim=-1)
-            self.routed[e] += int(routed.sum())
-            tokens = x if self.all_experts else x[routed]
+            self.routed[e] += counts[e]
+            tokens = x if self.all_experts else x.index_select(0, by_expert[starts[e]:starts[e + 1]])
             if tokens.shape[0] == 0 or self.gate_up_stats[e] is None:
                 continue
             self.gate_up_stats[e].update(tokens)
