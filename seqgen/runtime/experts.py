@@ -22,6 +22,7 @@ outside ``_apply_gate``, separate gate and up parameters) are reported and left 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
@@ -181,9 +182,7 @@ class FusedExperts:
         token_ids = torch.arange(x.shape[0], device=x.device).repeat_interleave(index.shape[1])
         by_expert = token_ids[torch.sort(flat, stable=True).indices]
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        starts = [0]
-        for count in counts:
-            starts.append(starts[-1] + count)
+        starts = [0, *itertools.accumulate(counts)]
         for e in self.active:
             self.routed[e] += counts[e]
             tokens = x if self.all_experts else x.index_select(0, by_expert[starts[e]:starts[e + 1]])
@@ -199,10 +198,14 @@ class FusedExperts:
         zeros elsewhere; the statistics take the nonzero rows, as the expert computes on them."""
         rows = (args[0] if args else kwargs["hidden_states"]).reshape(self.num_experts, -1, self.hidden)
         self._ensure_stats(rows.device)
+        routed = rows.ne(0).any(dim=-1)  # [E, T]
+        counts = routed.sum(dim=-1).tolist()  # one sync per batch, not one per expert
+        token_ids = routed.nonzero()[:, 1]  # grouped by expert, in token order
+        starts = [0, *itertools.accumulate(counts)]
         for e in self.active:
-            routed = rows[e].ne(0).any(dim=-1)
-            self.routed[e] += int(routed.sum())
-            tokens = self._unscaled if self.all_experts else rows[e][routed]
+            self.routed[e] += counts[e]
+            tokens = self._unscaled if self.all_experts else rows[e].index_select(
+                0, token_ids[starts[e]:starts[e + 1]])
             if tokens is None or tokens.shape[0] == 0 or self.gate_up_stats[e] is None:
                 continue
             self.gate_up_stats[e].update(tokens)
