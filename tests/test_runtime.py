@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -345,7 +346,10 @@ def test_a_weight_shared_by_several_layers_is_quantized_once_and_saved_packed(tm
     assert not any("shared_transf" in name for name in ignore)
     # transformers 5.24 re-ties the block by its '.weight' keys, which packed linears lack: the default (lazy) load
     # stops there, so the checkpoint is checked decompressed while loading
-    reloaded = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))
+    with warnings.catch_warnings():  # "the quantization_config from the model will be used", as intended
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+        config = CompressedTensorsConfig(dequantize=True)
+        reloaded = AutoModelForCausalLM.from_pretrained(out, quantization_config=config)
     batch = random_batch(99, 2, 11, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(**batch).logits, zamba(**batch).logits, rtol=0, atol=1e-6)
