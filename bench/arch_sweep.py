@@ -16,16 +16,19 @@ expert) and checks that
 6. **calibrated**: at least one weight was quantized, every quantized linear holds its dequantized codes, and no
    other parameter changed;
 7. **round trip**: the model saved in compressed-tensors format (``seqgen.save.save_quantized``) loads with
-   ``from_pretrained`` and its logits equal the in-memory quantized model's (max abs diff <= 1e-5).
+   ``from_pretrained`` and its logits equal the in-memory quantized model's (max abs diff <= 1e-5); where the default
+   (packed) load fails on the model's own code, the checkpoint decompressed while loading is compared instead;
+8. **disk offload**: the same calibration with the weights left in the saved model's safetensors files (a meta
+   skeleton, a streamed checkpoint) writes the same checkpoint, tensor for tensor.
 
-The calibration columns are reported apart from the emit pass/fail. Types whose tiny config cannot be instantiated at all are listed apart and not
-counted. Steps 1-2 run in emit workers, steps 3-4 in check workers: long-lived subprocesses that take one type at a
-time and are replaced when a type runs past ``--timeout``.
+The calibration columns are reported apart from the emit pass/fail. Types whose tiny config cannot be instantiated at
+all are listed apart and not counted. Steps 1-2 run in emit workers, steps 3-8 in check workers: long-lived
+subprocesses that take one type at a time and are replaced when a type runs past ``--timeout``.
 
     python bench/arch_sweep.py                        # every type, 2 parallel workers
     python bench/arch_sweep.py --only llama,gpt2 --jobs 1
     python bench/arch_sweep.py --write-docs           # also write docs/coverage.md
-    python bench/arch_sweep.py --calibrate            # also quantize, save and reload every model
+    python bench/arch_sweep.py --calibrate            # also quantize, save, reload and calibrate from disk
 
 Results: ``bench/results/arch_sweep.json`` (gitignored); a summary table on stdout.
 """
