@@ -320,6 +320,10 @@ def test_experts_no_token_reached_are_quantized_round_to_nearest(caplog: pytest.
     assert torch.equal(done["model.layers.0.mlp.experts.gate_up_proj.3"].codes, expected.codes)
     assert not torch.equal(done["model.layers.0.mlp.experts.gate_up_proj.0"].codes,
                            quantize_rtn(original[0], QuantScheme(group_size=None)).codes)
+    # slots routed nowhere (-1, as capacity-limited routers write) count for no expert
+    fused = FusedExperts("e", experts, get_algorithm("gptq", QuantScheme(group_size=None)), all_experts=False)
+    fused._pre_hook(experts, (x[:3], torch.tensor([[0, -1], [1, 2], [-1, -1]]), torch.ones(3, 2)), {})
+    assert fused.routed.tolist() == [1, 1, 1, 0]
 
 
 def test_a_weight_shared_by_several_layers_is_quantized_once_and_saved_packed(tmp_path: Path) -> None:

@@ -180,6 +180,8 @@ class FusedExperts:
         # the tokens of each expert, in token order: one stable sort and one count per batch (no sync per expert)
         flat = index.reshape(-1)
         token_ids = torch.arange(x.shape[0], device=x.device).repeat_interleave(index.shape[1])
+        if bool((flat < 0).any()):  # a slot routed nowhere (-1), as capacity-limited routers write
+            token_ids, flat = token_ids[flat >= 0], flat[flat >= 0]
         by_expert = token_ids[torch.sort(flat, stable=True).indices]
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         starts = [0, *itertools.accumulate(counts)]
