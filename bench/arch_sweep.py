@@ -314,11 +314,11 @@ def _disk_check(task: dict[str, Any], package: Any, batches: list[Any], options:
     import dataclasses
 
     import torch
-    from safetensors import safe_open
 
     from seqgen.job import _disk_model
     from seqgen.runtime import SafetensorsWeights, calibrate
     from seqgen.save import StreamingSaver
+    from seqgen.verify import checkpoint_differences
 
     directory = Path(task["model_dir"])
     skeleton = _disk_model(directory, torch.float32)
@@ -329,21 +329,10 @@ def _disk_check(task: dict[str, Any], package: Any, batches: list[Any], options:
               on_subgraph_done=saver.add, keep_results=False)
     saver.finish()
 
-    def tensors(path: Path) -> dict[str, torch.Tensor]:
-        found: dict[str, torch.Tensor] = {}
-        for file in sorted(path.glob("*.safetensors")):
-            with safe_open(file, "pt") as f:
-                found.update({key: f.get_tensor(key) for key in f.keys()})
-        return found
-
-    memory, disk = tensors(memory_out), tensors(disk_out)
-    if sorted(memory) != sorted(disk):
-        only_memory, only_disk = sorted(set(memory) - set(disk)), sorted(set(disk) - set(memory))
-        raise AssertionError(f"checkpoint names differ: only in memory's {only_memory[:3]}, only in disk's "
-                             f"{only_disk[:3]}")
-    differ = [key for key in memory if not torch.equal(memory[key], disk[key])]
-    if differ:
-        raise AssertionError(f"{len(differ)} tensors differ from the in-memory run's, e.g. {differ[0]}")
+    differences = checkpoint_differences(memory_out, disk_out)
+    if differences:
+        raise AssertionError(f"{len(differences)} differences from the in-memory run's checkpoint, e.g. "
+                             f"{differences[0]}")
 
 
 class _Capture(logging.Handler):

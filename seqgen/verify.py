@@ -8,7 +8,7 @@ import torch
 
 from .package import Package, load
 
-__all__ = ["random_batch", "compare_with_eager"]
+__all__ = ["random_batch", "compare_with_eager", "checkpoint_differences"]
 
 
 def random_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -32,3 +32,26 @@ def compare_with_eager(
     expected = model(**batch).logits
     actual = pkg.run(model, **batch)["logits"]
     return (expected - actual).abs().max().item()
+
+
+def checkpoint_differences(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> list[str]:
+    """How two saved checkpoint directories differ, tensor for tensor: names held by one only, then names whose
+    tensors are not equal (dtype, shape or a value); empty when they are the same (e.g. a calibration from disk
+    against the same one in memory)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    def tensors(directory: Path) -> dict[str, torch.Tensor]:
+        found: dict[str, torch.Tensor] = {}
+        for file in sorted(directory.glob("*.safetensors")):
+            with safe_open(file, "pt") as f:
+                found.update({key: f.get_tensor(key) for key in f.keys()})
+        return found
+
+    first, second = tensors(Path(a)), tensors(Path(b))
+    differences = [f"only in {a}: {key}" for key in sorted(set(first) - set(second))]
+    differences += [f"only in {b}: {key}" for key in sorted(set(second) - set(first))]
+    differences += [f"differs: {key}" for key in sorted(set(first) & set(second))
+                    if first[key].dtype != second[key].dtype or not torch.equal(first[key], second[key])]
+    return differences

@@ -375,3 +375,17 @@ def test_experts_saved_fused_where_the_checkpoint_keeps_them_fused(tmp_path: Pat
     assert "model.layers.0.block_sparse_moe.experts: transformers" in caplog.text
     assert "saved dequantized (full size)" in caplog.text
     torch.testing.assert_close(_logits(_load(out)), _logits(model), rtol=0, atol=0)
+
+
+def test_checkpoint_differences_names_every_difference(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from seqgen.verify import checkpoint_differences
+
+    for name, tensors in {"a": {"x": torch.ones(2), "y": torch.zeros(2), "z": torch.ones(1)},
+                          "b": {"x": torch.ones(2), "y": torch.ones(2), "w": torch.ones(1)}}.items():
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    assert checkpoint_differences(tmp_path / "a", tmp_path / "a") == []
+    assert checkpoint_differences(tmp_path / "a", tmp_path / "b") == [
+        f"only in {tmp_path / 'a'}: z", f"only in {tmp_path / 'b'}: w", "differs: y"]

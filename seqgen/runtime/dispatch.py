@@ -88,8 +88,6 @@ class SafetensorsWeights:
         return [piece.key for piece in self.sources[name]] if name in self.sources else [name]
 
     def _find_converted(self, model: torch.nn.Module) -> None:
-        from transformers.core_model_loading import revert_weight_conversion
-
         from .experts import EXPERT_PARAMS, UNGATED_PARAMS, checkpoint_layout, is_fused_experts, is_transposed_experts
 
         missing = {name: t for name, t in model.state_dict(keep_vars=True).items() if name not in self.weight_map}
