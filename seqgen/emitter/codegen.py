@@ -212,7 +212,12 @@ def render_partition(part: Partition, root: torch.nn.Module, names: dict[Node, s
             note = " (built anew in each subgraph that uses it)" if node.meta.get("seqgen_fresh") else ""
             lines.append(f"# {os.path.basename(loc[0])}:{loc[1]} in {loc[2]}{note}")
             last_loc = (loc[0], loc[1])
-        expr = renderer.expression(node)
+        try:
+            expr = renderer.expression(node)
+        except EmitFailure as exc:
+            if loc is None:
+                raise
+            raise EmitFailure(f"{exc} (at {os.path.basename(loc[0])}:{loc[1]} in {loc[2]})") from None
         lines.append(expr if not node.users else f"{names[node]} = {expr}")
     returned = ", ".join(f'"{names[n]}": {names[n]}' for n in part.outputs)
     lines.append(f"return {{{returned}}}")

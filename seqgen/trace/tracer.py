@@ -914,6 +914,31 @@ def _dead_code_elimination(graph: torch.fx.Graph) -> None:
             graph.erase_node(node)
 
 
+def _drop_moves_to_the_trace_device(graph: torch.fx.Graph) -> None:
+    """``x.to(self.device)`` in model code (Idefics3's embeddings): ``self.device`` is the meta device while tracing,
+    a constant no generated code can hold. A package runs every subgraph on one execution device, where such a
+    move does nothing, so the move is dropped (a dtype given with it is kept)."""
+
+    def is_meta(a: Any) -> bool:
+        return isinstance(a, torch.device) and a.type == "meta"
+
+    for node in list(graph.nodes):
+        if node.op != "call_method" or node.target != "to":
+            continue
+        args, kwargs = list(node.args), dict(node.kwargs)
+        if len(args) > 1 and is_meta(args[1]):
+            del args[1]
+        elif is_meta(kwargs.get("device")):
+            del kwargs["device"]
+        else:
+            continue
+        if len(args) == 1 and not kwargs:
+            node.replace_all_uses_with(args[0])
+            graph.erase_node(node)
+        else:
+            node.args, node.kwargs = tuple(args), kwargs
+
+
 def trace_model(
     model: torch.nn.Module,
     inputs: list[InputSpec],
@@ -969,6 +994,7 @@ def _trace(
             "that branches on tensor contents, pass --ignore NAME to call it as a leaf; if it is inside a module "
             "that need not be traced, pass --targets to change the sequential targets."
         ) from exc
+    _drop_moves_to_the_trace_device(graph)
     _dead_code_elimination(graph)
     _check_fresh_instances(graph, set(target_names))
     called = {
