@@ -682,6 +682,8 @@ class StreamingSaver:
     ) -> None:
         """Save ``subgraph``'s tensors now (its weights are still on the execution device), under the names of the
         source checkpoint. ``experts`` are its quantized fused MoE experts, as in ``CalibrationResult.experts``."""
+        from transformers.core_model_loading import revert_weight_conversion
+
         from .runtime.dispatch import _module_tensors
 
         experts = experts or {}
@@ -720,7 +722,9 @@ class StreamingSaver:
             for piece in self.weights.sources.get(name, [None]):
                 key = name if piece is None else piece.key
                 if key not in self.weight_map:
-                    if piece is None or piece.rows is None:  # under its own name, renamed, or tied
+                    if piece is not None and piece.transposed:  # as transformers saves it: swapped, or not
+                        tensors.update(revert_weight_conversion(self.model, {name: value}))
+                    elif piece is None or piece.rows is None:  # under its own name, renamed, or tied
                         tensors[key] = value
                     else:  # some rows of the tensor (or of one expert's slice)
                         rows_of = value if piece.expert is None else value[piece.expert]

@@ -8,8 +8,8 @@ exactly those to the execution device before the subgraph runs and back after. T
   computes. On the CPU there is nothing to move.
 * **disk**: the model skeleton has its parameters on the meta device, and tensors are read from the checkpoint's
   safetensors files (memory-mapped) when a subgraph needs them, then dropped. RAM holds one subgraph's weights, so a
-  model larger than RAM calibrates. Checkpoint names that differ from the model's (fused MoE experts stored one
-  linear per expert, renamed modules) are resolved by :class:`SafetensorsWeights`. :meth:`Dispatcher.prefetch` asks
+  model larger than RAM calibrates. Checkpoint names and layouts that differ from the model's (fused MoE experts
+  stored one linear per expert, or transposed; renamed modules; split rows) are resolved by :class:`SafetensorsWeights`. :meth:`Dispatcher.prefetch` asks
   the kernel to read the next subgraph's byte ranges into the page cache while the current one computes
   (``posix_fadvise(WILLNEED)``): the reads overlap compute, and nothing is added to the process's memory.
 """
@@ -50,6 +50,8 @@ class _Piece(NamedTuple):
     key: str  # the checkpoint's name
     expert: int | None  # the expert whose rows ``rows`` it fills; None: rows of the whole model tensor
     rows: torch.Tensor | None  # None: the whole model tensor (a rename, or a tie)
+    # the whole tensor with its last two dimensions swapped (Qwen3-VL-MoE's experts are stored [E, in, out])
+    transposed: bool = False
 
 
 class SafetensorsWeights:
@@ -115,14 +117,14 @@ class SafetensorsWeights:
             if pieces == "converted":
                 raise SeqgenError(
                     f"{name} is stored in {self.directory} in a layout that transformers converts while loading (an "
-                    "interleave, a transpose: more than a rename or a split of rows), which disk offload does not "
-                    "reproduce. Calibrate with the weights in memory (--offload memory)."
+                    "interleave, a reshape: more than a rename, a split of rows or a transpose), which disk offload "
+                    "does not reproduce. Calibrate with the weights in memory (--offload memory)."
                 )
             if pieces is None:
                 logger.debug("%s: not in the checkpoint under any name", name)
-            elif not (len(pieces) == 1 and pieces[0].key == name and pieces[0].rows is None):
+            elif len(pieces) > 1 or pieces[0].key != name or pieces[0].rows is not None or pieces[0].transposed:
                 self.sources[name] = pieces
-                if pieces[0].rows is not None:
+                if pieces[0].rows is not None or pieces[0].transposed:
                     self._shapes[name] = tuple(tensor.shape)
         if self.sources:
             logger.info("%d model tensors are read from checkpoint tensors of other names (e.g. %s <- %s)",
@@ -148,6 +150,8 @@ class SafetensorsWeights:
             return "converted"
         if not reverted or any(key not in self.weight_map for key in reverted):
             return None
+        if len(reverted) == 1 and probe.dim() > 1 and torch.equal(next(iter(reverted.values())), probe.mT):
+            return [_Piece(next(iter(reverted)), None, None, self._swaps_square(model, name, shape))]
         pieces: list[_Piece] = []
         seen = torch.zeros(rows, dtype=torch.long)
         for key, tags in sorted(reverted.items()):
@@ -165,6 +169,37 @@ class SafetensorsWeights:
         if len(pieces) == 1 and torch.equal(pieces[0].rows, torch.arange(rows)):
             return [_Piece(pieces[0].key, None, None)]  # the whole tensor, renamed or not
         return pieces
+
+    @staticmethod
+    def _swaps_square(model: torch.nn.Module, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether a tensor stored transposed is transposed when its last two dimensions are equal too: converters
+        that compare the stored shape with the model's (``Transpose(check_dims=True)``) leave such a tensor as it is."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        if shape[-1] != shape[-2]:
+            return True
+        square = (shape[0], shape[0]) if len(shape) == 2 else (shape[0], *(12, 8, 6, 4)[: len(shape) - 3], 8, 8)
+        probe = torch.arange(math.prod(square)).reshape(square)
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if attr not in owner._parameters:
+            return True
+        # such a converter reads the model's own shape: for the probe, it is the probe's (meta: no memory)
+        real = owner._parameters[attr]
+        owner._parameters[attr] = torch.nn.Parameter(torch.empty(square, device="meta"), requires_grad=False)
+        try:
+            reverted = next(iter(revert_weight_conversion(model, {name: probe}).values()))
+        finally:
+            owner._parameters[attr] = real
+        return torch.equal(reverted, probe.mT)
+
+    @staticmethod
+    def _as_model_stores(piece: _Piece, tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """A checkpoint tensor in the model's layout: swapped back if it is stored transposed (a tensor already in
+        the model's non-square shape is taken as it is, as transformers' shape-checking converter does)."""
+        if piece.transposed and (shape[-1] == shape[-2] or tuple(tensor.shape) != shape):
+            return tensor.transpose(-2, -1).contiguous()
+        return tensor
 
     def byte_ranges(self, file: str) -> dict[str, tuple[int, int]]:
         """Where each tensor of ``file`` lies in it: key -> (byte offset, length), from the safetensors header."""
@@ -228,7 +263,10 @@ class SafetensorsWeights:
         for name in names:
             pieces = self.sources.get(name, [])
             renamed = bool(pieces) and pieces[0].rows is None  # (or tied to a tensor stored under another name)
-            result[name] = found[pieces[0].key] if renamed else found[name]
+            if renamed and pieces[0].transposed:
+                result[name] = self._as_model_stores(pieces[0], found[pieces[0].key], self._shapes[name])
+            else:
+                result[name] = found[pieces[0].key] if renamed else found[name]
         return result
 
 
