@@ -126,11 +126,14 @@ def model_dtype(name: str | None, model_id: str, device: torch.device) -> torch.
 def _disk_model(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
     """The model skeleton: parameters on meta, buffers real (non-persistent ones such as rotary tables)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .models import auto_class
 
     config = AutoConfig.from_pretrained(directory)
+    cls = auto_class(config)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = cls.from_config(config, dtype=dtype)
     model.tie_weights()  # as from_pretrained does: tied weights are one parameter, stored under one name
     return model.eval()
 

@@ -26,6 +26,7 @@ from .errors import SeqgenError
 
 __all__ = [
     "DEFAULT_MODEL",
+    "auto_class",
     "cache_dir",
     "load_config",
     "meta_model",
@@ -188,6 +189,20 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     # query/key and value widths round up to multiples of 64, which the mLSTM kernel's head split assumes away
     "xlstm": {"hidden_size": 128, "embedding_dim": 128},
+    # half of each head rotates, split in three multimodal sections: heads of 16 leave 4 rotary pairs to split
+    "glm4v_moe": {"text_config": {"num_attention_heads": 2, "num_key_value_heads": 2}},
+}
+
+
+# text configs whose model falls back to a full-size multimodal rotary split when the config has none (real
+# checkpoints always have one)
+_MROPE_DEFAULT = {
+    "qwen2_vl_text": (16, 24, 24),
+    "qwen2_5_vl_text": (16, 24, 24),
+    "paddleocr_vl_text": (16, 24, 24),
+    "glm4v_text": (8, 12, 12),
+    "glm4v_moe_text": (8, 12, 12),
+    "glm_ocr_text": (8, 12, 12),
 }
 
 
@@ -280,8 +295,9 @@ def _shrink_layers(data: dict[str, Any], key: str, depth_override: int | None) -
     data[key] = tiny
 
 
-def _shrunk_sizes(data: dict[str, Any], skip: set[str]) -> dict[str, Any]:
-    """Apply the size table to ``data`` in place (and return it)."""
+def _shrunk_sizes(data: dict[str, Any], skip: set[str], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Apply the size table to ``data`` in place (and return it); ``overrides`` on top, before the sizes that
+    depend on others are made consistent."""
     original = dict(data)
     sizes = dict(_TINY_SIZES)
     if any(_is_int(data.get(key)) for key in _MOE_KEYS):
@@ -297,6 +313,7 @@ def _shrunk_sizes(data: dict[str, Any], skip: set[str]) -> dict[str, Any]:
             data[key] = tiny
         elif isinstance(value, list) and value and all(_is_int(v) for v in value):
             data[key] = [min(v, tiny) if key in _AT_MOST else tiny for v in value]
+    data.update(overrides or {})
     _fix_invariants(data, original)
     return data
 
@@ -314,13 +331,16 @@ def _fix_invariants(data: dict[str, Any], original: dict[str, Any]) -> None:
         for key in ("head_dim", "swa_head_dim"):
             if _is_int(original.get(key)) and original[key] == original_qk:
                 data[key] = qk
-    # multimodal rotary sections (qwen2-vl) split the rotary half of a head: they add up to head_dim / 2
+    # multimodal rotary sections (qwen2-vl) split the rotary half of a head: they add up to rotary dim / 2
     rope = data.get("rope_parameters")
     head_dim = data.get("head_dim") if _is_int(data.get("head_dim")) else None
     if head_dim is None and _is_int(width) and _is_int(data.get("num_attention_heads")):
         head_dim = width // data["num_attention_heads"]
+    if isinstance(rope, dict) and data.get("model_type") in _MROPE_DEFAULT and "mrope_section" not in rope:
+        rope["mrope_section"] = list(_MROPE_DEFAULT[data["model_type"]])  # what the model assumes when it is absent
     if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list) and head_dim:
-        rope["mrope_section"] = _split_evenly(rope["mrope_section"], head_dim // 2)
+        rotary = int(head_dim * rope.get("partial_rotary_factor", 1.0))  # glm4v-moe rotates half of each head
+        rope["mrope_section"] = _split_evenly(rope["mrope_section"], rotary // 2)
     # state-space mixers: heads * head size = expand * width
     expand = data.get("mamba_expand", data.get("expand"))
     if _is_int(expand) and _is_int(width):
@@ -366,9 +386,10 @@ def _derived_keys(config: Any, data: dict[str, Any]) -> list[str]:
 def _shrink(config: Any, overrides: dict[str, Any]) -> dict[str, Any]:
     """The dict of ``config`` with tiny sizes, recursively through nested configs; ``overrides`` apply on top."""
     data = config.to_dict()
+    overrides = dict(overrides)
     for name, child in _config_children(config).items():
-        if isinstance(data.get(name), dict):
-            data[name] = _shrink(child, {})
+        if isinstance(data.get(name), dict):  # a nested config: overrides of it come as a dict under its name
+            data[name] = _shrink(child, overrides.pop(name) if isinstance(overrides.get(name), dict) else {})
     amap = type(config).attribute_map
     overrides = {amap.get(k, k): v for k, v in overrides.items()}
     depth_key = _depth_key(config, data)
@@ -377,8 +398,7 @@ def _shrink(config: Any, overrides: dict[str, Any]) -> dict[str, Any]:
     for key in _derived_keys(config, data):
         if key != depth_key:
             del data[key]
-    _shrunk_sizes(data, {depth_key} if depth_key else set())
-    data.update(overrides)
+    _shrunk_sizes(data, {depth_key} if depth_key else set(), overrides)
     vocab = data.get("vocab_size")
     if _is_int(vocab):
         for key in _TOKEN_IDS:
@@ -405,11 +425,9 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
 
 def tiny_model(model_type: str, **overrides: Any) -> torch.nn.Module:
     """A tiny random model in fp32 on the CPU, the same for the same arguments (seed 0)."""
-    from transformers import AutoModelForCausalLM
-
+    config = tiny_config(model_type, **overrides)
     torch.manual_seed(TINY_SEED)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
-    return model.eval()
+    return auto_class(config).from_config(config, dtype=torch.float32).eval()
 
 
 # ---- SmolLM2 -------------------------------------------------------------------------------------------------------
@@ -459,6 +477,30 @@ def smollm2_dir() -> Path:
 # ---- resolution ----------------------------------------------------------------------------------------------------
 
 
+def auto_class(config: Any) -> Any:
+    """The transformers auto class that builds the whole generative model of ``config``: ``AutoModelForCausalLM``,
+    else ``AutoModelForImageTextToText`` for vision-language models it does not map (LLaVA, Qwen2/2.5/3-VL,
+    Mistral 3). Their language model's decoder layers are the sequential targets, calibrated on text; the vision
+    tower is left as it is."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    raise SeqgenError(
+        f"model type {model_type!r} ({type(config).__name__}) is neither a causal language model nor an image-text-"
+        "to-text model in transformers (AutoModelForCausalLM, AutoModelForImageTextToText); seqgen calibrates "
+        "generative text decoders. Check that config.json is the model's own, or that this transformers "
+        "release knows the model type."
+    )
+
+
 def load_config(model_id: str) -> Any:
     """The config of a model id, without loading weights."""
     from transformers import AutoConfig
@@ -477,23 +519,21 @@ def load_config(model_id: str) -> Any:
 
 def meta_model(model_id_or_config: str | Any) -> torch.nn.Module:
     """The model on the meta device: structure and config only, no weights and no RAM for them."""
-    from transformers import AutoModelForCausalLM
-
     config = load_config(model_id_or_config) if isinstance(model_id_or_config, str) else model_id_or_config
+    cls = auto_class(config)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = cls.from_config(config, dtype=torch.float32)
     return model.eval()
 
 
 def load_model(model_id: str, dtype: torch.dtype = torch.float32, **kwargs: Any) -> torch.nn.Module:
     """The model with its weights (on the CPU unless ``device_map`` says otherwise)."""
-    from transformers import AutoModelForCausalLM
-
     if model_id.startswith("tiny:"):
         return tiny_model(model_id.split(":", 1)[1]).to(dtype)
     path: str | Path = smollm2_dir() if model_id == DEFAULT_MODEL else model_id
+    cls = auto_class(load_config(str(path)))
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        model = cls.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise SeqgenError(f"cannot load model {model_id!r}: {exc}") from exc
     return model.eval()

@@ -236,3 +236,64 @@ def test_default_dtype_is_the_checkpoints_on_cuda_fp32_on_cpu(tmp_path: Path) ->
     assert model_dtype("float16", str(tmp_path), cuda) == torch.float16
     with pytest.raises(SeqgenError, match="unknown dtype 'fp8'"):
         model_dtype("fp8", str(tmp_path), cpu)
+
+
+CLI_DEFAULTS_G16 = QuantScheme(bits=4, group_size=16, symmetric=True, act_order=True, dampening=0.01)
+
+
+def test_vision_language_checkpoint_calibrates_on_text(checkpoint: Path, tmp_path: Path) -> None:
+    """Qwen2.5-VL, which only AutoModelForImageTextToText builds: the language model's layers are calibrated on text,
+    the vision tower stays in full precision and is listed in ``ignore``; memory and disk offload save the same."""
+    from transformers import AutoModelForImageTextToText
+
+    from seqgen.verify import checkpoint_differences
+
+    source = tmp_path / "qwen2_5_vl"
+    tiny_model("qwen2_5_vl", text_config={"vocab_size": 49152, "intermediate_size": 64}).save_pretrained(source)
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(source)
+    memory = run_job(CalibrationJob(model_id=str(source), save_dir=tmp_path / "memory", num_samples=4, seq_len=32,
+                                    batch_size=2, options=CalibrationOptions(scheme=CLI_DEFAULTS_G16)))
+    assert sorted(memory.result.quantized) == sorted(
+        f"model.language_model.layers.{i}.{name}" for i in range(2)
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                     "mlp.up_proj", "mlp.down_proj")
+    )
+    config = (tmp_path / "memory" / "config.json").read_text()
+    assert '"model.visual.blocks.0.attn.qkv"' in config and '"lm_head"' in config  # ignored: kept dense
+    names = tensor_names(tmp_path / "memory")
+    assert "visual.blocks.0.attn.qkv.weight" in names and "model.layers.0.self_attn.q_proj.weight_packed" in names
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "memory", dtype=torch.float32).eval()
+    assert torch.equal(logits(reloaded), logits(memory.model))
+
+    result = CliRunner().invoke(cli, ["calibrate", "--model", str(source), "--algorithm", "gptq", "--bits", "4",
+                                      "--group-size", "16", "--num-samples", "4", "--seq-len", "32",
+                                      "--batch-size", "2", "--offload", "disk", "--save", str(tmp_path / "disk")])
+    assert result.exit_code == 0, result.output
+    assert checkpoint_differences(tmp_path / "memory", tmp_path / "disk") == []
+
+
+def test_disk_offload_reads_experts_stored_transposed(moe_checkpoint: Path, tmp_path: Path) -> None:
+    """Qwen3-VL-MoE checkpoints store fused experts [experts, in, out], the model [experts, out, in]; transformers
+    transposes while loading. Disk offload reads them the same way: it calibrates what the in-memory run does."""
+    from safetensors.torch import load_file, save_file
+
+    from seqgen.verify import checkpoint_differences
+
+    source = tmp_path / "qwen3_vl_moe"
+    tiny_model("qwen3_vl_moe", text_config={"vocab_size": 49152, "moe_intermediate_size": 32}).save_pretrained(source)
+    AutoTokenizer.from_pretrained(moe_checkpoint).save_pretrained(source)
+    stored = load_file(source / "model.safetensors")
+    experts = [key for key in stored if key.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert experts
+    save_file({key: t.mT.contiguous() if key in experts else t for key, t in stored.items()},
+              source / "model.safetensors", metadata={"format": "pt"})
+    options = CalibrationOptions(scheme=QuantScheme(bits=4, group_size=16), all_experts=True)
+
+    def job(name: str, **kwargs: object) -> CalibrationJob:
+        return CalibrationJob(model_id=str(source), save_dir=tmp_path / name, num_samples=4, seq_len=32,
+                              batch_size=2, options=options, **kwargs)
+
+    memory = run_job(job("memory"))
+    assert memory.result.experts, "the fused experts were calibrated"
+    run_job(job("disk", offload="disk"))
+    assert checkpoint_differences(tmp_path / "memory", tmp_path / "disk") == []

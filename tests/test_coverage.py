@@ -23,7 +23,9 @@ from seqgen.models import meta_model, tiny_config
 # built regardless of use_cache (xlm), keys and values shared between layers (gemma4_text), module outputs with None
 # entries (xlnet), a position table stored on the model (ctrl), weights rescaled in place (rwkv), a multimodal
 # wrapper whose text masks come as a dict (gemma3), numerics that differ with a KV cache (gpt_neo); then more
-# hybrid (mamba, linear attention), recurrent, MoE and encoder-decoder layouts.
+# hybrid (mamba, linear attention), recurrent, MoE and encoder-decoder layouts; vision-language models that only
+# AutoModelForImageTextToText builds, run on text (qwen2_5_vl: M-RoPE; idefics3: `.to(self.device)`, a meta device
+# at trace time; qwen3_vl_moe: fused experts stored transposed in its checkpoints).
 COVERAGE_ARCHS = [
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next", "gemma", "gemma2",
     "gemma3_text", "phi", "phi3", "phimoe", "gpt2", "gpt_neox", "gptj", "opt", "falcon", "bloom", "olmo2", "olmoe",
@@ -33,6 +35,7 @@ COVERAGE_ARCHS = [
     "gpt_neo",
     "mamba", "mamba2", "falcon_mamba", "falcon_h1", "bamba", "granitemoehybrid", "recurrent_gemma", "xlstm",
     "minimax", "kimi_linear", "llama4_text", "glm4_moe", "ernie4_5_moe", "gemma3n_text", "bart", "whisper",
+    "qwen2_5_vl", "mistral3", "idefics3", "qwen3_vl_moe",
 ]
 
 
@@ -216,9 +219,10 @@ def test_vision_language_model_with_images(tmp_path: Path, arch: str) -> None:
 
 # one architecture per mechanism: dense; fused experts with a router Parameter, a shared expert and its one-output
 # gate, a Linear router, DeepSeek's shared experts, Llama 4's transposed experts, Nemotron-H's ungated ones; linears
-# that never run (cross-attention, Mamba's dt_proj); convolutions that the checkpoint stores split (Kimi Linear)
+# that never run (cross-attention, Mamba's dt_proj); convolutions that the checkpoint stores split (Kimi Linear); a
+# vision-language model (its vision tower is not quantized) and its MoE sibling
 CALIBRATION_ARCHS = ["llama", "gemma3_text", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "phimoe", "deepseek_v3",
-                     "llama4_text", "nemotron_h", "jamba", "bart", "kimi_linear"]
+                     "llama4_text", "nemotron_h", "jamba", "bart", "kimi_linear", "qwen2_5_vl", "qwen3_vl_moe"]
 # transformers 5.24's compressed loader drops the dense tensors of these (seqgen warns at save): disk offload only
 LOADER_DROPS = {"kimi_linear"}
 
@@ -229,18 +233,20 @@ def test_calibrated_checkpoint_reloads_and_disk_offload_writes_the_same(
 ) -> None:
     import dataclasses
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     import seqgen
     from seqgen.algorithms import QuantScheme
     from seqgen.job import _disk_model
+    from seqgen.models import auto_class
     from seqgen.runtime import CalibrationOptions, SafetensorsWeights, calibrate
     from seqgen.save import StreamingSaver, save_quantized
     from seqgen.verify import checkpoint_differences, random_batch
 
     model_dir, package_dir, _, _ = emitted[arch]
     package = seqgen.load(package_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    auto = auto_class(AutoConfig.from_pretrained(model_dir))
+    model = auto.from_pretrained(model_dir, dtype=torch.float32).eval()
     vocab = model.config.get_text_config().vocab_size
     batches = [random_batch(vocab, 2, 16, seed=100 + i) for i in range(2)]
     options = CalibrationOptions(scheme=QuantScheme(bits=4, group_size=None, act_order=True), all_experts=True)
@@ -249,7 +255,7 @@ def test_calibrated_checkpoint_reloads_and_disk_offload_writes_the_same(
     memory = save_quantized(model, result.quantized, tmp_path / "memory", experts=result.experts)
     if arch not in LOADER_DROPS:
         probe = random_batch(vocab, 2, 11, seed=7)
-        reloaded = AutoModelForCausalLM.from_pretrained(memory).eval()
+        reloaded = auto.from_pretrained(memory).eval()
         with torch.no_grad():
             torch.testing.assert_close(reloaded(**probe).logits, model(**probe).logits, rtol=0, atol=1e-5)
 

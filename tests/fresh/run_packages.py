@@ -8,9 +8,10 @@ import json
 import sys
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig
 
 import seqgen
+from seqgen.models import auto_class
 from seqgen.verify import random_batch
 
 SHAPES = [(2, 64), (3, 9), (1, 1)]  # the emit sample, then other sizes and lengths
@@ -20,7 +21,7 @@ def main() -> None:
     results = {}
     pairs = sys.argv[1:]
     for model_dir, package_dir in zip(pairs[::2], pairs[1::2]):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model = auto_class(AutoConfig.from_pretrained(model_dir)).from_pretrained(model_dir, dtype=torch.float32).eval()
         package = seqgen.load(package_dir)
         diffs = {}
         for batch_size, seq_len in SHAPES:
