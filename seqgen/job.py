@@ -181,7 +181,7 @@ def run_job(job: CalibrationJob) -> JobSummary:
     else:
         result = calibrate(model, package, batches, job.options)
         save_quantized(model, result.quantized, job.save_dir, experts=result.experts, tokenizer=tokenizer,
-                       save_format=job.save_format)
+                       source_dir=_checkpoint_dir(job.model_id), save_format=job.save_format)
     if job.options.observe:
         from safetensors.torch import save_file
 

@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SAVE_FORMATS",
+    "SERVING_FILES",
     "save_quantized",
     "apply_fake_quant",
     "quantization_config",
@@ -104,6 +105,7 @@ def save_quantized(
     *,
     experts: Mapping[str, QuantizedWeight] | None = None,
     tokenizer: Any = None,
+    source_dir: str | Path | None = None,
     save_format: str = "compressed",
     max_shard_size: int | str = "5GB",
 ) -> Path:
@@ -114,8 +116,8 @@ def save_quantized(
     docstring for the layout). ``"compressed"`` leaves ``model`` untouched and stores only the packed codes and scales
     of the quantized layers next to references to the other parameters: no second copy of the weights is made.
     ``"fake"`` first writes the dequantized weights into ``model`` in place (see :func:`apply_fake_quant`; a no-op
-    when they are there already), then saves it as a plain checkpoint. ``tokenizer``, when given, is saved alongside.
-    An existing ``out_dir`` is replaced when it is empty or holds a model (a ``config.json``). Returns the directory.
+    when they are there already), then saves it as a plain checkpoint. ``tokenizer``, when given, is saved alongside,
+    and so are the files of :data:`SERVING_FILES` that ``source_dir`` (the model's checkpoint) has. An existing ``out_dir`` is replaced when it is empty or holds a model (a ``config.json``). Returns the directory.
     """
     experts = experts or {}
     if save_format not in SAVE_FORMATS:
@@ -149,6 +151,8 @@ def save_quantized(
         else:
             apply_fake_quant(model, quantized, experts=experts)
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if source_dir is not None:
+            _copy_serving_files(Path(source_dir), tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _move_into_place(tmp, out)
@@ -226,6 +230,18 @@ def _quantization_config(
         quantization_status="compressed",
         ignore=ignore,
     )
+
+
+# What a server needs next to the weights, config and tokenizer to serve a vision-language model (vLLM reads the
+# image processor's settings and the chat template from these); copied from the source checkpoint when it has them
+SERVING_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                 "chat_template.json", "chat_template.jinja")
+
+
+def _copy_serving_files(source: Path, target: Path) -> None:
+    for name in SERVING_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
 
 
 def check_compressed_experts(model: torch.nn.Module, scheme: QuantScheme) -> None:
@@ -746,6 +762,7 @@ class StreamingSaver:
             for extra in ("config.json", "generation_config.json"):
                 if (source / extra).exists():
                     shutil.copyfile(source / extra, self.tmp / extra)
+            _copy_serving_files(source, self.tmp)
             if self.save_format == "compressed" and (self.shapes or self.expert_shapes):
                 from compressed_tensors.compressors import ModelCompressor
 

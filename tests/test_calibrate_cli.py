@@ -243,7 +243,10 @@ CLI_DEFAULTS_G16 = QuantScheme(bits=4, group_size=16, symmetric=True, act_order=
 
 def test_vision_language_checkpoint_calibrates_on_text(checkpoint: Path, tmp_path: Path) -> None:
     """Qwen2.5-VL, which only AutoModelForImageTextToText builds: the language model's layers are calibrated on text,
-    the vision tower stays in full precision and is listed in ``ignore``; memory and disk offload save the same."""
+    the vision tower stays in full precision and is listed in ``ignore``; memory and disk offload save the same,
+    with the image processor's files that a server needs."""
+    import json
+
     from transformers import AutoModelForImageTextToText
 
     from seqgen.verify import checkpoint_differences
@@ -251,6 +254,8 @@ def test_vision_language_checkpoint_calibrates_on_text(checkpoint: Path, tmp_pat
     source = tmp_path / "qwen2_5_vl"
     tiny_model("qwen2_5_vl", text_config={"vocab_size": 49152, "intermediate_size": 64}).save_pretrained(source)
     AutoTokenizer.from_pretrained(checkpoint).save_pretrained(source)
+    processor = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 14, "merge_size": 2}
+    (source / "preprocessor_config.json").write_text(json.dumps(processor))
     memory = run_job(CalibrationJob(model_id=str(source), save_dir=tmp_path / "memory", num_samples=4, seq_len=32,
                                     batch_size=2, options=CalibrationOptions(scheme=CLI_DEFAULTS_G16)))
     assert sorted(memory.result.quantized) == sorted(
@@ -270,6 +275,8 @@ def test_vision_language_checkpoint_calibrates_on_text(checkpoint: Path, tmp_pat
                                       "--batch-size", "2", "--offload", "disk", "--save", str(tmp_path / "disk")])
     assert result.exit_code == 0, result.output
     assert checkpoint_differences(tmp_path / "memory", tmp_path / "disk") == []
+    for saved in ("memory", "disk"):
+        assert json.loads((tmp_path / saved / "preprocessor_config.json").read_text()) == processor
 
 
 def test_disk_offload_reads_experts_stored_transposed(moe_checkpoint: Path, tmp_path: Path) -> None:
