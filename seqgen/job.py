@@ -128,12 +128,11 @@ def _disk_model(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from .models import auto_class
+    from .models import model_from_config
 
     config = AutoConfig.from_pretrained(directory)
-    cls = auto_class(config)
     with init_empty_weights(include_buffers=False):
-        model = cls.from_config(config, dtype=dtype)
+        model = model_from_config(config, dtype)
     model.tie_weights()  # as from_pretrained does: tied weights are one parameter, stored under one name
     return model.eval()
 

@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "auto_class",
     "cache_dir",
+    "model_from_config",
     "load_config",
     "meta_model",
     "load_model",
@@ -427,7 +428,7 @@ def tiny_model(model_type: str, **overrides: Any) -> torch.nn.Module:
     """A tiny random model in fp32 on the CPU, the same for the same arguments (seed 0)."""
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(TINY_SEED)
-    return auto_class(config).from_config(config, dtype=torch.float32).eval()
+    return model_from_config(config).eval()
 
 
 # ---- SmolLM2 -------------------------------------------------------------------------------------------------------
@@ -478,11 +479,12 @@ def smollm2_dir() -> Path:
 
 
 def auto_class(config: Any) -> Any:
-    """The transformers auto class that builds the whole generative model of ``config``: ``AutoModelForCausalLM``,
+    """The class that loads the whole generative model of ``config`` (``from_pretrained``): ``AutoModelForCausalLM``,
     else ``AutoModelForImageTextToText`` for vision-language models it does not map (LLaVA, Qwen2/2.5/3-VL,
-    Mistral 3). Their language model's decoder layers are the sequential targets, calibrated on text; the vision
-    tower is left as it is."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    Mistral 3), else the generative class that ``config.architectures`` names (a text config that no auto class
+    maps: Mllama's, Emu3's causal LM). A vision-language model's decoder layers are the sequential targets,
+    calibrated on text; its vision tower is left as it is."""
+    import transformers
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
@@ -490,15 +492,28 @@ def auto_class(config: Any) -> Any:
 
     model_type = getattr(config, "model_type", None)
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return AutoModelForCausalLM
+        return transformers.AutoModelForCausalLM
     if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        return AutoModelForImageTextToText
+        return transformers.AutoModelForImageTextToText
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+                and isinstance(config, cls.config_class) and cls.can_generate()):
+            return cls
     raise SeqgenError(
         f"model type {model_type!r} ({type(config).__name__}) is neither a causal language model nor an image-text-"
-        "to-text model in transformers (AutoModelForCausalLM, AutoModelForImageTextToText); seqgen calibrates "
-        "generative text decoders. Check that config.json is the model's own, or that this transformers "
-        "release knows the model type."
+        "to-text model in transformers (AutoModelForCausalLM, AutoModelForImageTextToText), and its config names no "
+        "generative class (architectures); seqgen calibrates generative text decoders. Check that config.json is "
+        "the model's own, or that this transformers release knows the model type."
     )
+
+
+def model_from_config(config: Any, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A new model of ``config`` (on the current default device) through :func:`auto_class`."""
+    cls = auto_class(config)
+    if hasattr(cls, "from_config"):  # an auto class
+        return cls.from_config(config, dtype=dtype)
+    return cls._from_config(config, dtype=dtype)
 
 
 def load_config(model_id: str) -> Any:
@@ -520,9 +535,8 @@ def load_config(model_id: str) -> Any:
 def meta_model(model_id_or_config: str | Any) -> torch.nn.Module:
     """The model on the meta device: structure and config only, no weights and no RAM for them."""
     config = load_config(model_id_or_config) if isinstance(model_id_or_config, str) else model_id_or_config
-    cls = auto_class(config)
     with torch.device("meta"):
-        model = cls.from_config(config, dtype=torch.float32)
+        model = model_from_config(config)
     return model.eval()
 
 

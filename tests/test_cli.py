@@ -55,3 +55,29 @@ def test_show_and_verify(tmp_path: Path) -> None:
     assert shown.exit_code == 0 and "transformer.h.0" in shown.output and "guard 0" in shown.output
     verified = runner.invoke(cli, ["verify", str(out), "--model", "tiny:gpt2"])
     assert verified.exit_code == 0 and "max abs diff 0.0" in verified.output
+
+
+def test_model_that_is_not_a_generative_decoder_is_named(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("vit", hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    proc = run_cli("emit", str(tmp_path), str(tmp_path / "pkg"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "model type 'vit' (ViTConfig)" in proc.stderr and "AutoModelForImageTextToText" in proc.stderr
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_text_config_no_auto_class_maps_loads_through_its_architecture(tmp_path: Path) -> None:
+    """Mllama's causal LM saves its text config, which no auto class maps: config.json's architectures names it."""
+    import torch
+    from transformers import AutoConfig
+
+    from seqgen.models import auto_class, load_model, meta_model, tiny_model
+
+    model = tiny_model("mllama")
+    model.save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.model_type == "mllama_text_model" and auto_class(config).__name__ == "MllamaForCausalLM"
+    assert type(meta_model(str(tmp_path))) is type(model)
+    loaded = load_model(str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

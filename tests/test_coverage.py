@@ -17,7 +17,7 @@ from seqgen import TraceFailure
 from seqgen.emitter import EmitOptions, emit_model
 from seqgen.models import meta_model, tiny_config
 
-# The priority list (less mllama, whose saved text config no auto class loads; the sweep covers it), then one
+# The priority list (less mllama, whose cross-attention layers skip a text batch; the sweep covers it), then one
 # architecture for each mechanism that a family needed: no _no_split_modules (openai-gpt, ctrl, git), an embedding
 # listed in _no_split_modules (bert), a decoder that get_decoder() does not return (modernbert-decoder), a KV cache
 # built regardless of use_cache (xlm), keys and values shared between layers (gemma4_text), module outputs with None
