@@ -1,6 +1,9 @@
-"""Architecture coverage: emit a package for a tiny random model of every causal-LM type, check it in a fresh process.
+"""Architecture coverage: emit a package for a tiny random model of every causal-LM and vision-language type, check
+it in a fresh process.
 
-For each model type of transformers' ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``:
+For each model type of transformers' ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, then each of
+``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES`` that is not also a causal LM (built by ``AutoModelForImageTextToText``,
+run on text only, as text calibration runs them):
 
 1. **built**: ``seqgen.models.tiny_model(type)`` (fp32, seed 0), saved with ``save_pretrained`` to a temp directory;
 2. **emitted**: ``emit_model(meta_model(config), ...)``: traced on the meta device, written as a package;
@@ -86,17 +89,10 @@ def _layers_run(model: Any, depth: Any) -> dict[str, list[bool]]:
 
 
 def _meta_twin(model: Any) -> Any:
-    """The model rebuilt from its config on the meta device: with ``seqgen.models.meta_model`` where an auto class
-    maps the config, else with the model's own class (mllama's causal LM has a text config no auto class maps)."""
-    import torch
-
+    """The model rebuilt from its (saved) config on the meta device, as ``seqgen emit`` builds it."""
     from seqgen.models import meta_model
 
-    try:
-        return meta_model(model.config)
-    except ValueError:
-        with torch.device("meta"):
-            return type(model)._from_config(model.config, dtype=torch.float32).eval()
+    return meta_model(model.config)
 
 
 def _emit_one(arch: str, workdir: Path, build_only: bool = False) -> dict[str, Any]:
@@ -161,8 +157,6 @@ def _emit_one(arch: str, workdir: Path, build_only: bool = False) -> dict[str, A
 
 def _check_one(task: dict[str, Any]) -> dict[str, Any]:
     import torch
-    import transformers
-    from transformers import AutoModelForCausalLM
 
     import seqgen
     from seqgen.verify import random_batch
@@ -170,11 +164,7 @@ def _check_one(task: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"loaded": False, "equal": False}
     start = time.perf_counter()
     try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(task["model_dir"], dtype=torch.float32).eval()
-        except ValueError:  # a saved config that no auto class maps (mllama's text config): the model's own class
-            model_class = getattr(transformers, task["model_class"])
-            model = model_class.from_pretrained(task["model_dir"], dtype=torch.float32).eval()
+        model = _from_pretrained(task["model_dir"], dtype=torch.float32)
         package = seqgen.load(task["package_dir"])
         row["loaded"] = True
     except Exception as exc:  # noqa: BLE001
@@ -213,6 +203,15 @@ def _check_one(task: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _from_pretrained(directory: str | Path, **kwargs: Any) -> Any:
+    """The saved model, through the class seqgen loads it with."""
+    import transformers
+
+    from seqgen.models import auto_class
+
+    return auto_class(transformers.AutoConfig.from_pretrained(directory)).from_pretrained(directory, **kwargs).eval()
+
+
 CAL_ATOL = 1e-5  # reloaded compressed model vs the in-memory quantized one: the same weights, another dequantize
 
 
@@ -220,7 +219,6 @@ def _calibrate_one(model: Any, package: Any, task: dict[str, Any]) -> dict[str, 
     """Quantize ``model`` in place with the package, save it compressed, reload it, compare (steps 6 and 7)."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM
 
     from seqgen.algorithms import QuantScheme
     from seqgen.runtime import CalibrationOptions, calibrate
@@ -272,10 +270,7 @@ def _calibrate_one(model: Any, package: Any, task: dict[str, Any]) -> dict[str, 
         stage = "reload"
 
         def reload(**kwargs: Any) -> Any:
-            try:
-                return AutoModelForCausalLM.from_pretrained(out, **kwargs).eval()
-            except ValueError:  # a saved config that no auto class maps (mllama's text config)
-                return getattr(transformers, task["model_class"]).from_pretrained(out, **kwargs).eval()
+            return _from_pretrained(out, **kwargs)
 
         try:  # transformers' default: quantized linears stay packed, decompressed in forward (what vLLM reads)
             reloaded = reload()
@@ -479,9 +474,14 @@ def _run_phase(kind: str, tasks: list[dict[str, Any]], jobs: int, timeout: float
 
 
 def all_types() -> list[str]:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """Causal LMs, then the vision-language (image-text-to-text) models that are not also causal LMs."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
-    return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    causal = list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return causal + [t for t in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if t not in causal]
 
 
 def expected_layers(row: dict[str, Any]) -> Any:
@@ -562,7 +562,23 @@ def _pct(n: int, total: int) -> str:
     return f"{100.0 * n / total:.1f}%" if total else "-"
 
 
-def summary(rows: list[dict[str, Any]]) -> list[tuple[str, int, str]]:
+def is_causal(arch: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return arch in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+KINDS = ("causal LM", "vision-language")
+
+
+def summary(rows: list[dict[str, Any]]) -> list[tuple[str, list[tuple[int, str]]]]:
+    """Per step, (count, percentage) for causal LMs, vision-language models and all of them."""
+    groups = [[r for r in rows if is_causal(r["arch"])], [r for r in rows if not is_causal(r["arch"])], rows]
+    steps = [_steps(group) for group in groups]
+    return [(name, [group[i][1:] for group in steps]) for i, (name, _, _) in enumerate(steps[-1])]
+
+
+def _steps(rows: list[dict[str, Any]]) -> list[tuple[str, int, str]]:
     counted = [r for r in rows if r.get("built")]
     total = len(counted)
     steps = [
@@ -573,7 +589,7 @@ def summary(rows: list[dict[str, Any]]) -> list[tuple[str, int, str]]:
                                                r.get("target_subgraphs") == expected_layers(r))),
         ("pass (all of the above)", sum(1 for r in counted if r["pass"])),
     ]
-    if any("cal_calibrated" in r for r in counted):
+    if any("cal_calibrated" in r for r in rows):
         steps += [
             ("calibrated (GPTQ W4, per channel)", sum(1 for r in counted if r.get("cal_calibrated"))),
             ("saved compressed, reloaded, logits equal", sum(1 for r in counted if calibrated(r))),
@@ -628,8 +644,9 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "# Architecture coverage",
         "",
         "Generated by `bench/arch_sweep.py --write-docs`; do not edit by hand. For every model type of transformers'",
-        "`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, a tiny random model (`seqgen.models.tiny_config`, fp32, seed 0) is",
-        "saved, its package is emitted from the config on the meta device, and a fresh process loads both and compares",
+        "`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` (*causal LM*), and of `MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES`",
+        "that is not also one (*vision-language*: built with `AutoModelForImageTextToText`, run on text only), a",
+        "tiny random model (`seqgen.models.tiny_config`, fp32, seed 0) is saved, its package is emitted from the config on the meta device, and a fresh process loads both and compares",
         "`package.run(model, **batch)[\"logits\"]` with `model(**batch).logits` for batches of shape "
         + " and ".join(f"{b}x{s}" for b, s in SHAPES)
         + " (`seqgen.verify.random_batch`, left padding in the first row).",
@@ -643,10 +660,11 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "",
         f"torch {torch.__version__.split('+')[0]}, transformers {transformers.__version__}; command: `{command}`",
         "",
-        "| | count | % |",
-        "| --- | ---: | ---: |",
+        "| | " + " | ".join(f"{kind} | %" for kind in (*KINDS, "all")) + " |",
+        "| --- |" + " ---: | ---: |" * (len(KINDS) + 1),
     ]
-    lines += [f"| {name} | {n} | {pct} |" for name, n, pct in summary(rows)]
+    lines += ["| " + name + " | " + " | ".join(f"{n} | {pct}" for n, pct in cells) + " |"
+              for name, cells in summary(rows)]
     with_calibration = any("cal_calibrated" in r for r in counted)
     if with_calibration:
         lines += [
@@ -677,7 +695,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     if apart:
         lines += [
             "",
-            "## Not instantiable as a tiny random causal LM (not counted)",
+            "## Not instantiable as a tiny random model, or not runnable on text alone (not counted)",
             "",
             "*build*: the default config, shrunk, cannot be built or saved; *eager*: the model's own forward fails",
             "on a text-only batch, so there is nothing to compare with.",
@@ -694,9 +712,9 @@ def print_report(rows: list[dict[str, Any]]) -> None:
     failed = [r for r in counted if not r["pass"]]
     apart = [r for r in rows if not r.get("built")]
     print()
-    print(f"{'':40s} {'count':>6s} {'%':>7s}")
-    for name, n, pct in summary(rows):
-        print(f"{name:40s} {n:6d} {pct:>7s}")
+    print(f"{'':40s}" + "".join(f" {kind:>16s} {'%':>6s}" for kind in (*KINDS, "all")))
+    for name, cells in summary(rows):
+        print(f"{name:40s}" + "".join(f" {n:16d} {pct:>6s}" for n, pct in cells))
     nonzero = [r for r in counted if r.get("diffs") and any(v != 0.0 for v in r["diffs"].values())]
     if nonzero:
         print("\nnonzero logits differences:")
@@ -726,7 +744,8 @@ def print_report(rows: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", help="comma-separated model types (default: every causal-LM type)")
+    parser.add_argument("--only",
+                        help="comma-separated model types (default: every causal-LM and vision-language type)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel workers per phase (default 2)")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per architecture and phase")
     parser.add_argument("--write-docs", action="store_true", help=f"write the table to {DOCS.relative_to(REPO)}")
