@@ -171,16 +171,22 @@ def load_texts(path: str | Path, tokenizer: Any = None) -> list[str]:
     if suffix == ".txt":
         texts = [block.strip() for block in re.split(r"\n\s*\n", content)]
     else:
-        texts = [_jsonl_text(path, number, line, tokenizer) for number, line in enumerate(content.splitlines(), 1)]
+        texts, chats = [], 0
+        for number, line in enumerate(content.splitlines(), 1):
+            record = _jsonl_record(path, number, line)
+            if record is not None:
+                texts.append(_record_text(record, f"{path}:{number}", "give each line one of the two", tokenizer))
+                chats += _is_chat(record)
+        _warn_if_untemplated(chats, tokenizer)
     texts = [text for text in texts if text and text.strip()]
     if not texts:
         raise SeqgenError(f"{path} holds no text. Pass {accepted} with at least one non-empty document.")
     return texts
 
 
-def _jsonl_text(path: Path, number: int, line: str, tokenizer: Any) -> str:
+def _jsonl_record(path: Path, number: int, line: str) -> dict[str, Any] | None:
     if not line.strip():
-        return ""
+        return None
     where = f"{path}:{number}"
     try:
         record = json.loads(line)
@@ -188,7 +194,12 @@ def _jsonl_text(path: Path, number: int, line: str, tokenizer: Any) -> str:
         raise SeqgenError(f"{where} is not valid JSON ({exc.msg}); each line of a .jsonl file is one object.") from exc
     if not isinstance(record, dict):
         raise SeqgenError(f"{where} is a JSON {type(record).__name__}; each line must be an object with 'text'.")
-    return _record_text(record, where, "give each line one of the two", tokenizer)
+    return record
+
+
+def _is_chat(record: dict[str, Any]) -> bool:
+    """Whether a record that :func:`_record_text` accepted is read from its ``messages``."""
+    return not isinstance(record.get("text"), str)
 
 
 def _record_text(record: dict[str, Any], where: str, fix: str, tokenizer: Any) -> str:
@@ -225,11 +236,13 @@ def hub_texts(spec: str, tokenizer: Any = None, max_chars: int | None = None) ->
     try:
         rows = datasets.load_dataset(name, config or None, split=split, streaming=True)
         texts: list[str] = []
-        chars = 0
-        for number, record in enumerate(rows):
-            text = _record_text(dict(record), f"dataset {spec!r} row {number}",
+        chars = chats = 0
+        for number, row in enumerate(rows):
+            record = dict(row)
+            text = _record_text(record, f"dataset {spec!r} row {number}",
                                 "pass NAME[:CONFIG][@SPLIT] of a text or chat dataset, or a .txt/.jsonl file",
                                 tokenizer)
+            chats += _is_chat(record)
             if text.strip():
                 texts.append(text)
                 chars += len(text)
@@ -245,6 +258,7 @@ def hub_texts(spec: str, tokenizer: Any = None, max_chars: int | None = None) ->
         ) from exc
     if not texts:
         raise SeqgenError(f"the Hugging Face dataset {spec!r} has no text rows; pass another split or a local file.")
+    _warn_if_untemplated(chats, tokenizer)
     logger.info("read %d documents (%d characters) from the Hugging Face dataset %s", len(texts), chars, spec)
     return texts
 
@@ -267,6 +281,12 @@ def _render_chat(messages: list[dict[str, Any]], tokenizer: Any) -> str:
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False)
     return "\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in messages)
+
+
+def _warn_if_untemplated(chats: int, tokenizer: Any) -> None:
+    if chats and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        logger.warning("the tokenizer has no chat template: %d chat records are calibrated as 'role: content' lines",
+                       chats)
 
 
 # ---- the built-in corpus --------------------------------------------------------------------------------------------

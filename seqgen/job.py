@@ -74,13 +74,24 @@ def _checkpoint_dir(model_id: str) -> Path:
 
 
 def load_tokenizer(model_id: str) -> Any:
+    """The checkpoint's tokenizer. A vision-language checkpoint may keep its chat template with the processor
+    (``chat_template.jinja``, or ``chat_template.json``) rather than the tokenizer: the tokenizer then gets it, so
+    chat-formatted calibration data is rendered as the model was trained."""
+    import json
+
     from transformers import AutoTokenizer
 
     directory = _checkpoint_dir(model_id)
     try:
-        return AutoTokenizer.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
         raise SeqgenError(f"{directory} has no usable tokenizer ({exc}); save one with the model.") from exc
+    if not getattr(tokenizer, "chat_template", None):
+        if (directory / "chat_template.jinja").is_file():
+            tokenizer.chat_template = (directory / "chat_template.jinja").read_text()
+        elif (directory / "chat_template.json").is_file():
+            tokenizer.chat_template = json.loads((directory / "chat_template.json").read_text()).get("chat_template")
+    return tokenizer
 
 
 # Characters of a Hugging Face dataset read per token needed: about 4 characters a token, 4 times the text needed,

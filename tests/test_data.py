@@ -142,6 +142,30 @@ def test_load_jsonl_text_and_messages(tmp_path: Path, tokenizer) -> None:
     assert fallback == "user: What is two plus two?\nassistant: Four."
 
 
+def test_chat_template_kept_with_the_processor_reaches_the_tokenizer(tmp_path: Path, tokenizer,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Vision-language checkpoints may keep the chat template in the processor's chat_template.json."""
+    from seqgen.job import load_tokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").unlink()
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert not load_tokenizer(str(tmp_path)).chat_template
+
+    caplog.set_level("WARNING", logger="seqgen.data")
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n", encoding="utf-8")
+    assert load_texts(path, load_tokenizer(str(tmp_path))) == ["user: hi"]
+    assert "no chat template" in caplog.text
+
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert load_texts(path, load_tokenizer(str(tmp_path))) == ["<user>hi"]
+
+
 def test_job_samples_come_from_the_dataset_file(tmp_path: Path, tokenizer) -> None:
     from seqgen.job import calibration_samples, heldout_samples
 
