@@ -78,7 +78,7 @@ class SafetensorsWeights:
         # model tensor name -> the checkpoint tensors it is read from, when it is not stored under its own name
         self.sources: dict[str, list[_Piece]] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
-        self._ranges: dict[str, dict[str, tuple[int, int]]] = {}  # file -> key -> (byte offset, length), when read
+        self._headers: dict[str, dict[str, dict]] = {}  # file -> its safetensors header, when read
         if model is not None:
             self._find_converted(model)
 
@@ -126,9 +126,30 @@ class SafetensorsWeights:
                 self.sources[name] = pieces
                 if pieces[0].rows is not None or pieces[0].transposed:
                     self._shapes[name] = tuple(tensor.shape)
+        self._check_shapes(model)
         if self.sources:
             logger.info("%d model tensors are read from checkpoint tensors of other names (e.g. %s <- %s)",
                         len(self.sources), next(iter(self.sources)), self.checkpoint_keys(next(iter(self.sources)))[0])
+
+    def _check_shapes(self, model: torch.nn.Module) -> None:
+        """Every checkpoint tensor a model tensor is read from has the shape that reading assumes. The conversion
+        probe sends one model tensor at a time, so a checkpoint tensor that transformers gathers from several
+        (Ernie 4.5 VL's text and vision router biases, stored as one [2, E]) would look like a rename of each."""
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            shape = tuple(tensor.shape)
+            for piece in self.sources.get(name, [_Piece(name, None, None)] if name in self.weight_map else []):
+                if piece.rows is None:
+                    expected = [shape, (*shape[:-2], shape[-1], shape[-2])] if piece.transposed else [shape]
+                else:
+                    expected = [(len(piece.rows), *shape[1 if piece.expert is None else 2:])]
+                stored = self.stored_shape(piece.key)
+                if stored not in expected:
+                    raise SeqgenError(
+                        f"{name} {list(shape)} is read from {piece.key}, stored as {list(stored)} in "
+                        f"{self.directory}: transformers builds it from more than that tensor while loading (a "
+                        "tensor shared by several modules, or reshaped), which disk offload does not reproduce. "
+                        "Calibrate with the weights in memory (--offload memory)."
+                    )
 
     def _row_pieces(self, model: torch.nn.Module, name: str, shape: tuple[int, ...]) -> list[_Piece] | str | None:
         """Where the checkpoint keeps model tensor ``name``, as pieces made of whole rows of it (a rename is one
@@ -201,16 +222,26 @@ class SafetensorsWeights:
             return tensor.transpose(-2, -1).contiguous()
         return tensor
 
-    def byte_ranges(self, file: str) -> dict[str, tuple[int, int]]:
-        """Where each tensor of ``file`` lies in it: key -> (byte offset, length), from the safetensors header."""
-        if file not in self._ranges:
+    def _header(self, file: str) -> dict[str, dict]:
+        """The safetensors header of ``file``: key -> dtype, shape and data offsets (read once)."""
+        if file not in self._headers:
             with open(self.directory / file, "rb") as f:
                 (size,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(size))
-            self._ranges[file] = {key: (8 + size + info["data_offsets"][0],
-                                        info["data_offsets"][1] - info["data_offsets"][0])
-                                  for key, info in header.items() if key != "__metadata__"}
-        return self._ranges[file]
+            header.pop("__metadata__", None)
+            for info in header.values():
+                info["data_offsets"] = [8 + size + offset for offset in info["data_offsets"]]
+            self._headers[file] = header
+        return self._headers[file]
+
+    def byte_ranges(self, file: str) -> dict[str, tuple[int, int]]:
+        """Where each tensor of ``file`` lies in it: key -> (byte offset, length), from the safetensors header."""
+        return {key: (info["data_offsets"][0], info["data_offsets"][1] - info["data_offsets"][0])
+                for key, info in self._header(file).items()}
+
+    def stored_shape(self, key: str) -> tuple[int, ...]:
+        """The shape of checkpoint tensor ``key``, from its file's header."""
+        return tuple(self._header(self.weight_map[key])[key]["shape"])
 
     def prefetch(self, names: Iterable[str]) -> None:
         """Ask the kernel to start reading the tensors ``names`` into the page cache (no-op where ``posix_fadvise``
@@ -222,12 +253,12 @@ class SafetensorsWeights:
             for key in self.checkpoint_keys(name):
                 by_file.setdefault(self.weight_map[key], []).append(key)
         for file, keys in sorted(by_file.items()):
-            ranges = self.byte_ranges(file)
+            header = self._header(file)
             fd = os.open(self.directory / file, os.O_RDONLY)
             try:
                 for key in keys:
-                    offset, length = ranges[key]
-                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+                    start, end = header[key]["data_offsets"]
+                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(fd)
 
