@@ -574,11 +574,12 @@ KINDS = ("causal LM", "vision-language")
 def summary(rows: list[dict[str, Any]]) -> list[tuple[str, list[tuple[int, str]]]]:
     """Per step, (count, percentage) for causal LMs, vision-language models and all of them."""
     groups = [[r for r in rows if is_causal(r["arch"])], [r for r in rows if not is_causal(r["arch"])], rows]
-    steps = [_steps(group) for group in groups]
+    with_calibration = any("cal_calibrated" in r for r in rows)
+    steps = [_steps(group, with_calibration) for group in groups]
     return [(name, [group[i][1:] for group in steps]) for i, (name, _, _) in enumerate(steps[-1])]
 
 
-def _steps(rows: list[dict[str, Any]]) -> list[tuple[str, int, str]]:
+def _steps(rows: list[dict[str, Any]], with_calibration: bool) -> list[tuple[str, int, str]]:
     counted = [r for r in rows if r.get("built")]
     total = len(counted)
     steps = [
@@ -589,7 +590,7 @@ def _steps(rows: list[dict[str, Any]]) -> list[tuple[str, int, str]]:
                                                r.get("target_subgraphs") == expected_layers(r))),
         ("pass (all of the above)", sum(1 for r in counted if r["pass"])),
     ]
-    if any("cal_calibrated" in r for r in rows):
+    if with_calibration:
         steps += [
             ("calibrated (GPTQ W4, per channel)", sum(1 for r in counted if r.get("cal_calibrated"))),
             ("saved compressed, reloaded, logits equal", sum(1 for r in counted if calibrated(r))),

@@ -192,6 +192,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "xlstm": {"hidden_size": 128, "embedding_dim": 128},
     # half of each head rotates, split in three multimodal sections: heads of 16 leave 4 rotary pairs to split
     "glm4v_moe": {"text_config": {"num_attention_heads": 2, "num_key_value_heads": 2}},
+    # height and width sections of the multimodal rotary split must be equal: 8 rotary pairs split 3 / 3 / 2
+    "ernie4_5_vl_moe": {"text_config": {"num_attention_heads": 2, "num_key_value_heads": 2}},
 }
 
 
@@ -204,6 +206,7 @@ _MROPE_DEFAULT = {
     "glm4v_text": (8, 12, 12),
     "glm4v_moe_text": (8, 12, 12),
     "glm_ocr_text": (8, 12, 12),
+    "ernie4_5_vl_moe_text": (22, 22, 20),
 }
 
 

@@ -224,6 +224,7 @@ def _quantization_config(
     packed_experts = {linear.param.rpartition(".")[0] for linear in expert_linears.values()}
     ignore += [f"{name}.{e}.{linear}" for name, module in _sequential_experts(model).items() if name not in packed_experts
                for e in range(module.gate_up_proj.shape[0]) for linear in _SEQUENTIAL_EXPERTS[type(module).__name__]]
+    ignore += [key.removesuffix(".weight") for key in _dense_per_expert(model, packed_experts)]
     return QuantizationConfig(
         config_groups=groups,
         format=PACK_FORMAT,
@@ -567,6 +568,9 @@ def _compressed_state_dict(
         if f"{name}.gate_up_proj" in state_dict:
             state_dict.update(_per_expert_weights(name, state_dict.pop(f"{name}.gate_up_proj"),
                                                   state_dict.pop(f"{name}.down_proj")))
+    for key, (param, expert, rows) in _dense_per_expert(model, {p.rpartition(".")[0] for p in packed}).items():
+        state_dict.pop(param, None)
+        state_dict[key] = model.get_parameter(param)[expert][rows].contiguous()
     storages = _storages(state_dict)
     for name, qweight in quantized.items():
         weight = modules[name].weight
@@ -579,6 +583,22 @@ def _compressed_state_dict(
             for key, tensor in packed.items():
                 state_dict[f"{module_name}.{key}"] = tensor
     return state_dict
+
+
+def _dense_per_expert(model: torch.nn.Module, packed_owners: set[str]) -> dict[str, tuple[str, int, torch.Tensor]]:
+    """The per-expert checkpoint layout (see :func:`checkpoint_layout`) of the fused experts left unquantized next
+    to experts saved packed (``packed_owners``; e.g. Ernie 4.5 VL's vision experts, which a text calibration never
+    runs), to be saved dense under those names, as save_pretrained would, and listed in ``ignore``: its converter,
+    which gathers several experts modules into one list of checkpoint experts, would otherwise see only the
+    unquantized ones."""
+    if not packed_owners:
+        return {}
+    sequential = _sequential_experts(model)
+    layout: dict[str, tuple[str, int, torch.Tensor]] = {}
+    for owner in find_fused_experts(model, ""):
+        if owner not in packed_owners and owner not in sequential:
+            layout.update(checkpoint_layout(model, owner) or {})
+    return layout
 
 
 def _storages(state_dict: Mapping[str, torch.Tensor]) -> dict[tuple[torch.device, int], list[str]]:

@@ -514,3 +514,40 @@ def test_experts_calibrated_a_few_per_pass_give_bitwise_the_same_result(tmp_path
         assert torch.equal(grouped.quantized[key].codes, whole.quantized[key].codes), key
     with pytest.raises(seqgen.SeqgenError, match="experts_per_pass must be a positive"):
         calibrate(moe, package, batches(1), CalibrationOptions(experts_per_pass=0))
+
+
+def test_experts_a_text_calibration_never_runs_stay_unquantized(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Ernie 4.5 VL's MoE layers hold text and vision experts; text calibration runs only the text experts. The
+    vision experts stay as they are (one warning, CalibrationResult.unquantized), are saved per expert next to the
+    packed text experts (one list of checkpoint experts), listed in ``ignore``; disk offload refuses the checkpoint's
+    router bias, which transformers splits between the two (it was read as a rename: a wrong shape)."""
+    from safetensors import safe_open
+
+    from seqgen.job import _disk_model
+    from seqgen.save import save_quantized
+
+    model = tiny_model("ernie4_5_vl_moe")
+    vision = "model.language_model.layers.1.mlp.vision_moe.experts"
+    before = {name: p.clone() for name, p in model.named_parameters() if name.startswith(vision)}
+    package = seqgen.load(emit_model(meta_model(model.config), tmp_path / "package").path)
+    with caplog.at_level("WARNING", logger="seqgen"):
+        result = calibrate(model, package, batches(2), CalibrationOptions(scheme=QuantScheme(group_size=None)))
+    assert result.unquantized == [f"{vision}.gate_up_proj", f"{vision}.down_proj"]
+    assert {key.rsplit(".", 2)[0] for key in result.experts} == {vision.replace("vision_moe", "text_moe")}
+    assert all(torch.equal(model.get_parameter(name), value) for name, value in before.items())
+    assert sum(f"{vision} never ran" in r.getMessage() for r in caplog.records) == 1
+
+    out = save_quantized(model, result.quantized, tmp_path / "out", experts=result.experts)
+    with safe_open(out / "model.safetensors", "pt") as saved:
+        keys = set(saved.keys())
+    # 4 text experts then 4 vision experts in the checkpoint's one list
+    assert "model.layers.1.mlp.experts.0.down_proj.weight_packed" in keys
+    assert "model.layers.1.mlp.experts.4.down_proj.weight" in keys
+    config = (out / "config.json").read_text()
+    assert '"model.layers.1.mlp.experts.4.down_proj"' in config  # in ignore: a dense expert
+
+    source = tmp_path / "source"
+    tiny_model("ernie4_5_vl_moe").save_pretrained(source)
+    with pytest.raises(seqgen.SeqgenError, match=r"e_score_correction_bias \[1, 4\] is read from .* stored as \[2, 4\]"):
+        SafetensorsWeights(source, _disk_model(source, torch.float32))

@@ -153,6 +153,7 @@ class FusedExperts:
         self.routed = torch.zeros(self.num_experts, dtype=torch.long)
         self._unscaled: torch.Tensor | None = None  # Llama 4 with all_experts: the block's input tokens
         self.unrouted: list[int] = []  # experts that no calibration token reached: quantized round-to-nearest
+        self.never_ran = False  # the module's forward never ran (text calibration of vision experts): left as it is
         self.active = range(self.num_experts)  # the experts this pass calibrates
         self._pending: list[tuple[str, int, QuantizedWeight]] = []  # compressed, not yet written back
         self._handles: list[Any] = []
@@ -242,11 +243,9 @@ class FusedExperts:
         if not self.active:  # fewer experts than this pass's range starts at
             return {}
         if needs_data:
-            if not self.gate_up_stats:
-                raise SeqgenError(
-                    f"{self.name} never ran during the calibration pass, so its experts have no statistics: the "
-                    "samples never reach this layer's experts. Add samples, or --ignore it."
-                )
+            self.never_ran = not self.gate_up_stats
+            if self.never_ran:  # no statistics for any expert: they stay unquantized, as linears that never run
+                return {}
             self.unrouted = [e for e in self.active if self.gate_up_stats[e] is not None
                              and int(self.routed[e]) == 0 and not self.all_experts]
             if self.unrouted:
@@ -291,6 +290,21 @@ class FusedExperts:
         self._pending.clear()
 
 
+def _expert_probes(model: torch.nn.Module, owners: list[str]
+                   ) -> tuple[dict[str, torch.Tensor], list[tuple[str, int, int, int]], int]:
+    """Every row of the experts parameters of ``owners`` tagged with its own index (two equal columns), the tag
+    range of each parameter ``(parameter, first tag, end tag, rows per expert)``, and the number of tags."""
+    probes: dict[str, torch.Tensor] = {}
+    ranges: list[tuple[str, int, int, int]] = []
+    start = 0
+    for name in (f"{o}.{p}" for o in owners for p in expert_params(model.get_submodule(o))):
+        experts, rows = model.get_parameter(name).shape[:2]
+        probes[name] = torch.arange(start, start + experts * rows).reshape(experts, rows, 1).repeat(1, 1, 2)
+        ranges.append((name, start, start + experts * rows, rows))
+        start += experts * rows
+    return probes, ranges, start
+
+
 def checkpoint_layout(model: torch.nn.Module, owner: str) -> dict[str, tuple[str, int, torch.Tensor]] | None:
     """Where transformers' save-time weight conversion puts the experts of the fused module ``owner``: checkpoint
     weight name -> (fused parameter, expert, its rows there, in ``[out, in]`` orientation); None when it does not
@@ -315,16 +329,16 @@ def checkpoint_layout(model: torch.nn.Module, owner: str) -> dict[str, tuple[str
                                (f"{owner}.{e}.up_proj.weight", (f"{owner}.gate_up_proj", e, up)),
                                (f"{owner}.{e}.down_proj.weight", (f"{owner}.down_proj", e, torch.arange(hidden))))
         }
-    probes: dict[str, torch.Tensor] = {}
-    ranges: list[tuple[str, int, int, int]] = []  # (parameter, first tag, end tag, rows per expert)
-    start = 0
-    for name in expert_params(module):
-        param = f"{owner}.{name}"
-        experts, rows = model.get_parameter(param).shape[:2]
-        probes[param] = torch.arange(start, start + experts * rows).reshape(experts, rows, 1).repeat(1, 1, 2)
-        ranges.append((param, start, start + experts * rows, rows))
-        start += experts * rows
-    reverted = revert_weight_conversion(model, dict(probes))
+    try:
+        probes, ranges, start = _expert_probes(model, [owner])
+        reverted = revert_weight_conversion(model, dict(probes))
+    except ValueError:
+        # a converter that gathers the experts of several modules of one MoE block into one list of checkpoint
+        # experts (Ernie 4.5 VL's text and vision experts) needs them all: probed together, the owner's layout kept
+        block = owner.rsplit(".", 2)[0]
+        owners = [owner] + [o for o in find_fused_experts(model.get_submodule(block), block) if o != owner]
+        probes, ranges, start = _expert_probes(model, owners)
+        reverted = revert_weight_conversion(model, dict(probes))
     layout: dict[str, tuple[str, int, torch.Tensor]] = {}
     seen = torch.zeros(start, dtype=torch.long)
     for key, tags in sorted(reverted.items()):
@@ -341,4 +355,4 @@ def checkpoint_layout(model: torch.nn.Module, owner: str) -> dict[str, tuple[str
     # every row exactly once, and the names are final: save_pretrained's own revert must leave them as they are
     if not bool((seen == 1).all()) or sorted(revert_weight_conversion(model, dict(reverted))) != sorted(reverted):
         return None
-    return layout
+    return {key: value for key, value in layout.items() if value[0].startswith(f"{owner}.")}

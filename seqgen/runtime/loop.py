@@ -90,7 +90,8 @@ class CalibrationResult:
     activation_stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     reports: list[SubgraphReport] = field(default_factory=list)
     linears: int = 0  # quantized nn.Linear layers (also when the weights were streamed out, not kept)
-    unquantized: list[str] = field(default_factory=list)  # linears in the targets whose forward never ran
+    # linears in the targets whose forward never ran, and fused experts' parameters (<module>.<param>) likewise
+    unquantized: list[str] = field(default_factory=list)
     round_to_nearest: list[str] = field(default_factory=list)  # experts no calibration token reached (no statistics)
     seconds: float = 0.0
     peak_device_bytes: int | None = None
@@ -342,6 +343,9 @@ def calibrate(
                     done = _compress(algorithm, linears, {name: None for name in linears})
                 for fused in experts.values():
                     expert_done.update(_compress_experts(fused, result))
+                    if fused.never_ran:
+                        _warn_never_ran([fused.name], subgraph.targets, warned)
+                        result.unquantized += [f"{fused.name}.{param}" for param in fused.params]
                     fused.write_back()
                 experts.clear()
                 if propagation_pass:
