@@ -117,7 +117,8 @@ def save_quantized(
     of the quantized layers next to references to the other parameters: no second copy of the weights is made.
     ``"fake"`` first writes the dequantized weights into ``model`` in place (see :func:`apply_fake_quant`; a no-op
     when they are there already), then saves it as a plain checkpoint. ``tokenizer``, when given, is saved alongside,
-    and so are the files of :data:`SERVING_FILES` that ``source_dir`` (the model's checkpoint) has. An existing ``out_dir`` is replaced when it is empty or holds a model (a ``config.json``). Returns the directory.
+    and so are the files of :data:`SERVING_FILES` that ``source_dir`` (the model's checkpoint) has. An existing
+    ``out_dir`` is replaced when it is empty or holds a model (a ``config.json``). Returns the directory.
     """
     experts = experts or {}
     if save_format not in SAVE_FORMATS:

@@ -485,9 +485,12 @@ def test_disk_weights_follow_transformers_conversions(tmp_path: Path) -> None:
     assert weights.checkpoint_keys("lm_head.weight") == ["model.embed_tokens.weight"]
     assert torch.equal(weights.read(["lm_head.weight"], torch.device("cpu"))["lm_head.weight"], llama.lm_head.weight)
 
+    _, weights = loaded_and_read("inkling2_text")  # opened; refused when a calibration would read it
+    experts = "model.layers.0.mlp.experts.gate_up_proj"
+    assert experts in weights.unreadable
     with pytest.raises(seqgen.SeqgenError, match=r"experts\.gate_up_proj is stored in .* a layout that transformers "
                                                  r"converts while loading .*--offload memory"):
-        loaded_and_read("inkling2_text")
+        weights.check(["model.layers.0.mlp.gate.weight", experts])
 
 
 @pytest.mark.parametrize("all_experts", [False, True])
@@ -549,5 +552,9 @@ def test_experts_a_text_calibration_never_runs_stay_unquantized(tmp_path: Path,
 
     source = tmp_path / "source"
     tiny_model("ernie4_5_vl_moe").save_pretrained(source)
-    with pytest.raises(seqgen.SeqgenError, match=r"e_score_correction_bias \[1, 4\] is read from .* stored as \[2, 4\]"):
-        SafetensorsWeights(source, _disk_model(source, torch.float32))
+    skeleton = _disk_model(source, torch.float32)
+    weights = SafetensorsWeights(source, skeleton)
+    refused = r"e_score_correction_bias \[1, 4\] is read from .* stored as \[2, 4\] .*--offload memory"
+    with pytest.raises(seqgen.SeqgenError, match=refused):  # before any subgraph runs
+        calibrate(skeleton, package, batches(2), CalibrationOptions(scheme=QuantScheme(group_size=None)),
+                  weights=weights)

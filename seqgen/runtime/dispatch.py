@@ -9,9 +9,10 @@ exactly those to the execution device before the subgraph runs and back after. T
 * **disk**: the model skeleton has its parameters on the meta device, and tensors are read from the checkpoint's
   safetensors files (memory-mapped) when a subgraph needs them, then dropped. RAM holds one subgraph's weights, so a
   model larger than RAM calibrates. Checkpoint names and layouts that differ from the model's (fused MoE experts
-  stored one linear per expert, or transposed; renamed modules; split rows) are resolved by :class:`SafetensorsWeights`. :meth:`Dispatcher.prefetch` asks
-  the kernel to read the next subgraph's byte ranges into the page cache while the current one computes
-  (``posix_fadvise(WILLNEED)``): the reads overlap compute, and nothing is added to the process's memory.
+  stored one linear per expert, or transposed; renamed modules; split rows) are resolved by
+  :class:`SafetensorsWeights`. :meth:`Dispatcher.prefetch` asks the kernel to read the next subgraph's byte ranges
+  into the page cache while the current one computes (``posix_fadvise(WILLNEED)``): the reads overlap compute, and
+  nothing is added to the process's memory.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class SafetensorsWeights:
         self.sources: dict[str, list[_Piece]] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._headers: dict[str, dict[str, dict]] = {}  # file -> its safetensors header, when read
+        self.unreadable: dict[str, str] = {}  # model tensor name -> why disk offload cannot read it (see check)
         if model is not None:
             self._find_converted(model)
 
@@ -115,12 +117,12 @@ class SafetensorsWeights:
                 continue
             pieces = self._row_pieces(model, name, tuple(tensor.shape))
             if pieces == "converted":
-                raise SeqgenError(
+                self.unreadable[name] = (
                     f"{name} is stored in {self.directory} in a layout that transformers converts while loading (an "
                     "interleave, a reshape: more than a rename, a split of rows or a transpose), which disk offload "
-                    "does not reproduce. Calibrate with the weights in memory (--offload memory)."
+                    "does not reproduce."
                 )
-            if pieces is None:
+            elif pieces is None:
                 logger.debug("%s: not in the checkpoint under any name", name)
             elif len(pieces) > 1 or pieces[0].key != name or pieces[0].rows is not None or pieces[0].transposed:
                 self.sources[name] = pieces
@@ -143,13 +145,20 @@ class SafetensorsWeights:
                 else:
                     expected = [(len(piece.rows), *shape[1 if piece.expert is None else 2:])]
                 stored = self.stored_shape(piece.key)
-                if stored not in expected:
-                    raise SeqgenError(
+                if stored not in expected and name not in self.unreadable:
+                    self.unreadable[name] = (
                         f"{name} {list(shape)} is read from {piece.key}, stored as {list(stored)} in "
                         f"{self.directory}: transformers builds it from more than that tensor while loading (a "
-                        "tensor shared by several modules, or reshaped), which disk offload does not reproduce. "
-                        "Calibrate with the weights in memory (--offload memory)."
+                        "tensor shared by several modules, or reshaped), which disk offload does not reproduce."
                     )
+
+    def check(self, names: Iterable[str]) -> None:
+        """Raise if a model tensor of ``names`` cannot be read as ``from_pretrained`` would load it. Such tensors
+        are found when the checkpoint is opened, but are only an error for a calibration that reads them (a vision
+        tower that text calibration never runs may hold some)."""
+        for name in names:
+            if name in self.unreadable:
+                raise SeqgenError(f"{self.unreadable[name]} Calibrate with the weights in memory (--offload memory).")
 
     def _row_pieces(self, model: torch.nn.Module, name: str, shape: tuple[int, ...]) -> list[_Piece] | str | None:
         """Where the checkpoint keeps model tensor ``name``, as pieces made of whole rows of it (a rename is one
@@ -406,6 +415,11 @@ class Dispatcher:
             self._staged_event = torch.cuda.Event()
             self._staged_event.record(self._stream)
 
+    def check(self, subgraphs: Iterable[Subgraph]) -> None:
+        """Before anything runs: raise if disk offload could not read a tensor that ``subgraphs`` use."""
+        if self.weights is not None:
+            self.weights.check(name for subgraph in subgraphs for name in _module_tensors(self.model, subgraph))
+
     def onload(self, subgraph: Subgraph) -> None:
         if not self.moves:
             return
@@ -414,6 +428,8 @@ class Dispatcher:
             torch.cuda.current_stream(self.device).wait_event(self._staged_event)
             self._staged_event = None
         from_disk = [n for n in tensors if self.weights is not None and n in self.weights]
+        if from_disk:
+            self.weights.check(from_disk)
         loaded = self.weights.read(from_disk, self.device) if from_disk else {}
         for name, (owner, attr) in tensors.items():
             if name in loaded:

@@ -272,6 +272,7 @@ def calibrate(
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     subgraphs = package.subgraphs[: last + 1]
+    dispatcher.check(subgraphs)
     with tqdm(total=len(subgraphs), desc="subgraphs", unit="sg") as outer, closing(cache):
         for i, subgraph in enumerate(subgraphs):
             linears = plan[i]
