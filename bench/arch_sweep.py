@@ -10,7 +10,8 @@ run on text only, as text calibration runs them):
 3. **loaded**: in a *fresh* process (which never imports the tracer) the saved model and ``seqgen.load(package)``;
 4. **equal**: ``package.run(model, **batch)["logits"]`` equals ``model(**batch).logits`` (max abs diff 0.0) for the
    sample shape (2, 64) and (3, 9), with ``seqgen.verify.random_batch``;
-5. **layers**: the number of subgraphs with targets equals ``num_hidden_layers`` of the text config.
+5. **layers**: the number of subgraphs with targets equals ``num_hidden_layers`` of the text config (plus the
+   encoder's layers of an encoder-decoder language model).
 
 A row passes when all of these hold. With ``--calibrate`` the check worker then also quantizes the model it has
 loaded (``seqgen.runtime.calibrate``, GPTQ W4 per channel with act-order, two batches, every token through every
@@ -114,6 +115,10 @@ def _emit_one(arch: str, workdir: Path, build_only: bool = False) -> dict[str, A
             isinstance(m, torch.nn.ModuleList) and len(m) == layers for m in model.modules()
         ):
             row["decoder_layers"] = layers
+        encoder = getattr(text_config, "encoder_layers", None)  # Florence-2: a whole encoder-decoder language model
+        if isinstance(encoder, int) and any(name.endswith("encoder.layers") and len(m) == encoder
+                                            for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)):
+            row["decoder_layers"] += encoder
         row["vocab_size"] = text_config.vocab_size
         model_dir = workdir / arch / "model"
         model.save_pretrained(model_dir)
@@ -653,7 +658,8 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         + " and ".join(f"{b}x{s}" for b, s in SHAPES)
         + " (`seqgen.verify.random_batch`, left padding in the first row).",
         "A row passes when the logits are equal (max abs diff 0.0) and there is one subgraph per decoder layer",
-        "(`num_hidden_layers` of the text config, less the layers the model itself skips for a text-only batch).",
+        "(`num_hidden_layers` of the text config, less the layers the model itself skips for a text-only batch;",
+        "with the encoder's layers where the language model is an encoder-decoder, as Florence-2's is).",
         "",
         "Layers run without a KV cache (`use_cache=False`), except the families of `CACHE_NUMERICS`",
         "(`seqgen/trace/leaves.py`), whose numerics differ with a cache: each of their subgraphs builds its own.",
