@@ -197,8 +197,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
-# text configs whose model falls back to a full-size multimodal rotary split when the config has none (real
-# checkpoints always have one)
+# text configs whose model falls back to a full-size multimodal rotary split when the config has none, or needs
+# one (real checkpoints always have it)
 _MROPE_DEFAULT = {
     "qwen2_vl_text": (16, 24, 24),
     "qwen2_5_vl_text": (16, 24, 24),
@@ -207,6 +207,7 @@ _MROPE_DEFAULT = {
     "glm4v_moe_text": (8, 12, 12),
     "glm_ocr_text": (8, 12, 12),
     "ernie4_5_vl_moe_text": (22, 22, 20),
+    "hunyuan_vl_text": (16, 16, 16, 16),  # no default: position, width, height and image axes alike
 }
 
 
