@@ -587,17 +587,16 @@ def _compressed_state_dict(
 
 
 def _dense_per_expert(model: torch.nn.Module, packed_owners: set[str]) -> dict[str, tuple[str, int, torch.Tensor]]:
-    """The per-expert checkpoint layout (see :func:`checkpoint_layout`) of the fused experts left unquantized next
-    to experts saved packed (``packed_owners``; e.g. Ernie 4.5 VL's vision experts, which a text calibration never
-    runs), to be saved dense under those names, as save_pretrained would, and listed in ``ignore``: its converter,
-    which gathers several experts modules into one list of checkpoint experts, would otherwise see only the
-    unquantized ones."""
-    if not packed_owners:
-        return {}
+    """The per-expert checkpoint layout (see :func:`checkpoint_layout`) of the fused experts left unquantized in
+    the MoE block of experts saved packed (``packed_owners``; e.g. Ernie 4.5 VL's vision experts, which a text
+    calibration never runs), to be saved dense under those names, as save_pretrained would, and listed in
+    ``ignore``: its converter, which gathers the block's experts modules into one list of checkpoint experts, would
+    otherwise see only the unquantized ones. Unquantized experts of other blocks are left to save_pretrained."""
+    blocks = {owner.rsplit(".", 2)[0] for owner in packed_owners}
     sequential = _sequential_experts(model)
     layout: dict[str, tuple[str, int, torch.Tensor]] = {}
     for owner in find_fused_experts(model, ""):
-        if owner not in packed_owners and owner not in sequential:
+        if owner not in packed_owners and owner not in sequential and owner.rsplit(".", 2)[0] in blocks:
             layout.update(checkpoint_layout(model, owner) or {})
     return layout
 
