@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +156,7 @@ def run_job(job: CalibrationJob) -> JobSummary:
     from .models import load_model, meta_model
     from .package import load
     from .runtime.loop import quantizable_linears
-    from .save import check_compressed_experts, check_compressed_linears, save_quantized
+    from .save import check_compressed_experts, check_compressed_linears, experts_saved_dense, save_quantized
 
     start = time.perf_counter()
     tokenizer = load_tokenizer(job.model_id)
@@ -167,15 +168,26 @@ def run_job(job: CalibrationJob) -> JobSummary:
         weights = SafetensorsWeights(directory, model)
     else:
         model = load_model(job.model_id, dtype)
-    if job.save_format == "compressed" and job.options.quantize_experts:
-        check_compressed_experts(model, job.options.scheme)  # fail before the calibration, not after it
+    options = job.options
+    if job.save_format == "compressed" and options.quantize_experts:
+        check_compressed_experts(model, options.scheme)  # fail before the calibration, not after it
+        dense = experts_saved_dense(model)
+        if dense:  # quantized, they would be saved dequantized: the error of W4 at the size of bf16
+            import transformers
+
+            logger.warning(
+                "%d fused experts modules (%s%s) stay unquantized: transformers %s saves them fused, and "
+                "compressed-tensors has no packed format for fused experts, so quantized they would be saved "
+                "dequantized, full size. --save-format fake quantizes them (dequantized weights).",
+                len(dense), dense[0], ", ..." if len(dense) > 1 else "", transformers.__version__)
+            options = dataclasses.replace(options, ignore=(*options.ignore, *(f"^{re.escape(o)}$" for o in dense)))
     if job.package is not None:
         package, hit = load(job.package), False
     else:
         package, hit = PartitionCache().get_or_emit(meta_model(model.config), EmitOptions(), reemit=job.reemit)
     if job.save_format == "compressed":  # fail before the calibration, not after it
         check_compressed_linears(model, [name for sg in package.subgraphs
-                                         for name in quantizable_linears(model, sg, job.options.ignore)])
+                                         for name in quantizable_linears(model, sg, options.ignore)])
     samples = calibration_samples(tokenizer, job.dataset, job.seq_len, job.num_samples)
     batches = make_batches(samples, job.batch_size)
     if weights is not None:
@@ -184,15 +196,14 @@ def run_job(job: CalibrationJob) -> JobSummary:
         saver = StreamingSaver(model, weights, job.save_dir, tokenizer=tokenizer, save_format=job.save_format)
         # Peak RSS is what disk offload is for: freed activations go back to the OS instead of waiting for reuse
         # (measured on a 1.1B Llama: about 90 MB less at the peak, during GPTQ's largest factorization).
-        options = dataclasses.replace(job.options, reuse_allocations=False)
-        result = calibrate(model, package, batches, options, weights=weights, on_subgraph_done=saver.add,
-                           keep_results=False)
+        result = calibrate(model, package, batches, dataclasses.replace(options, reuse_allocations=False),
+                           weights=weights, on_subgraph_done=saver.add, keep_results=False)
         saver.finish()
     else:
-        result = calibrate(model, package, batches, job.options)
+        result = calibrate(model, package, batches, options)
         save_quantized(model, result.quantized, job.save_dir, experts=result.experts, tokenizer=tokenizer,
                        source_dir=_checkpoint_dir(job.model_id), save_format=job.save_format)
-    if job.options.observe:
+    if options.observe:
         from safetensors.torch import save_file
 
         flat = {f"{name}.{key}": value.contiguous() for name, stats in result.activation_stats.items()

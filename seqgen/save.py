@@ -68,6 +68,7 @@ __all__ = [
     "quantization_config",
     "check_compressed_experts",
     "check_compressed_linears",
+    "experts_saved_dense",
     "StreamingSaver",
 ]
 
@@ -252,6 +253,13 @@ def check_compressed_experts(model: torch.nn.Module, scheme: QuantScheme) -> Non
     for owner in find_fused_experts(model, ""):
         if not scheme.symmetric and checkpoint_layout(model, owner) is not None:
             raise _asymmetric_experts_error(owner)
+
+
+def experts_saved_dense(model: torch.nn.Module) -> list[str]:
+    """The fused MoE experts modules of ``model`` that a compressed checkpoint can only hold dense: transformers
+    saves them fused (GraniteMoE, Qwen3-VL-MoE, Mistral 4), and compressed-tensors has no packed format for fused
+    experts. ``model`` may be on meta."""
+    return [owner for owner in find_fused_experts(model, "") if checkpoint_layout(model, owner) is None]
 
 
 def check_compressed_linears(model: torch.nn.Module, names: Iterable[str]) -> None:

@@ -203,6 +203,9 @@ def test_disk_offload_reads_and_writes_per_expert_checkpoints(arch: str, moe_che
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "disk", dtype=torch.float32).eval()
     assert torch.equal(logits(reloaded), expected)
 
+    if arch == "granitemoe":  # experts a compressed checkpoint holds dense stay unquantized there, not in fake
+        assert memory.result.experts == {}
+        expected = logits(run_job(job("fake-memory", save_format="fake")).model)
     run_job(job("fake", offload="disk", save_format="fake"))
     assert tensor_names(tmp_path / "fake") == tensor_names(source), "the source checkpoint's own names"
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "fake", dtype=torch.float32).eval()
@@ -281,7 +284,8 @@ def test_vision_language_checkpoint_calibrates_on_text(checkpoint: Path, tmp_pat
 
 def test_disk_offload_reads_experts_stored_transposed(moe_checkpoint: Path, tmp_path: Path) -> None:
     """Qwen3-VL-MoE checkpoints store fused experts [experts, in, out], the model [experts, out, in]; transformers
-    transposes while loading. Disk offload reads them the same way: it calibrates what the in-memory run does."""
+    transposes while loading. Disk offload reads them the same way: it calibrates what the in-memory run does (fake
+    format, where the experts are quantized, and written back in the checkpoint's layout)."""
     from safetensors.torch import load_file, save_file
 
     from seqgen.verify import checkpoint_differences
@@ -298,9 +302,35 @@ def test_disk_offload_reads_experts_stored_transposed(moe_checkpoint: Path, tmp_
 
     def job(name: str, **kwargs: object) -> CalibrationJob:
         return CalibrationJob(model_id=str(source), save_dir=tmp_path / name, num_samples=4, seq_len=32,
-                              batch_size=2, options=options, **kwargs)
+                              batch_size=2, options=options, save_format="fake", **kwargs)
 
     memory = run_job(job("memory"))
     assert memory.result.experts, "the fused experts were calibrated"
     run_job(job("disk", offload="disk"))
     assert checkpoint_differences(tmp_path / "memory", tmp_path / "disk") == []
+
+
+def test_experts_a_compressed_checkpoint_cannot_pack_stay_unquantized(moe_checkpoint: Path, tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """transformers saves Qwen3-VL-MoE's experts fused, and compressed-tensors packs no fused experts: quantized,
+    they would be saved dequantized (W4's error at bf16's size), so a compressed job leaves them exact and says so;
+    the fake format, all dequantized anyway, quantizes them."""
+    import dataclasses
+
+    source = tmp_path / "qwen3_vl_moe"
+    model = tiny_model("qwen3_vl_moe", text_config={"vocab_size": 49152, "moe_intermediate_size": 32})
+    model.save_pretrained(source)
+    AutoTokenizer.from_pretrained(moe_checkpoint).save_pretrained(source)
+    experts = "model.language_model.layers.0.mlp.experts"
+    original = model.get_submodule(experts).down_proj.detach().clone()
+    job = CalibrationJob(model_id=str(source), save_dir=tmp_path / "compressed", num_samples=4, seq_len=32,
+                         batch_size=2, options=CalibrationOptions(scheme=QuantScheme(bits=4, group_size=16)))
+    with caplog.at_level("WARNING", logger="seqgen"):
+        compressed = run_job(job)
+    assert compressed.result.experts == {} and len(compressed.result.quantized) == 8  # q/k/v/o of 2 layers
+    assert f"2 fused experts modules ({experts}, ...) stay unquantized" in caplog.text
+    assert "saved dequantized (full size)" not in caplog.text  # the save found nothing to dequantize
+    assert torch.equal(compressed.model.get_submodule(experts).down_proj, original)
+
+    fake = run_job(dataclasses.replace(job, save_dir=tmp_path / "fake", save_format="fake"))
+    assert len(fake.result.experts) == 2 * 2 * 4  # layers x (gate_up, down) x experts
