@@ -483,10 +483,11 @@ def smollm2_dir() -> Path:
 
 
 def auto_class(config: Any) -> Any:
-    """The class that loads the whole generative model of ``config`` (``from_pretrained``): ``AutoModelForCausalLM``,
-    else ``AutoModelForImageTextToText`` for vision-language models it does not map (LLaVA, Qwen2/2.5/3-VL,
-    Mistral 3), else the generative class that ``config.architectures`` names (a text config that no auto class
-    maps: Mllama's, Emu3's causal LM). A vision-language model's decoder layers are the sequential targets,
+    """The class that loads the whole generative model of ``config`` (``from_pretrained``): the generative class
+    that ``config.architectures`` names, when transformers has it (the checkpoint's own: Llama 4's and Qwen3.5's
+    multimodal checkpoints load with their vision towers, which ``AutoModelForCausalLM`` would drop); else
+    ``AutoModelForCausalLM``; else ``AutoModelForImageTextToText`` for vision-language models it does not map
+    (LLaVA, Qwen2/2.5/3-VL, Mistral 3). A vision-language model's decoder layers are the sequential targets,
     calibrated on text; its vision tower is left as it is."""
     import transformers
     from transformers.models.auto.modeling_auto import (
@@ -494,16 +495,16 @@ def auto_class(config: Any) -> Any:
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
     )
 
-    model_type = getattr(config, "model_type", None)
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return transformers.AutoModelForCausalLM
-    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        return transformers.AutoModelForImageTextToText
     for name in getattr(config, "architectures", None) or ():
         cls = getattr(transformers, name, None)
         if (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
                 and isinstance(config, cls.config_class) and cls.can_generate()):
             return cls
+    model_type = getattr(config, "model_type", None)
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return transformers.AutoModelForCausalLM
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return transformers.AutoModelForImageTextToText
     raise SeqgenError(
         f"model type {model_type!r} ({type(config).__name__}) is neither a causal language model nor an image-text-"
         "to-text model in transformers (AutoModelForCausalLM, AutoModelForImageTextToText), and its config names no "

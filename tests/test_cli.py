@@ -81,3 +81,19 @@ def test_text_config_no_auto_class_maps_loads_through_its_architecture(tmp_path:
     assert type(meta_model(str(tmp_path))) is type(model)
     loaded = load_model(str(tmp_path))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_multimodal_checkpoint_of_a_causal_lm_type_keeps_its_vision_tower(tmp_path: Path) -> None:
+    """Qwen3.5's checkpoint is multimodal, but AutoModelForCausalLM maps its type to the text-only class, which would
+    drop the vision tower from the saved model: the class config.json names loads it whole."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from seqgen.models import auto_class, load_model, tiny_config
+
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(tiny_config("qwen3_5")).save_pretrained(tmp_path)
+    assert auto_class(AutoConfig.from_pretrained(tmp_path)).__name__ == "Qwen3_5ForConditionalGeneration"
+    loaded = load_model(str(tmp_path))
+    assert any(name.startswith("model.visual.") for name, _ in loaded.named_parameters())
+    assert auto_class(tiny_config("qwen3_5")).__name__ == "AutoModelForCausalLM"  # no architectures: the mapping
