@@ -1,8 +1,9 @@
 """GPU check: GPTQ on SmolLM2 with cuda:0 as the execution device and the weights offloaded to (pinned) CPU memory.
 
-Calibrates twice, with and without prefetching the next subgraph's weights on a side stream, and prints one table:
-wall time, peak GPU memory against the full model and against one subgraph's weights plus one batch's activations,
-held-out perplexity, and whether both runs quantized bitwise alike. Run it through ``bench/gpu_check.sh``.
+Calibrates three times: with and without prefetching the next subgraph's weights on a side stream, and with disk
+offload (each subgraph's weights read from the safetensors checkpoint straight to the device). Prints one table: wall
+time, peak GPU memory against the full model and against one subgraph's weights plus one batch's activations,
+held-out perplexity, and whether the runs quantized bitwise alike. Run it through ``bench/gpu_check.sh``.
 
     python bench/gpu_check.py [--num-samples 64] [--seq-len 512] [--batch-size 8]
 """
@@ -50,9 +51,9 @@ def main() -> None:
     from seqgen.cache import PartitionCache
     from seqgen.data import batches
     from seqgen.emitter import EmitOptions
-    from seqgen.job import calibration_samples, heldout_samples, load_tokenizer
-    from seqgen.models import load_model, meta_model
-    from seqgen.runtime import CalibrationOptions, calibrate
+    from seqgen.job import _disk_model, calibration_samples, heldout_samples, load_tokenizer
+    from seqgen.models import load_model, meta_model, smollm2_dir
+    from seqgen.runtime import CalibrationOptions, SafetensorsWeights, calibrate
 
     tokenizer = load_tokenizer("smollm2-135m")
     calibration = calibration_samples(tokenizer, None, args.seq_len, args.num_samples)
@@ -71,35 +72,46 @@ def main() -> None:
 
     rows: dict[str, dict[str, float]] = {}
     results = {}
-    for prefetch in (True, False):
-        model = load_model("smollm2-135m")
+    for name in ("prefetch", "no prefetch", "disk"):
+        weights = None
+        if name == "disk":  # a skeleton on meta; every subgraph's weights come from the checkpoint's files
+            model = _disk_model(smollm2_dir(), torch.float32)
+            weights = SafetensorsWeights(smollm2_dir(), model)
+        else:
+            model = load_model("smollm2-135m")
         start = time.perf_counter()
         result = calibrate(model, package, batches(calibration, args.batch_size),
-                           CalibrationOptions(scheme=scheme, device=str(device), prefetch=prefetch))
+                           CalibrationOptions(scheme=scheme, device=str(device), prefetch=name != "no prefetch"),
+                           weights=weights)
         seconds = time.perf_counter() - start
-        name = "prefetch" if prefetch else "no prefetch"
         results[name] = result
         rows[name] = {"seconds": seconds, "peak": result.peak_device_bytes or 0,
-                      "ppl": perplexity(model, heldout, device, args.batch_size)}
+                      "ppl": float("nan") if weights is not None else perplexity(model, heldout, device, args.batch_size)}
         del model
-    same = all(
-        torch.equal(q.codes, results["no prefetch"].quantized[n].codes)
-        and torch.equal(q.scale, results["no prefetch"].quantized[n].scale)
-        for n, q in results["prefetch"].quantized.items()
-    )
+    same = {
+        name: all(
+            torch.equal(q.codes, results["prefetch"].quantized[n].codes)
+            and torch.equal(q.scale, results["prefetch"].quantized[n].scale)
+            for n, q in results[name].quantized.items()
+        )
+        and results[name].quantized.keys() == results["prefetch"].quantized.keys()
+        for name in ("no prefetch", "disk")
+    }
 
     mib = 1024 * 1024
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (no GPU memory figures)"
     print(f"{where}; SmolLM2-135M fp32, GPTQ W4A16 g64, {args.num_samples} x "
-          f"{args.seq_len} tokens, batch {args.batch_size}; weights offloaded to pinned CPU memory")
+          f"{args.seq_len} tokens, batch {args.batch_size}; weights offloaded to pinned CPU memory "
+          "(disk: read from the checkpoint's safetensors files)")
     print(f"full model weights {full / mib:.0f} MiB; largest subgraph {largest / mib:.0f} MiB; "
           f"one batch's activations ~{activations / mib:.0f} MiB")
     print(f"{'run':<12} {'wall s':>8} {'peak GPU MiB':>13} {'vs model':>9} {'ppl':>8} {'fp ppl':>8}")
     for name, row in rows.items():
         print(f"{name:<12} {row['seconds']:>8.1f} {row['peak'] / mib:>13.0f} {row['peak'] / full:>8.2f}x "
               f"{row['ppl']:>8.3f} {fp_ppl:>8.3f}")
-    print(f"prefetch speed-up {rows['no prefetch']['seconds'] / rows['prefetch']['seconds']:.2f}x; "
-          f"quantized weights bitwise equal with and without prefetch: {same}")
+    print(f"prefetch speed-up {rows['no prefetch']['seconds'] / rows['prefetch']['seconds']:.2f}x; quantized weights "
+          f"bitwise equal to the prefetch run's: no prefetch {same['no prefetch']}, disk {same['disk']}; the disk run "
+          "keeps no weights in memory, so it has no perplexity (nan)")
 
 
 if __name__ == "__main__":
