@@ -1,17 +1,21 @@
 """GPU check: GPTQ on SmolLM2 with cuda:0 as the execution device and the weights offloaded to (pinned) CPU memory.
 
-Calibrates three times: with and without prefetching the next subgraph's weights on a side stream, and with disk
-offload (each subgraph's weights read from the safetensors checkpoint straight to the device). Prints one table: wall
-time, peak GPU memory against the full model and against one subgraph's weights plus one batch's activations,
-held-out perplexity, and whether the runs quantized bitwise alike. Run it through ``bench/gpu_check.sh``.
+Calibrates in three ways: with and without prefetching the next subgraph's weights on a side stream, and with disk
+offload (each subgraph's weights read from the safetensors checkpoint straight to the device); after one unmeasured
+warm-up calibration (CUDA's lazily loaded kernels), the three alternate for ``--repeats`` rounds. Prints one table:
+median wall time (and the range), where the time goes, peak GPU memory against the full model and against one
+subgraph's weights plus one batch's activations (measured: a forward of the model without its head, peak memory
+less the weights), held-out perplexity, and whether the runs quantized bitwise alike. Run it through
+``bench/gpu_check.sh``.
 
-    python bench/gpu_check.py [--num-samples 64] [--seq-len 512] [--batch-size 8]
+    python bench/gpu_check.py [--num-samples 64] [--seq-len 512] [--batch-size 8] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 
 import torch
@@ -35,12 +39,30 @@ def perplexity(model: torch.nn.Module, samples: torch.Tensor, device: torch.devi
     return math.exp(total / count)
 
 
+@torch.no_grad()
+def activation_bytes(model: torch.nn.Module, samples: torch.Tensor, device: torch.device) -> int:
+    """Peak device memory of one batch's forward through the model without its head (``lm_head``'s logits are not
+    calibrated), less the weights: what one batch's activations take at their widest."""
+    if device.type != "cuda":
+        return 0
+    base = model.get_decoder().to(device)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    ids = samples.to(device)
+    base(input_ids=ids, attention_mask=torch.ones_like(ids))
+    peak = torch.cuda.max_memory_allocated(device) - before
+    base.to("cpu")
+    return peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="measured rounds of the three runs (median reported)")
     parser.add_argument("--device", default="cuda:0", help="'cpu' only to try the script itself on a small run")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -53,7 +75,7 @@ def main() -> None:
     from seqgen.emitter import EmitOptions
     from seqgen.job import _disk_model, calibration_samples, heldout_samples, load_tokenizer
     from seqgen.models import load_model, meta_model, smollm2_dir
-    from seqgen.runtime import CalibrationOptions, SafetensorsWeights, calibrate
+    from seqgen.runtime import CalibrationOptions, CalibrationResult, SafetensorsWeights, calibrate
 
     tokenizer = load_tokenizer("smollm2-135m")
     calibration = calibration_samples(tokenizer, None, args.seq_len, args.num_samples)
@@ -61,18 +83,16 @@ def main() -> None:
     scheme = QuantScheme(bits=4, group_size=64, symmetric=True, act_order=True)
 
     model = load_model("smollm2-135m")
+    attention = model.config._attn_implementation
     package, _ = PartitionCache().get_or_emit(meta_model(model.config), EmitOptions())
     full = weight_bytes(model)
-    largest = max(sum(weight_bytes(model.get_submodule(m)) for m in sg.modules) for sg in package.subgraphs[:-1])  # the tail (logits) does not run
-    hidden = model.config.hidden_size
-    # one batch's residual stream plus the widest activation of a decoder layer (the MLP's), fp32
-    activations = 4 * args.batch_size * args.seq_len * (2 * hidden + 2 * model.config.intermediate_size)
+    largest = max(sum(weight_bytes(model.get_submodule(m)) for m in sg.modules)
+                  for sg in package.subgraphs[:-1])  # the tail (logits) does not run
+    activations = activation_bytes(model, calibration[: args.batch_size], device)
     fp_ppl = perplexity(model, heldout, device, args.batch_size)
     del model
 
-    rows: dict[str, dict[str, float]] = {}
-    results = {}
-    for name in ("prefetch", "no prefetch", "disk"):
+    def run(name: str, samples: torch.Tensor) -> tuple[float, CalibrationResult, torch.nn.Module | None]:
         weights = None
         if name == "disk":  # a skeleton on meta; every subgraph's weights come from the checkpoint's files
             model = _disk_model(smollm2_dir(), torch.float32)
@@ -80,38 +100,58 @@ def main() -> None:
         else:
             model = load_model("smollm2-135m")
         start = time.perf_counter()
-        result = calibrate(model, package, batches(calibration, args.batch_size),
+        result = calibrate(model, package, batches(samples, args.batch_size),
                            CalibrationOptions(scheme=scheme, device=str(device), prefetch=name != "no prefetch"),
                            weights=weights)
-        seconds = time.perf_counter() - start
-        results[name] = result
-        rows[name] = {"seconds": seconds, "peak": result.peak_device_bytes or 0,
-                      "ppl": float("nan") if weights is not None else perplexity(model, heldout, device, args.batch_size)}
-        del model
+        return time.perf_counter() - start, result, None if weights is not None else model
+
+    names = ("prefetch", "no prefetch", "disk")
+    run("prefetch", calibration[: args.batch_size])  # warm-up: CUDA loads kernels (linalg, cuBLAS) on first use
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    results: dict[str, list[CalibrationResult]] = {name: [] for name in names}
+    ppl: dict[str, float] = {}
+    for round_ in range(args.repeats):
+        for name in names if round_ % 2 == 0 else reversed(names):  # alternate, so no run always goes first
+            wall, result, model = run(name, calibration)
+            seconds[name].append(wall)
+            results[name].append(result)
+            if name not in ppl:
+                ppl[name] = perplexity(model, heldout, device, args.batch_size) if model is not None else math.nan
+            del model
+
+    reference = results["prefetch"][0].quantized
     same = {
         name: all(
-            torch.equal(q.codes, results["prefetch"].quantized[n].codes)
-            and torch.equal(q.scale, results["prefetch"].quantized[n].scale)
-            for n, q in results[name].quantized.items()
+            result.quantized.keys() == reference.keys()
+            and all(torch.equal(q.codes, reference[n].codes) and torch.equal(q.scale, reference[n].scale)
+                    for n, q in result.quantized.items())
+            for result in results[name]
         )
-        and results[name].quantized.keys() == results["prefetch"].quantized.keys()
-        for name in ("no prefetch", "disk")
+        for name in names
     }
 
     mib = 1024 * 1024
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (no GPU memory figures)"
-    print(f"{where}; SmolLM2-135M fp32, GPTQ W4A16 g64, {args.num_samples} x "
+    print(f"{where}; SmolLM2-135M fp32 ({attention} attention), GPTQ W4A16 g64, {args.num_samples} x "
           f"{args.seq_len} tokens, batch {args.batch_size}; weights offloaded to pinned CPU memory "
           "(disk: read from the checkpoint's safetensors files)")
-    print(f"full model weights {full / mib:.0f} MiB; largest subgraph {largest / mib:.0f} MiB; "
-          f"one batch's activations ~{activations / mib:.0f} MiB")
-    print(f"{'run':<12} {'wall s':>8} {'peak GPU MiB':>13} {'vs model':>9} {'ppl':>8} {'fp ppl':>8}")
-    for name, row in rows.items():
-        print(f"{name:<12} {row['seconds']:>8.1f} {row['peak'] / mib:>13.0f} {row['peak'] / full:>8.2f}x "
-              f"{row['ppl']:>8.3f} {fp_ppl:>8.3f}")
-    print(f"prefetch speed-up {rows['no prefetch']['seconds'] / rows['prefetch']['seconds']:.2f}x; quantized weights "
-          f"bitwise equal to the prefetch run's: no prefetch {same['no prefetch']}, disk {same['disk']}; the disk run "
-          "keeps no weights in memory, so it has no perplexity (nan)")
+    goal = (largest + activations) / mib
+    print(f"full model weights {full / mib:.0f} MiB; largest subgraph {largest / mib:.0f} MiB; one batch's "
+          f"activations {activations / mib:.0f} MiB (measured); goal: peak near {goal:.0f} MiB")
+    print(f"median of {args.repeats} runs each, after one warm-up; runs alternate in order")
+    print(f"{'run':<12} {'wall s':>7} {'range s':>11} {'peak GPU MiB':>13} {'vs model':>9} {'ppl':>8} {'fp ppl':>8}"
+          "  phases (median run)")
+    for name in names:
+        order = sorted(range(args.repeats), key=lambda i: seconds[name][i])
+        median = order[len(order) // 2]
+        peak = max(r.peak_device_bytes or 0 for r in results[name])
+        print(f"{name:<12} {seconds[name][median]:>7.1f} {min(seconds[name]):>5.1f}-{max(seconds[name]):<5.1f} "
+              f"{peak / mib:>13.0f} {peak / full:>8.2f}x {ppl[name]:>8.3f} {fp_ppl:>8.3f}  "
+              f"{results[name][median].phase_summary()}")
+    speedup = statistics.median(seconds["no prefetch"]) / statistics.median(seconds["prefetch"])
+    print(f"prefetch speed-up {speedup:.2f}x (median over median); quantized weights of every run bitwise equal to "
+          f"the first prefetch run's: {', '.join(f'{name} {same[name]}' for name in names)}; the disk run keeps no "
+          "weights in memory, so it has no perplexity (nan)")
 
 
 if __name__ == "__main__":
