@@ -1,11 +1,13 @@
 """GPU check: GPTQ on SmolLM2 with cuda:0 as the execution device and the weights offloaded to (pinned) CPU memory.
 
-Calibrates in three ways: with and without prefetching the next subgraph's weights on a side stream, and with disk
-offload (each subgraph's weights read from the safetensors checkpoint straight to the device); after one unmeasured
-warm-up calibration (CUDA's lazily loaded kernels), the three alternate for ``--repeats`` rounds. Prints one table:
-median wall time (and the range), where the time goes, peak GPU memory against the full model and against one
-subgraph's weights plus one batch's activations (measured: a forward of the model without its head, peak memory
-less the weights), held-out perplexity, and whether the runs quantized bitwise alike. Run it through
+Calibrates in four ways: with and without prefetching the next subgraph's weights on a side stream, with disk
+offload (each subgraph's weights read from the safetensors checkpoint straight to the device), and with prefetch but
+GPTQ's column loop in torch ops instead of its Triton kernel (``SEQGEN_GPTQ_KERNEL=torch``); after one unmeasured
+warm-up calibration (CUDA's lazily loaded kernels, Triton's compilation), they alternate for ``--repeats`` rounds.
+Prints one table: median wall time (and the range), where the time goes, peak GPU memory against the full model and
+against one subgraph's weights plus one batch's activations (measured: a forward of the model without its head, peak
+memory less the weights), held-out perplexity, and how many quantized codes equal the first prefetch run's (the
+runs with the kernel must agree bitwise; the torch loop rounds the error feedback differently). Run it through
 ``bench/gpu_check.sh``.
 
     python bench/gpu_check.py [--num-samples 64] [--seq-len 512] [--batch-size 8] [--repeats 3]
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -99,13 +102,14 @@ def main() -> None:
             weights = SafetensorsWeights(smollm2_dir(), model)
         else:
             model = load_model("smollm2-135m")
+        os.environ["SEQGEN_GPTQ_KERNEL"] = "torch" if name == "torch loop" else "auto"
         start = time.perf_counter()
         result = calibrate(model, package, batches(samples, args.batch_size),
                            CalibrationOptions(scheme=scheme, device=str(device), prefetch=name != "no prefetch"),
                            weights=weights)
         return time.perf_counter() - start, result, None if weights is not None else model
 
-    names = ("prefetch", "no prefetch", "disk")
+    names = ("prefetch", "no prefetch", "disk", "torch loop")
     run("prefetch", calibration[: args.batch_size])  # warm-up: CUDA loads kernels (linalg, cuBLAS) on first use
     seconds: dict[str, list[float]] = {name: [] for name in names}
     results: dict[str, list[CalibrationResult]] = {name: [] for name in names}
@@ -120,15 +124,17 @@ def main() -> None:
             del model
 
     reference = results["prefetch"][0].quantized
-    same = {
-        name: all(
-            result.quantized.keys() == reference.keys()
-            and all(torch.equal(q.codes, reference[n].codes) and torch.equal(q.scale, reference[n].scale)
-                    for n, q in result.quantized.items())
-            for result in results[name]
-        )
-        for name in names
-    }
+
+    def agreement(result: CalibrationResult) -> tuple[float, bool]:
+        """The fraction of codes equal to the reference run's, and whether codes and scales are bitwise equal."""
+        assert result.quantized.keys() == reference.keys()
+        equal = sum(int((q.codes == reference[n].codes).sum()) for n, q in result.quantized.items())
+        total = sum(q.codes.numel() for q in result.quantized.values())
+        bitwise = all(torch.equal(q.codes, reference[n].codes) and torch.equal(q.scale, reference[n].scale)
+                      for n, q in result.quantized.items())
+        return equal / total, bitwise
+
+    same = {name: [agreement(result) for result in results[name]] for name in names}
 
     mib = 1024 * 1024
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (no GPU memory figures)"
@@ -140,19 +146,20 @@ def main() -> None:
           f"activations {activations / mib:.0f} MiB (measured); goal: peak near {goal:.0f} MiB")
     print(f"median of {args.repeats} runs each, after one warm-up; runs alternate in order")
     print(f"{'run':<12} {'wall s':>7} {'range s':>11} {'peak GPU MiB':>13} {'vs model':>9} {'ppl':>8} {'fp ppl':>8}"
-          "  phases (median run)")
+          f" {'codes same':>10}  phases (median run)")
     for name in names:
         order = sorted(range(args.repeats), key=lambda i: seconds[name][i])
         median = order[len(order) // 2]
         peak = max(r.peak_device_bytes or 0 for r in results[name])
         print(f"{name:<12} {seconds[name][median]:>7.1f} {min(seconds[name]):>5.1f}-{max(seconds[name]):<5.1f} "
-              f"{peak / mib:>13.0f} {peak / full:>8.2f}x {ppl[name]:>8.3f} {fp_ppl:>8.3f}  "
-              f"{results[name][median].phase_summary()}")
-    speedup = statistics.median(seconds["no prefetch"]) / statistics.median(seconds["prefetch"])
-    print(f"prefetch speed-up {speedup:.2f}x (median over median); quantized weights of every run bitwise equal to "
-          f"the first prefetch run's: {', '.join(f'{name} {same[name]}' for name in names)}; the disk run keeps no "
-          "weights in memory, so it has no perplexity (nan)")
-
+              f"{peak / mib:>13.0f} {peak / full:>8.2f}x {ppl[name]:>8.3f} {fp_ppl:>8.3f} "
+              f"{min(fraction for fraction, _ in same[name]):>10.5f}  {results[name][median].phase_summary()}")
+    median = {name: statistics.median(seconds[name]) for name in names}
+    bitwise = {name: all(exact for _, exact in same[name]) for name in names[:3]}
+    print(f"prefetch speed-up {median['no prefetch'] / median['prefetch']:.2f}x, Triton column kernel speed-up "
+          f"{median['torch loop'] / median['prefetch']:.2f}x (medians); quantized weights bitwise equal to the first "
+          f"prefetch run's in every run: {', '.join(f'{name} {bitwise[name]}' for name in bitwise)}; the disk run "
+          "keeps no weights in memory, so it has no perplexity (nan)")
 
 if __name__ == "__main__":
     main()

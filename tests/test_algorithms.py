@@ -368,6 +368,91 @@ def test_gptq_needs_statistics() -> None:
         algo.quantize(random_weight(8, 64), algo.new_statistics(64, torch.device("cpu")))
 
 
+# ------------------------------------------------------------------------------------------ Triton column kernel
+
+# Schemes that take each path of the kernel: per-column parameters (activation order), one group's parameters per
+# run of columns, a group that crosses a block boundary (96 in blocks of 64), per-channel, zero points, 3 and 8 bits.
+KERNEL_SCHEMES = [
+    QuantScheme(bits=4, group_size=64, act_order=True),
+    QuantScheme(bits=4, group_size=32, symmetric=False),
+    QuantScheme(bits=4, group_size=96, block_size=64),
+    QuantScheme(bits=8, group_size=None, symmetric=False, block_size=50),
+    QuantScheme(bits=3, group_size=32, symmetric=False, act_order=True),
+]
+_KERNEL_CHECK = """
+import json, os, sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_algorithms import KERNEL_SCHEMES, correlated_inputs, gptq_quantize, output_error, random_weight
+from seqgen.algorithms.gptq_kernel import kernel_enabled
+rows = []
+x, w = correlated_inputs(600, 192), random_weight(24, 192)
+for scheme in KERNEL_SCHEMES:
+    got = {{}}
+    for choice in ("torch", "triton"):
+        os.environ["SEQGEN_GPTQ_KERNEL"] = choice
+        q, _ = gptq_quantize(w, x, scheme)
+        got[choice] = q
+    a, b = got["torch"], got["triton"]
+    rows.append({{
+        "enabled": kernel_enabled(torch.device("cpu")),
+        "codes": (a.codes == b.codes).float().mean().item(),
+        "scale": (a.scale - b.scale).abs().max().item() / a.scale.abs().max().item(),
+        "zero": None if a.zero_point is None else torch.equal(a.zero_point, b.zero_point),
+        "g_idx": (a.g_idx is None and b.g_idx is None) or torch.equal(a.g_idx, b.g_idx),
+        "error": [output_error(x, w, a), output_error(x, w, b)],
+    }})
+print(json.dumps(rows))
+"""
+
+
+def test_triton_column_kernel_matches_the_torch_loop() -> None:
+    """The kernel CUDA runs GPTQ's column loop with, run in Triton's interpreter on the CPU: the same codes and
+    parameters as the torch loop (up to float rounding in the error feedback), on every path through it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    script = _KERNEL_CHECK.format(tests=str(Path(__file__).parent))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == len(KERNEL_SCHEMES)
+    for scheme, row in zip(KERNEL_SCHEMES, rows):
+        assert row["enabled"], scheme
+        assert row["codes"] >= 0.999, (scheme, row)
+        assert row["scale"] < 1e-5, (scheme, row)
+        assert row["zero"] in (None, True) and row["g_idx"], (scheme, row)
+        torch_error, kernel_error = row["error"]
+        assert abs(kernel_error - torch_error) <= 1e-3 * torch_error, (scheme, row)
+    assert "could not run" not in done.stderr
+
+
+def test_column_kernel_failure_falls_back_to_the_torch_loop(monkeypatch, caplog) -> None:
+    """A Triton that cannot build the kernel (an old GPU, a broken toolchain) costs speed, not the job: the torch
+    loop runs instead, with the same result, and one warning says why."""
+    from seqgen.algorithms import gptq, gptq_kernel
+
+    x, w = correlated_inputs(600, 192), random_weight(24, 192)
+    scheme = QuantScheme(bits=4, group_size=64, act_order=True)
+    expected, _ = gptq_quantize(w, x, scheme)
+
+    def broken() -> None:
+        raise RuntimeError("PTX .version 9.9 does not support .target sm_52")
+
+    monkeypatch.setattr(gptq_kernel, "_failed", [])
+    monkeypatch.setattr(gptq_kernel, "_kernel", broken)
+    monkeypatch.setattr(gptq, "kernel_enabled", lambda device: True)
+    with caplog.at_level(logging.WARNING, logger="seqgen.algorithms.gptq_kernel"):
+        got, _ = gptq_quantize(w, x, scheme)
+    assert torch.equal(got.codes, expected.codes) and torch.equal(got.scale, expected.scale)
+    assert "sm_52" in caplog.text and "torch column loop" in caplog.text
+    assert gptq_kernel._failed and not gptq_kernel.kernel_enabled(torch.device("cuda"))
+
+
 # --------------------------------------------------------------------------------------------------- distributed
 
 

@@ -28,6 +28,7 @@ from .base import (
     quantize_codes,
     register_algorithm,
 )
+from .gptq_kernel import kernel_enabled, quantize_columns
 
 __all__ = ["GPTQ", "HessianStatistics"]
 
@@ -226,32 +227,41 @@ class GPTQ(Algorithm):
         loss = torch.zeros(rows, dtype=torch.float32, device=device)
         scale = zero = None
 
+        kernel = kernel_enabled(device)
+        static_scales = static_zeros = None
+        if perm is not None and kernel:  # the kernel reads each column's parameters from one [cols, rows] gather
+            static_scales = torch.stack([scale for scale, _ in static])
+            static_zeros = None if scheme.symmetric else torch.stack([zero for _, zero in static])
+            column_group = torch.tensor(static_group, device=device)
         for i1 in range(0, cols, scheme.block_size):
             i2 = min(i1 + scheme.block_size, cols)
             w1 = wt[i1:i2]  # a view: updated in place
             err1 = torch.empty_like(w1)
             u1 = u[i1:i2, i1:i2]
-            # Per column views and U's diagonal as Python floats, made once per block: the column step below is
-            # the sequential core of GPTQ, and on either device its cost is the number of ops it dispatches.
-            columns, errors, codes = w1.unbind(0), err1.unbind(0), codes_t[i1:i2].unbind(0)
-            diagonal = u1.diagonal().tolist()
-            for i in range(i2 - i1):
+            i = 0
+            while i < i2 - i1:  # runs of columns that share where their parameters come from
                 j = i1 + i
                 if perm is not None:
-                    scale, zero = static[static_group[j]]
-                elif j % group == 0:
-                    scale, zero = self._group_params(wt, err1, u, i1, i2, i, group, weight.dtype)
-                    scales[j // group] = scale
-                    if zeros is not None:
-                        zeros[j // group] = zero
-                col, err = columns[i], errors[i]
-                q = quantize_codes(col, scale, zero, scheme)
-                codes[i].copy_(q)
-                q = q.sub_(zero).mul_(scale) if zero is not None else q.mul_(scale)  # dequantized
-                torch.sub(col, q, out=err).div_(diagonal[i])
-                # OBS update of the block's later columns: W[:, k] -= err * U[j, k].
-                if i + 1 < i2 - i1:
-                    w1[i + 1 :].addr_(u1[i, i + 1 :], err, alpha=-1.0)
+                    stop = i2 - i1
+                else:
+                    if j % group == 0:
+                        scale, zero = self._group_params(wt, err1, u, i1, i2, i, group, weight.dtype)
+                        scales[j // group] = scale
+                        if zeros is not None:
+                            zeros[j // group] = zero
+                    stop = min(i2 - i1, i + group - j % group)
+                if kernel:
+                    if perm is not None:
+                        run_scale = static_scales.index_select(0, column_group[i1:i2])
+                        run_zero = None if static_zeros is None else static_zeros.index_select(0, column_group[i1:i2])
+                    else:
+                        run_scale, run_zero = scale, zero
+                    kernel = quantize_columns(w1, u1, run_scale, run_zero, codes_t[i1:i2], err1, i, stop,
+                                              scheme.qmin, scheme.qmax)
+                if not kernel:
+                    self._columns(w1, u1, err1, codes_t[i1:i2], i, stop,
+                                  (scale, zero) if perm is None else [static[g] for g in static_group[i1:i2]])
+                i = stop
             loss.add_(err1.square().sum(dim=0))
             # Lazy batch update: the whole block's errors reach the remaining columns in one matmul.
             if i2 < cols:
@@ -282,6 +292,35 @@ class GPTQ(Algorithm):
             g_idx=None if g_idx is None else g_idx.to(out_device),
             scheme=scheme,
         )
+
+    def _columns(
+        self,
+        w1: torch.Tensor,
+        u1: torch.Tensor,
+        err1: torch.Tensor,
+        codes: torch.Tensor,
+        start: int,
+        stop: int,
+        params: tuple[torch.Tensor, torch.Tensor | None] | list[tuple[torch.Tensor, torch.Tensor | None]],
+    ) -> None:
+        """The column steps of columns ``start:stop`` of a block (``w1``, ``W^T`` rows), in place, with torch ops:
+        quantize the column, keep its scaled error, push the error onto the block's later columns. ``params`` is
+        one ``(scale, zero)`` for all the columns, or one per column of the block."""
+        # Per column views and U's diagonal as Python floats: the column step is the sequential core of GPTQ, and
+        # on either device its cost is the number of ops it dispatches (see gptq_kernel for CUDA).
+        columns, errors, codes_of = w1.unbind(0), err1.unbind(0), codes.unbind(0)
+        diagonal = u1.diagonal().tolist()
+        width = w1.shape[0]
+        for i in range(start, stop):
+            scale, zero = params[i] if isinstance(params, list) else params
+            col, err = columns[i], errors[i]
+            q = quantize_codes(col, scale, zero, self.scheme)
+            codes_of[i].copy_(q)
+            q = q.sub_(zero).mul_(scale) if zero is not None else q.mul_(scale)  # dequantized
+            torch.sub(col, q, out=err).div_(diagonal[i])
+            # OBS update of the block's later columns: W[:, k] -= err * U[j, k].
+            if i + 1 < width:
+                w1[i + 1 :].addr_(u1[i, i + 1 :], err, alpha=-1.0)
 
     def _group_params(
         self,
