@@ -15,6 +15,7 @@ the CPU in Triton's interpreter, which is how the CPU test suite checks it again
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -112,19 +113,24 @@ def quantize_columns(
     ``codes`` and ``err1`` (``[B, rows]``) receive the codes and the scaled errors of the columns. ``scale`` and
     ``zero`` are ``[rows]`` (one group's parameters for all the columns) or ``[B, rows]`` (one row per column).
     """
+    if any(t.stride(-1) != 1 for t in (w1, u1, scale, codes, err1) + (() if zero is None else (zero,))):
+        raise ValueError("quantize_columns needs tensors whose last dimension is contiguous")
     rows = w1.shape[1]
     width = w1.shape[0]
     per_column = scale.dim() == 2
     block_r = 32 if rows >= 4096 else 16
+    # Triton launches on the current CUDA device: make it the tensors' own (cuda:1 under --device cuda:1).
+    on_device = torch.cuda.device(w1.device) if w1.device.type == "cuda" else contextlib.nullcontext()
     try:
-        _kernel()[(-(-rows // block_r),)](
-            w1, u1, scale, scale if zero is None else zero, codes, err1,
-            rows, width, start, stop,
-            w1.stride(0), u1.stride(0), scale.stride(0) if per_column else 0, codes.stride(0), err1.stride(0),
-            qmin, qmax,
-            HAS_ZERO=zero is not None, BLOCK_B=max(16, 1 << (width - 1).bit_length()), BLOCK_R=block_r,
-        )  # fmt: skip
-    except Exception as error:  # a compiler or driver that cannot build it: the torch loop gives the same result
+        with on_device:
+            _kernel()[(-(-rows // block_r),)](
+                w1, u1, scale, scale if zero is None else zero, codes, err1,
+                rows, width, start, stop,
+                w1.stride(0), u1.stride(0), scale.stride(0) if per_column else 0, codes.stride(0), err1.stride(0),
+                qmin, qmax,
+                HAS_ZERO=zero is not None, BLOCK_B=max(16, 1 << (width - 1).bit_length()), BLOCK_R=block_r,
+            )  # fmt: skip
+    except Exception as error:  # a compiler or driver that cannot build it: the torch loop does the same steps
         _failed.append(f"{type(error).__name__}: {error}")
         logger.warning("GPTQ's Triton column kernel could not run (%s); using the torch column loop instead",
                        _failed[0])
