@@ -174,6 +174,7 @@ class GPTQ(Algorithm):
     are *static*: each group of consecutive original columns gets its scale/zero from the weights before any update,
     and keeps it whatever order its columns are visited in. So ``g_idx`` is ``column // group_size``, the layout that
     compressed-tensors (``actorder="weight"``) and vLLM store; dynamic groups would scatter a group's columns.
+    On CUDA the column loop inside a block runs as one Triton kernel (:mod:`seqgen.algorithms.gptq_kernel`).
     """
 
     name = "gptq"
