@@ -48,7 +48,12 @@ def main() -> None:
     device = torch.device(args.device)
 
     from seqgen.algorithms import QuantScheme, get_algorithm
+    from seqgen.algorithms.gptq_kernel import kernel_enabled
 
+    os.environ["SEQGEN_GPTQ_KERNEL"] = "triton"
+    if not kernel_enabled(device):
+        raise SystemExit(f"the Triton kernel does not run on {device}: it needs CUDA and triton "
+                         "(on the CPU, Triton's interpreter: TRITON_INTERPRET=1)")
     scheme = QuantScheme(bits=4, group_size=64, act_order=True)
     algorithm = get_algorithm("gptq", scheme)
     print(f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; GPTQ W4 g64 act-order; "
