@@ -161,17 +161,20 @@ def run_job(job: CalibrationJob) -> JobSummary:
     start = time.perf_counter()
     tokenizer = load_tokenizer(job.model_id)
     dtype = model_dtype(job.dtype, job.model_id, execution_device(job.options.device))
+    # Everything that can fail runs on a weightless skeleton first (the package, the format checks, the data):
+    # loading a 70B model's weights takes minutes, and a trace failure should not come after them.
     weights = None
     if job.offload == "disk":
         directory = _checkpoint_dir(job.model_id)
-        model = _disk_model(directory, dtype)
-        weights = SafetensorsWeights(directory, model)
+        skeleton = _disk_model(directory, dtype)
+        weights = SafetensorsWeights(directory, skeleton)
+        traced = meta_model(skeleton.config)
     else:
-        model = load_model(job.model_id, dtype)
+        skeleton = traced = meta_model(job.model_id)
     options = job.options
     if job.save_format == "compressed" and options.quantize_experts:
-        check_compressed_experts(model, options.scheme)  # fail before the calibration, not after it
-        dense = experts_saved_dense(model)
+        check_compressed_experts(skeleton, options.scheme)  # fail before the calibration, not after it
+        dense = experts_saved_dense(skeleton)
         if dense:  # quantized, they would be saved dequantized: the error of W4 at the size of bf16
             import transformers
 
@@ -184,12 +187,13 @@ def run_job(job: CalibrationJob) -> JobSummary:
     if job.package is not None:
         package, hit = load(job.package), False
     else:
-        package, hit = PartitionCache().get_or_emit(meta_model(model.config), EmitOptions(), reemit=job.reemit)
+        package, hit = PartitionCache().get_or_emit(traced, EmitOptions(), reemit=job.reemit)
     if job.save_format == "compressed":  # fail before the calibration, not after it
-        check_compressed_linears(model, [name for sg in package.subgraphs
-                                         for name in quantizable_linears(model, sg, options.ignore)])
+        check_compressed_linears(skeleton, [name for sg in package.subgraphs
+                                            for name in quantizable_linears(skeleton, sg, options.ignore)])
     samples = calibration_samples(tokenizer, job.dataset, job.seq_len, job.num_samples)
     batches = make_batches(samples, job.batch_size)
+    model = skeleton if weights is not None else load_model(job.model_id, dtype)
     if weights is not None:
         from .save import StreamingSaver
 

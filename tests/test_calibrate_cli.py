@@ -66,6 +66,28 @@ def test_calibrate_twice_hits_the_cache_without_tracing(checkpoint: Path, tmp_pa
     assert "partition cache hit:" in caplog.text and "(cache hit)" in second.output
 
 
+def test_a_trace_failure_stops_the_job_before_the_weights_load(checkpoint: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The package is emitted from a weightless skeleton first: a 70B model's weights take minutes to load, and a
+    model that cannot be traced must say so before them."""
+    import seqgen.models
+    from seqgen.errors import SeqgenError
+
+    monkeypatch.setenv("SEQGEN_CACHE", str(tmp_path / "cache"))
+
+    def untraceable(*args: object, **kwargs: object) -> None:
+        raise SeqgenError("cannot trace LlamaDecoderLayer: a stand-in failure")
+
+    def loaded(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were loaded before the package was emitted")
+
+    monkeypatch.setattr(seqgen.emitter, "trace_model", untraceable)
+    monkeypatch.setattr(seqgen.models, "load_model", loaded)
+    result = CliRunner().invoke(cli, ["calibrate", "--model", str(checkpoint), *ARGS, "--save", str(tmp_path / "q")])
+    assert result.exit_code != 0 and "a stand-in failure" in result.output, result.output
+    assert not (tmp_path / "q").exists()
+
+
 def test_saved_model_reloads_with_the_same_logits(checkpoint: Path, tmp_path: Path) -> None:
     options = CalibrationOptions(scheme=QuantScheme(bits=4, group_size=32))
     job = CalibrationJob(model_id=str(checkpoint), save_dir=tmp_path / "compressed", num_samples=4, seq_len=32,
