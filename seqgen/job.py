@@ -186,6 +186,7 @@ def run_job(job: CalibrationJob) -> JobSummary:
             options = dataclasses.replace(options, ignore=(*options.ignore, *(f"^{re.escape(o)}$" for o in dense)))
     if job.package is not None:
         package, hit = load(job.package), False
+        package.check_model(skeleton)  # a package of another model is refused before the weights load
     else:
         package, hit = PartitionCache().get_or_emit(traced, EmitOptions(), reemit=job.reemit)
     if job.save_format == "compressed":  # fail before the calibration, not after it

@@ -68,8 +68,8 @@ def test_calibrate_twice_hits_the_cache_without_tracing(checkpoint: Path, tmp_pa
 
 def test_a_trace_failure_stops_the_job_before_the_weights_load(checkpoint: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """The package is emitted from a weightless skeleton first: a 70B model's weights take minutes to load, and a
-    model that cannot be traced must say so before them."""
+    """The package is emitted (or a given one checked) on a weightless skeleton first: a 70B model's weights take
+    minutes to load, and a model that cannot be traced, or a package of another model, must be refused before."""
     import seqgen.models
     from seqgen.errors import SeqgenError
 
@@ -86,6 +86,14 @@ def test_a_trace_failure_stops_the_job_before_the_weights_load(checkpoint: Path,
     result = CliRunner().invoke(cli, ["calibrate", "--model", str(checkpoint), *ARGS, "--save", str(tmp_path / "q")])
     assert result.exit_code != 0 and "a stand-in failure" in result.output, result.output
     assert not (tmp_path / "q").exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("SEQGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(seqgen.models, "load_model", loaded)
+    emitted = CliRunner().invoke(cli, ["emit", "tiny:llama", str(tmp_path / "other")])  # a package of another model
+    assert emitted.exit_code == 0, emitted.output
+    result = CliRunner().invoke(cli, ["calibrate", str(tmp_path / "other"), "--model", str(checkpoint), *ARGS,
+                                      "--save", str(tmp_path / "q")])
+    assert result.exit_code != 0 and "emitted for another model" in result.output, result.output
 
 
 def test_saved_model_reloads_with_the_same_logits(checkpoint: Path, tmp_path: Path) -> None:
