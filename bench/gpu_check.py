@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3, help="measured rounds of the three runs (median reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="measured rounds of the four runs (medians reported)")
     parser.add_argument("--device", default="cuda:0", help="'cpu' only to try the script itself on a small run")
     args = parser.parse_args()
     device = torch.device(args.device)
