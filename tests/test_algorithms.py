@@ -407,8 +407,8 @@ print(json.dumps(rows))
 
 
 def test_triton_column_kernel_matches_the_torch_loop() -> None:
-    """The kernel CUDA runs GPTQ's column loop with, run in Triton's interpreter on the CPU: the same codes and
-    parameters as the torch loop (up to float rounding in the error feedback), on every path through it."""
+    """The Triton kernel that runs GPTQ's column loop on CUDA, run here in Triton's interpreter on the CPU: the same
+    codes and parameters as the torch loop (up to float rounding in the error feedback), on every path through it."""
     import importlib.util
     import json
     import os
