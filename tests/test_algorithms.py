@@ -456,6 +456,9 @@ def test_column_kernel_failure_falls_back_to_the_torch_loop(monkeypatch, caplog)
     assert torch.equal(got.codes, expected.codes) and torch.equal(got.scale, expected.scale)
     assert "sm_52" in caplog.text and "torch column loop" in caplog.text
     assert gptq_kernel._failed and not gptq_kernel.kernel_enabled(torch.device("cuda"))
+    monkeypatch.setenv("SEQGEN_GPTQ_KERNEL", "off")
+    with pytest.raises(SeqgenError, match="SEQGEN_GPTQ_KERNEL='off' is not a choice: use auto"):
+        gptq_kernel.kernel_enabled(torch.device("cuda"))
 
 
 # --------------------------------------------------------------------------------------------------- distributed

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ..errors import SeqgenError
+
 __all__ = ["kernel_enabled", "quantize_columns"]
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,8 @@ def kernel_enabled(device: torch.device) -> bool:
     """Whether :func:`quantize_columns` runs for tensors on ``device``: CUDA with Triton importable, unless
     ``SEQGEN_GPTQ_KERNEL=torch``; on the CPU only with ``SEQGEN_GPTQ_KERNEL=triton`` and ``TRITON_INTERPRET=1``."""
     choice = os.environ.get(_ENV, "auto")
+    if choice not in ("auto", "torch", "triton"):
+        raise SeqgenError(f"{_ENV}={choice!r} is not a choice: use auto (the default), torch or triton")
     if choice == "torch" or _failed:
         return False
     if device.type == "cpu" and not (choice == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
@@ -89,7 +93,10 @@ def kernel_enabled(device: torch.device) -> bool:
         return False
     try:
         _kernel()
-    except ImportError:
+    except ImportError as error:
+        if choice == "triton":
+            raise SeqgenError(f"{_ENV}=triton, but triton does not import ({error}); install triton, or use "
+                              "auto") from error
         return False
     return True
 
