@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.seqgen-installed
 
-.PHONY: setup demo test test-slow generated bench clean
+.PHONY: setup demo test test-slow lint fmt generated bench clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,19 @@ demo: setup
 	$(PY) cli.py eval --model smollm2-135m --seq-len 512 --max-samples 40
 	$(PY) cli.py eval --model out/smollm2-135m-w4g64 --seq-len 512 --max-samples 40
 
-test: setup
+# The library's code is held to the bar of the code it generates: black- and ruff-clean (settings in pyproject.toml).
+LINTED := seqgen tests bench examples templates cli.py
+
+test: lint
 	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/black --check --quiet $(LINTED)
+
+fmt: setup
+	$(VENV)/bin/ruff check --fix --quiet $(LINTED)
+	$(VENV)/bin/black --quiet $(LINTED)
 
 test-slow: setup
 	$(PY) -m pytest -m slow

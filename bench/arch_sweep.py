@@ -111,13 +111,18 @@ def _emit_one(arch: str, workdir: Path, build_only: bool = False) -> dict[str, A
         text_config = model.config.get_text_config()
         row["decoder_layers"] = getattr(text_config, "num_hidden_layers", None)
         layers = getattr(text_config, "num_layers", None)  # longcat_flash: num_hidden_layers counts sublayers
-        if isinstance(layers, int) and layers != row["decoder_layers"] and any(
-            isinstance(m, torch.nn.ModuleList) and len(m) == layers for m in model.modules()
+        if (
+            isinstance(layers, int)
+            and layers != row["decoder_layers"]
+            and any(isinstance(m, torch.nn.ModuleList) and len(m) == layers for m in model.modules())
         ):
             row["decoder_layers"] = layers
         encoder = getattr(text_config, "encoder_layers", None)  # Florence-2: a whole encoder-decoder language model
-        if isinstance(encoder, int) and any(name.endswith("encoder.layers") and len(m) == encoder
-                                            for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)):
+        if isinstance(encoder, int) and any(
+            name.endswith("encoder.layers") and len(m) == encoder
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.ModuleList)
+        ):
             row["decoder_layers"] += encoder
         row["vocab_size"] = text_config.vocab_size
         model_dir = workdir / arch / "model"
@@ -301,7 +306,9 @@ def _calibrate_one(model: Any, package: Any, task: dict[str, Any]) -> dict[str, 
             _disk_check(task, package, batches, options, out)
             row["cal_disk"] = True
         except Exception as exc:  # noqa: BLE001
-            row.update(cal_disk=False, cal_disk_error=_first_line(exc), cal_disk_traceback=traceback.format_exc()[-3000:])
+            row.update(
+                cal_disk=False, cal_disk_error=_first_line(exc), cal_disk_traceback=traceback.format_exc()[-3000:]
+            )
     if any("which transformers" in w and "drops while loading" in w for w in warnings):
         row["cal_loader_warning"] = True  # seqgen's save warned that transformers' loader loses dense tensors
     return row
@@ -325,14 +332,22 @@ def _disk_check(task: dict[str, Any], package: Any, batches: list[Any], options:
     weights = SafetensorsWeights(directory, skeleton)
     disk_out = memory_out.parent / "quantized-disk"
     saver = StreamingSaver(skeleton, weights, disk_out)
-    calibrate(skeleton, package, batches, dataclasses.replace(options, reuse_allocations=False), weights=weights,
-              on_subgraph_done=saver.add, keep_results=False)
+    calibrate(
+        skeleton,
+        package,
+        batches,
+        dataclasses.replace(options, reuse_allocations=False),
+        weights=weights,
+        on_subgraph_done=saver.add,
+        keep_results=False,
+    )
     saver.finish()
 
     differences = checkpoint_differences(memory_out, disk_out)
     if differences:
-        raise AssertionError(f"{len(differences)} differences from the in-memory run's checkpoint, e.g. "
-                             f"{differences[0]}")
+        raise AssertionError(
+            f"{len(differences)} differences from the in-memory run's checkpoint, e.g. " f"{differences[0]}"
+        )
 
 
 class _Capture(logging.Handler):
@@ -410,7 +425,12 @@ class Worker:
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", self.kind, "--workdir", str(self.workdir)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            cwd=REPO,
+            env=env,
         )
         log.close()
         self.lines = queue.Queue()
@@ -420,7 +440,7 @@ class Worker:
             assert proc.stdout is not None
             for text in proc.stdout:
                 if text.startswith(MARK):
-                    lines.put(text[len(MARK):])
+                    lines.put(text[len(MARK) :])
             lines.put(None)
 
         threading.Thread(target=pump, daemon=True).start()
@@ -448,8 +468,9 @@ class Worker:
             self.proc = None
 
 
-def _run_phase(kind: str, tasks: list[dict[str, Any]], jobs: int, timeout: float, workdir: Path,
-               on_result: Any) -> None:
+def _run_phase(
+    kind: str, tasks: list[dict[str, Any]], jobs: int, timeout: float, workdir: Path, on_result: Any
+) -> None:
     pending: queue.Queue[dict[str, Any]] = queue.Queue()
     for task in tasks:
         pending.put(task)
@@ -499,13 +520,16 @@ def expected_layers(row: dict[str, Any]) -> Any:
 
 def passed(row: dict[str, Any]) -> bool:
     return bool(
-        row.get("emitted") and row.get("loaded") and row.get("equal")
+        row.get("emitted")
+        and row.get("loaded")
+        and row.get("equal")
         and row.get("target_subgraphs") == expected_layers(row)
     )
 
 
-def sweep(types: list[str], jobs: int, timeout: float, keep: bool, build_only: bool = False,
-          calibrate: bool = False) -> list[dict[str, Any]]:
+def sweep(
+    types: list[str], jobs: int, timeout: float, keep: bool, build_only: bool = False, calibrate: bool = False
+) -> list[dict[str, Any]]:
     workdir = Path(tempfile.mkdtemp(prefix="seqgen-sweep-"))
     rows: dict[str, dict[str, Any]] = {arch: {"arch": arch} for arch in types}
     lock = threading.Lock()
@@ -525,9 +549,16 @@ def sweep(types: list[str], jobs: int, timeout: float, keep: bool, build_only: b
     start = time.perf_counter()
     _run_phase("build" if build_only else "emit", [{"arch": a} for a in types], jobs, timeout, workdir, emitted)
     checks = [
-        {"arch": a, "model_dir": r["model_dir"], "package_dir": r["package_dir"], "vocab_size": r["vocab_size"],
-         "model_class": r["model_class"], "calibrate": calibrate}
-        for a, r in rows.items() if r.get("emitted")
+        {
+            "arch": a,
+            "model_dir": r["model_dir"],
+            "package_dir": r["package_dir"],
+            "vocab_size": r["vocab_size"],
+            "model_class": r["model_class"],
+            "calibrate": calibrate,
+        }
+        for a, r in rows.items()
+        if r.get("emitted")
     ]
     done[0] = 0
 
@@ -539,8 +570,11 @@ def sweep(types: list[str], jobs: int, timeout: float, keep: bool, build_only: b
             done[0] += 1
             state = "PASS" if passed(row) else f"{row.get('stage')}: {row.get('error', '')[:90]}"
             if calibrate and passed(row):
-                state += " | calibrated, round trip" if calibrated(row) else (
-                    f" | {row.get('cal_stage')}: {row.get('cal_error', '')[:90]}")
+                state += (
+                    " | calibrated, round trip"
+                    if calibrated(row)
+                    else (f" | {row.get('cal_stage')}: {row.get('cal_error', '')[:90]}")
+                )
             print(f"[check {done[0]:3d}/{len(checks)}] {task['arch']:28s} {state}", flush=True)
 
     if not build_only:
@@ -591,8 +625,10 @@ def _steps(rows: list[dict[str, Any]], with_calibration: bool) -> list[tuple[str
         ("emitted", sum(1 for r in counted if r.get("emitted"))),
         ("loaded in a fresh process", sum(1 for r in counted if r.get("loaded"))),
         ("logits equal eager (max abs diff 0.0)", sum(1 for r in counted if r.get("equal"))),
-        ("one subgraph per decoder layer", sum(1 for r in counted if r.get("emitted") and
-                                               r.get("target_subgraphs") == expected_layers(r))),
+        (
+            "one subgraph per decoder layer",
+            sum(1 for r in counted if r.get("emitted") and r.get("target_subgraphs") == expected_layers(r)),
+        ),
         ("pass (all of the above)", sum(1 for r in counted if r["pass"])),
     ]
     if with_calibration:
@@ -654,7 +690,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "that is not also one (*vision-language*: built with `AutoModelForImageTextToText`, run on text only), a",
         "tiny random model (`seqgen.models.tiny_config`, fp32, seed 0) is saved, its package is emitted from the",
         "config on the meta device, and a fresh process loads both and compares",
-        "`package.run(model, **batch)[\"logits\"]` with `model(**batch).logits` for batches of shape "
+        '`package.run(model, **batch)["logits"]` with `model(**batch).logits` for batches of shape '
         + " and ".join(f"{b}x{s}" for b, s in SHAPES)
         + " (`seqgen.verify.random_batch`, left padding in the first row).",
         "A row passes when the logits are equal (max abs diff 0.0) and there is one subgraph per decoder layer",
@@ -671,8 +707,9 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "| | " + " | ".join(f"{kind} | %" for kind in (*KINDS, "all")) + " |",
         "| --- |" + " ---: | ---: |" * (len(KINDS) + 1),
     ]
-    lines += ["| " + name + " | " + " | ".join(f"{n} | {pct}" for n, pct in cells) + " |"
-              for name, cells in summary(rows)]
+    lines += [
+        "| " + name + " | " + " | ".join(f"{n} | {pct}" for n, pct in cells) + " |" for name, cells in summary(rows)
+    ]
     with_calibration = any("cal_calibrated" in r for r in counted)
     if with_calibration:
         lines += [
@@ -736,8 +773,11 @@ def print_report(rows: list[dict[str, Any]]) -> None:
     if cal_failed:
         print(f"\ncalibration failures ({len(cal_failed)}):")
         for r in cal_failed:
-            warned = " (seqgen warned at save: transformers' loader drops dense tensors)" if r.get(
-                "cal_loader_warning") else ""
+            warned = (
+                " (seqgen warned at save: transformers' loader drops dense tensors)"
+                if r.get("cal_loader_warning")
+                else ""
+            )
             print(f"  {r['arch']:28s} [{r.get('cal_stage')}] {r.get('cal_error', '')[:200]}{warned}")
     disk_failed = [r for r in counted if r.get("cal_disk") is False]
     if disk_failed:
@@ -752,16 +792,20 @@ def print_report(rows: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only",
-                        help="comma-separated model types (default: every causal-LM and vision-language type)")
+    parser.add_argument(
+        "--only", help="comma-separated model types (default: every causal-LM and vision-language type)"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="parallel workers per phase (default 2)")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per architecture and phase")
     parser.add_argument("--write-docs", action="store_true", help=f"write the table to {DOCS.relative_to(REPO)}")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory with models and packages")
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results path")
     parser.add_argument("--build-only", action="store_true", help="only build the tiny models and run them eagerly")
-    parser.add_argument("--calibrate", action="store_true",
-                        help="also quantize each passing model with its package, save it compressed and reload it")
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also quantize each passing model with its package, save it compressed and reload it",
+    )
     parser.add_argument("--worker", choices=["build", "emit", "check"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -119,8 +119,10 @@ def main() -> None:
             },
             data_file,
         )
-        plan = {f"seqgen {name}": (sys.executable, _SEQGEN_CHILD, name, data_file, str(args.batch_size))
-                for name in args.rows.split(",")}
+        plan = {
+            f"seqgen {name}": (sys.executable, _SEQGEN_CHILD, name, data_file, str(args.batch_size))
+            for name in args.rows.split(",")
+        }
         if args.vs_llmcompressor:
             plan["llm-compressor gptq"] = (args.vs_llmcompressor, _LLMCOMPRESSOR_CHILD, str(smollm2_dir()), data_file)
         # Round by round, every row once per round: a slow spell of the machine hits the rows of a round alike.
@@ -132,17 +134,23 @@ def main() -> None:
     med = {k: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for k, runs in rows.items()}
     fp = med.get("seqgen fp", {}).get("ppl")
     reference = med.get("llm-compressor gptq", {}).get("seconds")
-    print(f"SmolLM2-135M W4A16 g64 sym, {args.num_samples} x {args.seq_len} calibration tokens, "
-          f"{args.eval_samples} x {args.seq_len} held-out; median of {args.runs}")
+    print(
+        f"SmolLM2-135M W4A16 g64 sym, {args.num_samples} x {args.seq_len} calibration tokens, "
+        f"{args.eval_samples} x {args.seq_len} held-out; median of {args.runs}"
+    )
     print(f"{'row':<22} {'wall s':>8} {'vs llmc':>8} {'peak RSS MB':>12} {'ppl':>9} {'vs fp':>8}")
     for name, m in med.items():
         ratio = f"{m['seconds'] / reference:.2f}x" if reference and m["seconds"] else "-"
         increase = f"{(m['ppl'] / fp - 1) * 100:+.1f}%" if fp else "-"
         print(f"{name:<22} {m['seconds']:>8.1f} {ratio:>8} {m['rss_mb']:>12.0f} {m['ppl']:>9.3f} {increase:>8}")
     if "seqgen gptq" in rows and "llm-compressor gptq" in rows:
-        ratios = [a["seconds"] / b["seconds"] for a, b in zip(rows["seqgen gptq"], rows["llm-compressor gptq"])]
-        print(f"seqgen gptq / llm-compressor gptq wall time per round: {', '.join(f'{r:.2f}x' for r in ratios)} "
-              f"(median {statistics.median(ratios):.2f}x)")
+        ratios = [
+            a["seconds"] / b["seconds"] for a, b in zip(rows["seqgen gptq"], rows["llm-compressor gptq"], strict=True)
+        ]
+        print(
+            f"seqgen gptq / llm-compressor gptq wall time per round: {', '.join(f'{r:.2f}x' for r in ratios)} "
+            f"(median {statistics.median(ratios):.2f}x)"
+        )
 
 
 if __name__ == "__main__":

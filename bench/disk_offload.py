@@ -46,15 +46,38 @@ def main() -> None:
     built = not (checkpoint / "config.json").exists()
     params = -1
     if built:
-        made = subprocess.run([sys.executable, "-c", _MAKE, str(checkpoint)], capture_output=True, text=True,
-                              check=True)
+        made = subprocess.run(
+            [sys.executable, "-c", _MAKE, str(checkpoint)], capture_output=True, text=True, check=True
+        )
         params = int(made.stdout.strip().splitlines()[-1])
     size = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "seqgen", "calibrate", "--model", str(checkpoint), "--offload", "disk",
-         "--algorithm", args.algorithm, "--bits", "4", "--group-size", "64", "--num-samples", str(args.num_samples),
-         "--seq-len", str(args.seq_len), "--batch-size", "4", "--save", str(work / "llama-1b-w4"), "--reemit"],
+        [
+            sys.executable,
+            "-m",
+            "seqgen",
+            "calibrate",
+            "--model",
+            str(checkpoint),
+            "--offload",
+            "disk",
+            "--algorithm",
+            args.algorithm,
+            "--bits",
+            "4",
+            "--group-size",
+            "64",
+            "--num-samples",
+            str(args.num_samples),
+            "--seq-len",
+            str(args.seq_len),
+            "--batch-size",
+            "4",
+            "--save",
+            str(work / "llama-1b-w4"),
+            "--reemit",
+        ],
         check=True,
     )
     seconds = time.perf_counter() - start

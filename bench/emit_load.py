@@ -52,8 +52,9 @@ print(json.dumps({"seconds": seconds, "rss_mb": rss}))
 
 
 def measure(step: str, model_id: str, out: Path) -> dict[str, float]:
-    proc = subprocess.run([sys.executable, "-c", _CHILD, step, model_id, str(out)], capture_output=True, text=True,
-                          check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, step, model_id, str(out)], capture_output=True, text=True, check=True
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -68,11 +69,15 @@ def main() -> None:
             emits = [measure("emit", model_id, out) for _ in range(args.runs)]
             loads = [measure("load", model_id, out) for _ in range(args.runs)]
             rows.append((label, emits, loads))
-    print(f"{'model':<30} {'emit s':>8} {'emit RSS MB':>12} {'load s':>8} {'load RSS MB':>12}   (median of {args.runs})")
+    print(
+        f"{'model':<30} {'emit s':>8} {'emit RSS MB':>12} {'load s':>8} {'load RSS MB':>12}   (median of {args.runs})"
+    )
     for label, emits, loads in rows:
         med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
-        print(f"{label:<30} {med(emits, 'seconds'):>8.3f} {med(emits, 'rss_mb'):>12.0f} "
-              f"{med(loads, 'seconds'):>8.4f} {med(loads, 'rss_mb'):>12.0f}")
+        print(
+            f"{label:<30} {med(emits, 'seconds'):>8.3f} {med(emits, 'rss_mb'):>12.0f} "
+            f"{med(loads, 'seconds'):>8.4f} {med(loads, 'rss_mb'):>12.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -52,14 +52,20 @@ def main() -> None:
 
     os.environ["SEQGEN_GPTQ_KERNEL"] = "triton"
     if not kernel_enabled(device):
-        raise SystemExit(f"the Triton kernel does not run on {device}: it needs CUDA and triton "
-                         "(on the CPU, Triton's interpreter: TRITON_INTERPRET=1)")
+        raise SystemExit(
+            f"the Triton kernel does not run on {device}: it needs CUDA and triton "
+            "(on the CPU, Triton's interpreter: TRITON_INTERPRET=1)"
+        )
     scheme = QuantScheme(bits=4, group_size=64, act_order=True)
     algorithm = get_algorithm("gptq", scheme)
-    print(f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; GPTQ W4 g64 act-order; "
-          f"median of {args.repeats} after a warm-up")
-    print(f"{'weight':<16} {'rows x cols':>13} {'torch s':>8} {'kernel s':>9} {'speed-up':>9} {'codes agree':>12} "
-          f"{'err torch':>10} {'err kernel':>11}")
+    print(
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; GPTQ W4 g64 act-order; "
+        f"median of {args.repeats} after a warm-up"
+    )
+    print(
+        f"{'weight':<16} {'rows x cols':>13} {'torch s':>8} {'kernel s':>9} {'speed-up':>9} {'codes agree':>12} "
+        f"{'err torch':>10} {'err kernel':>11}"
+    )
     for name, (rows, cols) in SHAPES.items():
         if args.small and not name.startswith("smollm2"):
             continue
@@ -84,8 +90,10 @@ def main() -> None:
         a, b = results["torch"], results["triton"]
         errors = [((reference - x @ q.dequantize().T).norm() / reference.norm()).item() for q in (a, b)]
         agree = (a.codes == b.codes).float().mean().item()
-        print(f"{name:<16} {f'{rows}x{cols}':>13} {seconds['torch']:>8.3f} {seconds['triton']:>9.3f} "
-              f"{seconds['torch'] / seconds['triton']:>8.1f}x {agree:>12.5f} {errors[0]:>10.5f} {errors[1]:>11.5f}")
+        print(
+            f"{name:<16} {f'{rows}x{cols}':>13} {seconds['torch']:>8.3f} {seconds['triton']:>9.3f} "
+            f"{seconds['torch'] / seconds['triton']:>8.1f}x {agree:>12.5f} {errors[0]:>10.5f} {errors[1]:>11.5f}"
+        )
         del x, w, stats, reference, results, a, b
     os.environ.pop("SEQGEN_GPTQ_KERNEL")
 

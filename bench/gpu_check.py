@@ -35,8 +35,9 @@ def perplexity(model: torch.nn.Module, samples: torch.Tensor, device: torch.devi
     for i in range(0, samples.shape[0], batch_size):
         ids = samples[i : i + batch_size].to(device)
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
         total, count = total + nll.item(), count + ids[:, 1:].numel()
     model.to("cpu")
     return math.exp(total / count)
@@ -89,8 +90,9 @@ def main() -> None:
     attention = model.config._attn_implementation
     package, _ = PartitionCache().get_or_emit(meta_model(model.config), EmitOptions())
     full = weight_bytes(model)
-    largest = max(sum(weight_bytes(model.get_submodule(m)) for m in sg.modules)
-                  for sg in package.subgraphs[:-1])  # the tail (logits) does not run
+    largest = max(
+        sum(weight_bytes(model.get_submodule(m)) for m in sg.modules) for sg in package.subgraphs[:-1]
+    )  # the tail (logits) does not run
     activations = activation_bytes(model, calibration[: args.batch_size], device)
     fp_ppl = perplexity(model, heldout, device, args.batch_size)
     del model
@@ -104,9 +106,13 @@ def main() -> None:
             model = load_model("smollm2-135m")
         os.environ["SEQGEN_GPTQ_KERNEL"] = "torch" if name == "torch loop" else "auto"
         start = time.perf_counter()
-        result = calibrate(model, package, batches(samples, args.batch_size),
-                           CalibrationOptions(scheme=scheme, device=str(device), prefetch=name != "no prefetch"),
-                           weights=weights)
+        result = calibrate(
+            model,
+            package,
+            batches(samples, args.batch_size),
+            CalibrationOptions(scheme=scheme, device=str(device), prefetch=name != "no prefetch"),
+            weights=weights,
+        )
         return time.perf_counter() - start, result, None if weights is not None else model
 
     names = ("prefetch", "no prefetch", "disk", "torch loop")
@@ -130,36 +136,49 @@ def main() -> None:
         assert result.quantized.keys() == reference.keys()
         equal = sum(int((q.codes == reference[n].codes).sum()) for n, q in result.quantized.items())
         total = sum(q.codes.numel() for q in result.quantized.values())
-        bitwise = all(torch.equal(q.codes, reference[n].codes) and torch.equal(q.scale, reference[n].scale)
-                      for n, q in result.quantized.items())
+        bitwise = all(
+            torch.equal(q.codes, reference[n].codes) and torch.equal(q.scale, reference[n].scale)
+            for n, q in result.quantized.items()
+        )
         return equal / total, bitwise
 
     same = {name: [agreement(result) for result in results[name]] for name in names}
 
     mib = 1024 * 1024
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (no GPU memory figures)"
-    print(f"{where}; SmolLM2-135M fp32 ({attention} attention), GPTQ W4A16 g64, {args.num_samples} x "
-          f"{args.seq_len} tokens, batch {args.batch_size}; weights offloaded to pinned CPU memory "
-          "(disk: read from the checkpoint's safetensors files)")
+    print(
+        f"{where}; SmolLM2-135M fp32 ({attention} attention), GPTQ W4A16 g64, {args.num_samples} x "
+        f"{args.seq_len} tokens, batch {args.batch_size}; weights offloaded to pinned CPU memory "
+        "(disk: read from the checkpoint's safetensors files)"
+    )
     goal = (largest + activations) / mib
-    print(f"full model weights {full / mib:.0f} MiB; largest subgraph {largest / mib:.0f} MiB; one batch's "
-          f"activations {activations / mib:.0f} MiB (measured); goal: peak near {goal:.0f} MiB")
+    print(
+        f"full model weights {full / mib:.0f} MiB; largest subgraph {largest / mib:.0f} MiB; one batch's "
+        f"activations {activations / mib:.0f} MiB (measured); goal: peak near {goal:.0f} MiB"
+    )
     print(f"median of {args.repeats} runs each, after one warm-up; runs alternate in order")
-    print(f"{'run':<12} {'wall s':>7} {'range s':>11} {'peak GPU MiB':>13} {'vs model':>9} {'ppl':>8} {'fp ppl':>8}"
-          f" {'codes same':>10}  phases (median run)")
+    print(
+        f"{'run':<12} {'wall s':>7} {'range s':>11} {'peak GPU MiB':>13} {'vs model':>9} {'ppl':>8} {'fp ppl':>8}"
+        f" {'codes same':>10}  phases (median run)"
+    )
     for name in names:
         order = sorted(range(args.repeats), key=lambda i: seconds[name][i])
         median = order[len(order) // 2]
         peak = max(r.peak_device_bytes or 0 for r in results[name])
-        print(f"{name:<12} {seconds[name][median]:>7.1f} {min(seconds[name]):>5.1f}-{max(seconds[name]):<5.1f} "
-              f"{peak / mib:>13.0f} {peak / full:>8.2f}x {ppl[name]:>8.3f} {fp_ppl:>8.3f} "
-              f"{min(fraction for fraction, _ in same[name]):>10.5f}  {results[name][median].phase_summary()}")
+        print(
+            f"{name:<12} {seconds[name][median]:>7.1f} {min(seconds[name]):>5.1f}-{max(seconds[name]):<5.1f} "
+            f"{peak / mib:>13.0f} {peak / full:>8.2f}x {ppl[name]:>8.3f} {fp_ppl:>8.3f} "
+            f"{min(fraction for fraction, _ in same[name]):>10.5f}  {results[name][median].phase_summary()}"
+        )
     median = {name: statistics.median(seconds[name]) for name in names}
     bitwise = {name: all(exact for _, exact in same[name]) for name in names[:3]}
-    print(f"prefetch speed-up {median['no prefetch'] / median['prefetch']:.2f}x, Triton column kernel speed-up "
-          f"{median['torch loop'] / median['prefetch']:.2f}x (medians); quantized weights bitwise equal to the first "
-          f"prefetch run's in every run: {', '.join(f'{name} {bitwise[name]}' for name in bitwise)}; the disk run "
-          "keeps no weights in memory, so it has no perplexity (nan)")
+    print(
+        f"prefetch speed-up {median['no prefetch'] / median['prefetch']:.2f}x, Triton column kernel speed-up "
+        f"{median['torch loop'] / median['prefetch']:.2f}x (medians); quantized weights bitwise equal to the first "
+        f"prefetch run's in every run: {', '.join(f'{name} {bitwise[name]}' for name in bitwise)}; the disk run "
+        "keeps no weights in memory, so it has no perplexity (nan)"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -2,8 +2,16 @@
 
 import torch
 
-from seqgen.algorithms import ActivationObserver, Algorithm, QuantizedWeight, QuantScheme, Statistics
-from seqgen.algorithms import get_algorithm, quantize_rtn, register_algorithm
+from seqgen.algorithms import (
+    ActivationObserver,
+    Algorithm,
+    QuantizedWeight,
+    QuantScheme,
+    Statistics,
+    get_algorithm,
+    quantize_rtn,
+    register_algorithm,
+)
 
 
 @register_algorithm

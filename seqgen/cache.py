@@ -153,7 +153,9 @@ class PartitionCache:
         matches = [e for e in self.entries() if e.digest.startswith(prefix)]
         if len(matches) != 1:
             what = "no entry" if not matches else f"{len(matches)} entries"
-            raise SeqgenError(f"{what} of the partition cache {self.root} match {prefix!r}; `seqgen cache list` shows them.")
+            raise SeqgenError(
+                f"{what} of the partition cache {self.root} match {prefix!r}; `seqgen cache list` shows them."
+            )
         return matches[0]
 
     def remove(self, entry: CacheEntry) -> None:

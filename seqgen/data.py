@@ -239,9 +239,12 @@ def hub_texts(spec: str, tokenizer: Any = None, max_chars: int | None = None) ->
         chars = chats = 0
         for number, row in enumerate(rows):
             record = dict(row)
-            text = _record_text(record, f"dataset {spec!r} row {number}",
-                                "pass NAME[:CONFIG][@SPLIT] of a text or chat dataset, or a .txt/.jsonl file",
-                                tokenizer)
+            text = _record_text(
+                record,
+                f"dataset {spec!r} row {number}",
+                "pass NAME[:CONFIG][@SPLIT] of a text or chat dataset, or a .txt/.jsonl file",
+                tokenizer,
+            )
             chats += _is_chat(record)
             if text.strip():
                 texts.append(text)
@@ -263,8 +266,9 @@ def hub_texts(spec: str, tokenizer: Any = None, max_chars: int | None = None) ->
     return texts
 
 
-def resolve_texts(source: str | Path | None, split: str, tokenizer: Any = None,
-                  max_chars: int | None = None) -> list[str]:
+def resolve_texts(
+    source: str | Path | None, split: str, tokenizer: Any = None, max_chars: int | None = None
+) -> list[str]:
     """The documents for a ``--dataset`` value: the built-in corpus's ``split`` when None, a ``.txt``/``.jsonl`` file
     when ``source`` names one (or ends in such a suffix), else a Hugging Face dataset name (:func:`hub_texts`)."""
     if source is None:
@@ -285,8 +289,9 @@ def _render_chat(messages: list[dict[str, Any]], tokenizer: Any) -> str:
 
 def _warn_if_untemplated(chats: int, tokenizer: Any) -> None:
     if chats and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-        logger.warning("the tokenizer has no chat template: %d chat records are calibrated as 'role: content' lines",
-                       chats)
+        logger.warning(
+            "the tokenizer has no chat template: %d chat records are calibrated as 'role: content' lines", chats
+        )
 
 
 # ---- the built-in corpus --------------------------------------------------------------------------------------------

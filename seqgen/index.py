@@ -50,8 +50,19 @@ INDEX_NAME = "index.json"
 
 # config fields that name or date a checkpoint but cannot change the traced graph
 _CONFIG_IGNORED = frozenset(
-    {"_name_or_path", "name_or_path", "_model_name_or_path", "transformers_version", "architectures", "_commit_hash", "auto_map",
-     "quantization_config", "torch_dtype", "dtype", "_attn_implementation_autoset"}
+    {
+        "_name_or_path",
+        "name_or_path",
+        "_model_name_or_path",
+        "transformers_version",
+        "architectures",
+        "_commit_hash",
+        "auto_map",
+        "quantization_config",
+        "torch_dtype",
+        "dtype",
+        "_attn_implementation_autoset",
+    }
 )
 
 
@@ -150,7 +161,9 @@ def parse_index(text: str, where: str) -> dict[str, Any]:
     try:
         index = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise IntegrityError(f"{where} is not valid JSON ({exc}); re-emit the package with `seqgen emit --force`.")
+        raise IntegrityError(
+            f"{where} is not valid JSON ({exc}); re-emit the package with `seqgen emit --force`."
+        ) from None
     if not isinstance(index, dict) or "schema_version" not in index:
         raise PackageError(f"{where} is not a seqgen index (no schema_version).")
     if index["schema_version"] != SCHEMA_VERSION:

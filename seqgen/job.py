@@ -182,7 +182,11 @@ def run_job(job: CalibrationJob) -> JobSummary:
                 "%d fused experts modules (%s%s) stay unquantized: transformers %s saves them fused, and "
                 "compressed-tensors has no packed format for fused experts, so quantized they would be saved "
                 "dequantized, full size. --save-format fake quantizes them (dequantized weights).",
-                len(dense), dense[0], ", ..." if len(dense) > 1 else "", transformers.__version__)
+                len(dense),
+                dense[0],
+                ", ..." if len(dense) > 1 else "",
+                transformers.__version__,
+            )
             options = dataclasses.replace(options, ignore=(*options.ignore, *(f"^{re.escape(o)}$" for o in dense)))
     if job.package is not None:
         package, hit = load(job.package), False
@@ -190,8 +194,9 @@ def run_job(job: CalibrationJob) -> JobSummary:
     else:
         package, hit = PartitionCache().get_or_emit(traced, EmitOptions(), reemit=job.reemit)
     if job.save_format == "compressed":  # fail before the calibration, not after it
-        check_compressed_linears(skeleton, [name for sg in package.subgraphs
-                                            for name in quantizable_linears(skeleton, sg, options.ignore)])
+        check_compressed_linears(
+            skeleton, [name for sg in package.subgraphs for name in quantizable_linears(skeleton, sg, options.ignore)]
+        )
     samples = calibration_samples(tokenizer, job.dataset, job.seq_len, job.num_samples)
     batches = make_batches(samples, job.batch_size)
     model = skeleton if weights is not None else load_model(job.model_id, dtype)
@@ -201,18 +206,35 @@ def run_job(job: CalibrationJob) -> JobSummary:
         saver = StreamingSaver(model, weights, job.save_dir, tokenizer=tokenizer, save_format=job.save_format)
         # Peak RSS is what disk offload is for: freed activations go back to the OS instead of waiting for reuse
         # (measured on a 1.1B Llama: about 90 MB less at the peak, during GPTQ's largest factorization).
-        result = calibrate(model, package, batches, dataclasses.replace(options, reuse_allocations=False),
-                           weights=weights, on_subgraph_done=saver.add, keep_results=False)
+        result = calibrate(
+            model,
+            package,
+            batches,
+            dataclasses.replace(options, reuse_allocations=False),
+            weights=weights,
+            on_subgraph_done=saver.add,
+            keep_results=False,
+        )
         saver.finish()
     else:
         result = calibrate(model, package, batches, options)
-        save_quantized(model, result.quantized, job.save_dir, experts=result.experts, tokenizer=tokenizer,
-                       source_dir=_checkpoint_dir(job.model_id), save_format=job.save_format)
+        save_quantized(
+            model,
+            result.quantized,
+            job.save_dir,
+            experts=result.experts,
+            tokenizer=tokenizer,
+            source_dir=_checkpoint_dir(job.model_id),
+            save_format=job.save_format,
+        )
     if options.observe:
         from safetensors.torch import save_file
 
-        flat = {f"{name}.{key}": value.contiguous() for name, stats in result.activation_stats.items()
-                for key, value in stats.items()}
+        flat = {
+            f"{name}.{key}": value.contiguous()
+            for name, stats in result.activation_stats.items()
+            for key, value in stats.items()
+        }
         save_file(flat, str(job.save_dir / "activation_stats.safetensors"))
     return JobSummary(
         package_path=package.path,

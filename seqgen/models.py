@@ -62,39 +62,81 @@ _TINY_SIZES: dict[str, int] = {
     **dict.fromkeys(("hidden_size", "d_model", "n_embd", "emb_dim", "embedding_dim", "word_embed_proj_dim"), 32),
     # feed-forward widths (ffn_dim: some gated feed-forwards split it in halves, so it is even)
     **dict.fromkeys(
-        ("intermediate_size", "d_ff", "dff", "d_inner", "dim_ff", "ffn_hidden_size", "encoder_ffn_dim",
-         "decoder_ffn_dim", "intermediate_size_mlp", "dense_intermediate_size", "feed_forward_size", "mlp_dim"),
+        (
+            "intermediate_size",
+            "d_ff",
+            "dff",
+            "d_inner",
+            "dim_ff",
+            "ffn_hidden_size",
+            "encoder_ffn_dim",
+            "decoder_ffn_dim",
+            "intermediate_size_mlp",
+            "dense_intermediate_size",
+            "feed_forward_size",
+            "mlp_dim",
+        ),
         37,
     ),
     "ffn_dim": 38,
     "moe_intermediate_size": 19,
     "expert_ffn_hidden_size": 19,
     **dict.fromkeys(
-        ("shared_expert_intermediate_size", "shared_experts_intermediate_size", "shared_intermediate_size",
-         "moe_shared_expert_intermediate_size"),
+        (
+            "shared_expert_intermediate_size",
+            "shared_experts_intermediate_size",
+            "shared_intermediate_size",
+            "moe_shared_expert_intermediate_size",
+        ),
         23,
     ),
     # depth of nested stacks (the model's own depth is set by _shrink_layers)
     **dict.fromkeys(
-        ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers", "decoder_layers",
-         "num_encoder_layers", "num_decoder_layers"),
+        (
+            "num_hidden_layers",
+            "n_layer",
+            "n_layers",
+            "num_layers",
+            "encoder_layers",
+            "decoder_layers",
+            "num_encoder_layers",
+            "num_decoder_layers",
+        ),
         2,
     ),
     # attention heads
     **dict.fromkeys(
-        ("num_attention_heads", "n_head", "n_heads", "num_heads", "attention_heads", "encoder_attention_heads",
-         "decoder_attention_heads", "num_encoder_attention_heads", "num_decoder_attention_heads",
-         "swa_num_attention_heads", "index_n_heads"),
+        (
+            "num_attention_heads",
+            "n_head",
+            "n_heads",
+            "num_heads",
+            "attention_heads",
+            "encoder_attention_heads",
+            "decoder_attention_heads",
+            "num_encoder_attention_heads",
+            "num_decoder_attention_heads",
+            "swa_num_attention_heads",
+            "index_n_heads",
+        ),
         4,
     ),
     **dict.fromkeys(
-        ("num_key_value_heads", "num_kv_heads", "swa_num_key_value_heads", "multi_query_group_num",
-         "num_query_groups"),
+        ("num_key_value_heads", "num_kv_heads", "swa_num_key_value_heads", "multi_query_group_num", "num_query_groups"),
         2,
     ),
     **dict.fromkeys(
-        ("head_dim", "attention_head_dim", "d_head", "dim_head", "kv_channels", "d_kv", "attention_head_size",
-         "swa_head_dim", "index_head_dim"),
+        (
+            "head_dim",
+            "attention_head_dim",
+            "d_head",
+            "dim_head",
+            "kv_channels",
+            "d_kv",
+            "attention_head_size",
+            "swa_head_dim",
+            "index_head_dim",
+        ),
         8,
     ),
     "rotary_dim": 4,  # partial rotary embedding (gptj, codegen): less than the head size
@@ -106,8 +148,9 @@ _TINY_SIZES: dict[str, int] = {
     "qk_head_dim": 16,
     "v_head_dim": 8,
     # sliding-window attention: shorter than the 64-token sample, so windowed masks differ from causal ones
-    **dict.fromkeys(("sliding_window", "attention_window_size", "sliding_window_size", "local_attention_window_len"),
-                    24),
+    **dict.fromkeys(
+        ("sliding_window", "attention_window_size", "sliding_window_size", "local_attention_window_len"), 24
+    ),
     # vocabulary (every *vocab_size key) and positions
     "vocab_size": 99,
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_target_positions"), 128),
@@ -128,17 +171,52 @@ _TINY_SIZES: dict[str, int] = {
 }
 # Counts that are only ever lowered: a model with one expert per token or one key/value head keeps it.
 _AT_MOST = frozenset(
-    {"num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok",
-     "num_experts_per_token", "moe_k", "moe_topk", "n_group", "num_expert_group", "topk_group", "num_key_value_heads",
-     "num_kv_heads", "swa_num_key_value_heads", "multi_query_group_num", "num_query_groups", "linear_num_key_heads"}
+    {
+        "num_experts",
+        "num_local_experts",
+        "n_routed_experts",
+        "moe_num_experts",
+        "num_experts_per_tok",
+        "num_experts_per_token",
+        "moe_k",
+        "moe_topk",
+        "n_group",
+        "num_expert_group",
+        "topk_group",
+        "num_key_value_heads",
+        "num_kv_heads",
+        "swa_num_key_value_heads",
+        "multi_query_group_num",
+        "num_query_groups",
+        "linear_num_key_heads",
+    }
 )
 # None means "this feature is off" for these (no query compression, no experts, no partial rotary); for every other
 # size None means "derive it from the others", and the tiny size is set instead.
 _OPTIONAL = frozenset(
-    {"q_lora_rank", "kv_lora_rank", "rotary_dim", "num_experts", "num_local_experts", "n_routed_experts",
-     "moe_num_experts", "n_group", "num_expert_group", "topk_group", "moe_intermediate_size", "index_n_heads",
-     "index_head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "qk_head_dim", "v_head_dim", "sliding_window",
-     "attention_window_size", "sliding_window_size", "local_attention_window_len"}
+    {
+        "q_lora_rank",
+        "kv_lora_rank",
+        "rotary_dim",
+        "num_experts",
+        "num_local_experts",
+        "n_routed_experts",
+        "moe_num_experts",
+        "n_group",
+        "num_expert_group",
+        "topk_group",
+        "moe_intermediate_size",
+        "index_n_heads",
+        "index_head_dim",
+        "qk_rope_head_dim",
+        "qk_nope_head_dim",
+        "qk_head_dim",
+        "v_head_dim",
+        "sliding_window",
+        "attention_window_size",
+        "sliding_window_size",
+        "local_attention_window_len",
+    }
 )
 # grouped_mm (the default MoE kernel) needs 16-byte aligned strides: expert sizes stay small but multiples of 4
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -147,29 +225,45 @@ _MOE_ALIGNED = {
     "moe_intermediate_size": 20,
     "expert_ffn_hidden_size": 20,
     **dict.fromkeys(
-        ("shared_expert_intermediate_size", "shared_experts_intermediate_size", "shared_intermediate_size",
-         "moe_shared_expert_intermediate_size"),
+        (
+            "shared_expert_intermediate_size",
+            "shared_experts_intermediate_size",
+            "shared_intermediate_size",
+            "moe_shared_expert_intermediate_size",
+        ),
         24,
     ),
 }
 # (heads, head size) of state-space mixers
 _SSM_HEADS = (
-    ("num_heads", "head_dim"), ("mamba_n_heads", "mamba_d_head"), ("mamba_num_heads", "mamba_head_dim"),
+    ("num_heads", "head_dim"),
+    ("mamba_n_heads", "mamba_d_head"),
+    ("mamba_num_heads", "mamba_head_dim"),
     ("n_mamba_heads", "mamba_headdim"),
 )
 _TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
 _DEPTH_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers")
 # Layer patterns written as "every n-th layer" (a period, with an optional offset into it).
 _LAYER_PERIODS = (
-    "attn_layer_period", "expert_layer_period", "global_attn_every_n_layers", "no_rope_layer_interval",
-    "sliding_window_pattern", "_sliding_window_pattern",
+    "attn_layer_period",
+    "expert_layer_period",
+    "global_attn_every_n_layers",
+    "no_rope_layer_interval",
+    "sliding_window_pattern",
+    "_sliding_window_pattern",
 )
 _LAYER_OFFSETS = {"attn_layer_offset": "attn_layer_period", "expert_layer_offset": "expert_layer_period"}
 # Layer counts and indices ("the first k layers are dense", "MoE up to layer i"): kept strictly inside the tiny depth
 # when they were strictly inside the original one, so that every kind of layer survives.
 _LAYER_BOUNDS = (
-    "first_k_dense_replace", "moe_layer_start_index", "moe_layer_end_index", "max_window_layers",
-    "num_kv_shared_layers", "loop_layer_index_start", "loop_layer_index_end", "n_layers_per_attn_res_block",
+    "first_k_dense_replace",
+    "moe_layer_start_index",
+    "moe_layer_end_index",
+    "max_window_layers",
+    "num_kv_shared_layers",
+    "loop_layer_index_start",
+    "loop_layer_index_end",
+    "n_layers_per_attn_res_block",
 )
 _PER_LAYER_CONFIG = "per_layer_config"  # heterogeneous configs: {layer index: overrides}
 _MAX_TINY_LAYERS = 6
@@ -236,8 +330,11 @@ def _layer_overrides(data: dict[str, Any]) -> dict[int, Any]:
 
 def _is_index_list(key: str, value: Any, depth: int) -> bool:
     return (
-        "layer" in key and isinstance(value, list) and 0 < len(value) < depth
-        and all(_is_int(i) and 0 <= i < depth for i in value) and value == sorted(set(value))
+        "layer" in key
+        and isinstance(value, list)
+        and 0 < len(value) < depth
+        and all(_is_int(i) and 0 <= i < depth for i in value)
+        and value == sorted(set(value))
     )
 
 
@@ -252,8 +349,7 @@ def _keep_layers(data: dict[str, Any], depth: int) -> list[int]:
     indices = [set(v) for k, v in data.items() if _is_index_list(k, v, depth)]
     overrides = _layer_overrides(data)
     kinds = [
-        (*(repr(v[i]) for v in per_layer), *(i in s for s in indices), repr(overrides.get(i)))
-        for i in range(depth)
+        (*(repr(v[i]) for v in per_layer), *(i in s for s in indices), repr(overrides.get(i))) for i in range(depth)
     ]
     keep: list[int] = []
     for i, kind in enumerate(kinds):
@@ -497,8 +593,12 @@ def auto_class(config: Any) -> Any:
 
     for name in getattr(config, "architectures", None) or ():
         cls = getattr(transformers, name, None)
-        if (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
-                and isinstance(config, cls.config_class) and cls.can_generate()):
+        if (
+            isinstance(cls, type)
+            and issubclass(cls, transformers.PreTrainedModel)
+            and isinstance(config, cls.config_class)
+            and cls.can_generate()
+        ):
             return cls
     model_type = getattr(config, "model_type", None)
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .index import INDEX_NAME, compute_fingerprint, dump_index, parse_index, sha256_bytes
 from .errors import FingerprintMismatch, IntegrityError, PackageError, SeqgenError
+from .index import INDEX_NAME, compute_fingerprint, dump_index, parse_index, sha256_bytes
 
 __all__ = ["Subgraph", "Package", "load", "accept"]
 
@@ -59,8 +59,9 @@ class Package:
     path: Path
     index: dict[str, Any]
     subgraphs: tuple[Subgraph, ...]
-    _checked_models: weakref.WeakSet[torch.nn.Module] = field(default_factory=weakref.WeakSet, repr=False,
-                                                              compare=False)
+    _checked_models: weakref.WeakSet[torch.nn.Module] = field(
+        default_factory=weakref.WeakSet, repr=False, compare=False
+    )
 
     @property
     def fingerprint(self) -> str:

@@ -224,8 +224,13 @@ def _quantization_config(
         if isinstance(module, torch.nn.Linear) and name and id(module.weight) not in quantized_weights
     ]
     packed_experts = {linear.param.rpartition(".")[0] for linear in expert_linears.values()}
-    ignore += [f"{name}.{e}.{linear}" for name, module in _sequential_experts(model).items() if name not in packed_experts
-               for e in range(module.gate_up_proj.shape[0]) for linear in _SEQUENTIAL_EXPERTS[type(module).__name__]]
+    ignore += [
+        f"{name}.{e}.{linear}"
+        for name, module in _sequential_experts(model).items()
+        if name not in packed_experts
+        for e in range(module.gate_up_proj.shape[0])
+        for linear in _SEQUENTIAL_EXPERTS[type(module).__name__]
+    ]
     ignore += [key.removesuffix(".weight") for key in _dense_per_expert(model, packed_experts)]
     return QuantizationConfig(
         config_groups=groups,
@@ -237,8 +242,13 @@ def _quantization_config(
 
 # What a server needs next to the weights, config and tokenizer to serve a vision-language model (vLLM reads the
 # image processor's settings and the chat template from these); copied from the source checkpoint when it has them
-SERVING_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
-                 "chat_template.json", "chat_template.jinja")
+SERVING_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
 
 
 def _copy_serving_files(source: Path, target: Path) -> None:
@@ -320,8 +330,12 @@ def _resolve_experts(
             module = model.get_submodule(owner) if owner else None
         except AttributeError:
             module = None
-        if (module is None or not is_fused_experts(module) or param_name not in expert_params(module)
-                or not index.isdigit()):
+        if (
+            module is None
+            or not is_fused_experts(module)
+            or param_name not in expert_params(module)
+            or not index.isdigit()
+        ):
             raise SeqgenError(
                 f"quantized expert {key!r} does not name an expert of a fused experts module of "
                 f"{type(model).__name__}; keys are '<module>.<gate_up_proj|up_proj|down_proj>.<expert>', as in "
@@ -367,7 +381,8 @@ def _expert_linears(model: torch.nn.Module, experts: Mapping[str, QuantizedWeigh
             logger.warning(
                 "%s: transformers %s saves these fused experts fused (not one linear per expert), and "
                 "compressed-tensors has no packed format for fused experts: they are saved dequantized (full size).",
-                owner, transformers.__version__,
+                owner,
+                transformers.__version__,
             )
             continue
         for key, (param, expert, rows) in layout.items():
@@ -377,8 +392,10 @@ def _expert_linears(model: torch.nn.Module, experts: Mapping[str, QuantizedWeigh
                 raise _asymmetric_experts_error(f"{param}.{expert}")
             zero_point = None if qweight.zero_point is None else qweight.zero_point[rows]
             linears[name] = _ExpertLinear(
-                param, dataclasses.replace(qweight, codes=qweight.codes[rows], scale=qweight.scale[rows],
-                                           zero_point=zero_point)
+                param,
+                dataclasses.replace(
+                    qweight, codes=qweight.codes[rows], scale=qweight.scale[rows], zero_point=zero_point
+                ),
             )
     return linears
 
@@ -409,8 +426,12 @@ def _warn_dense_tensors_transformers_drops(model: torch.nn.Module, directory: Pa
 
         conversions = get_model_conversion_mapping(model)
         renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-        converters = [c for c in conversions if isinstance(c, WeightConverter)
-                      and all(source.endswith(".weight") for source in c._original_source_patterns)]
+        converters = [
+            c
+            for c in conversions
+            if isinstance(c, WeightConverter)
+            and all(source.endswith(".weight") for source in c._original_source_patterns)
+        ]
         if not converters:
             return
         keys: list[str] = []
@@ -428,7 +449,9 @@ def _warn_dense_tensors_transformers_drops(model: torch.nn.Module, directory: Pa
             "CompressedTensorsDequantize passes on packed weights only): from_pretrained fails or leaves them random. "
             "Quantize them (fused experts: pass CalibrationResult.experts), or use save_format='fake' to load with "
             "transformers.",
-            len(dropped), dropped[0], type(model).__name__,
+            len(dropped),
+            dropped[0],
+            type(model).__name__,
         )
 
 
@@ -565,18 +588,25 @@ def _compressed_state_dict(
         else:
             fused = model.get_parameter(param)
             transposed = is_transposed_experts(model.get_submodule(param.rpartition(".")[0]))
-            state_dict[param] = torch.stack([
-                experts[f"{param}.{e}"].dequantize(fused.dtype).T if transposed
-                else experts[f"{param}.{e}"].dequantize(fused.dtype) for e in range(fused.shape[0])
-            ])
+            state_dict[param] = torch.stack(
+                [
+                    (
+                        experts[f"{param}.{e}"].dequantize(fused.dtype).T
+                        if transposed
+                        else experts[f"{param}.{e}"].dequantize(fused.dtype)
+                    )
+                    for e in range(fused.shape[0])
+                ]
+            )
     for name, linear in expert_linears.items():
         dtype = model.get_parameter(linear.param).dtype
         for key, tensor in _compress(name, linear.qweight, dtype).items():
             state_dict[f"{name}.{key}"] = tensor
     for name in _sequential_experts(model):  # left unquantized: per expert too, and listed in `ignore`
         if f"{name}.gate_up_proj" in state_dict:
-            state_dict.update(_per_expert_weights(name, state_dict.pop(f"{name}.gate_up_proj"),
-                                                  state_dict.pop(f"{name}.down_proj")))
+            state_dict.update(
+                _per_expert_weights(name, state_dict.pop(f"{name}.gate_up_proj"), state_dict.pop(f"{name}.down_proj"))
+            )
     for key, (param, expert, rows) in _dense_per_expert(model, {p.rpartition(".")[0] for p in packed}).items():
         state_dict.pop(param, None)
         state_dict[key] = model.get_parameter(param)[expert][rows].contiguous()
@@ -618,20 +648,31 @@ def _storages(state_dict: Mapping[str, torch.Tensor]) -> dict[tuple[torch.device
     return found
 
 
-def _storage_sharers(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
-                     storages: Mapping[tuple[torch.device, int], list[str]], name: str, weight: torch.Tensor
-                     ) -> tuple[list[str], list[str]]:
+def _storage_sharers(
+    model: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    storages: Mapping[tuple[torch.device, int], list[str]],
+    name: str,
+    weight: torch.Tensor,
+) -> tuple[list[str], list[str]]:
     """The other holders of linear ``name``'s weight storage in ``state_dict`` (``storages`` indexes it): linears
     that hold this very weight (a block that several layers share, as in Zamba), which get it packed too
     (save_pretrained then keeps the tie's source only, as for dense tied weights), and any other tensor (a tied
     embedding, views of one fused tensor)."""
     if weight.device.type == "meta":
         return [], []
-    shared = [key for key in storages.get((weight.device, weight.untyped_storage().data_ptr()), [])
-              if key != f"{name}.weight" and key in state_dict]
-    aliases = [key[: -len(".weight")] for key in shared if key.endswith(".weight")
-               and isinstance(alias := model.get_submodule(key[: -len(".weight")]), torch.nn.Linear)
-               and alias.weight is weight]
+    shared = [
+        key
+        for key in storages.get((weight.device, weight.untyped_storage().data_ptr()), [])
+        if key != f"{name}.weight" and key in state_dict
+    ]
+    aliases = [
+        key[: -len(".weight")]
+        for key in shared
+        if key.endswith(".weight")
+        and isinstance(alias := model.get_submodule(key[: -len(".weight")]), torch.nn.Linear)
+        and alias.weight is weight
+    ]
     return aliases, [key for key in shared if key[: -len(".weight")] not in aliases]
 
 
@@ -678,8 +719,15 @@ class StreamingSaver:
     index, ``config.json`` (with the ``quantization_config``), the tokenizer, and renames the directory into place.
     """
 
-    def __init__(self, model: torch.nn.Module, weights: Any, out_dir: str | Path, *, tokenizer: Any = None,
-                 save_format: str = "compressed") -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        weights: Any,
+        out_dir: str | Path,
+        *,
+        tokenizer: Any = None,
+        save_format: str = "compressed",
+    ) -> None:
         if save_format not in SAVE_FORMATS:
             raise SeqgenError(f"unknown save_format {save_format!r}; use one of {list(SAVE_FORMATS)}.")
         self.model = model
@@ -701,8 +749,11 @@ class StreamingSaver:
         if not tensors:
             return
         file = f"model-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(self.tmp / file),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            str(self.tmp / file),
+            metadata={"format": "pt"},
+        )
         self.weight_map.update(dict.fromkeys(tensors, file))
 
     @staticmethod
@@ -715,8 +766,9 @@ class StreamingSaver:
         def meta(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else torch.empty(t.shape, dtype=t.dtype, device="meta")
 
-        return dataclasses.replace(qweight, codes=meta(qweight.codes), scale=meta(qweight.scale),
-                                   zero_point=meta(qweight.zero_point))
+        return dataclasses.replace(
+            qweight, codes=meta(qweight.codes), scale=meta(qweight.scale), zero_point=meta(qweight.zero_point)
+        )
 
     def add(
         self,
@@ -751,8 +803,9 @@ class StreamingSaver:
         packed |= {linear.param for linear in expert_linears.values()}
         for name in packed:
             self.packed.update(self.weights.checkpoint_keys(name))
-        sequential = {f"{name}.{param}": name for name in _sequential_experts(self.model) if compressed
-                      for param in EXPERT_PARAMS}
+        sequential = {
+            f"{name}.{param}": name for name in _sequential_experts(self.model) if compressed for param in EXPERT_PARAMS
+        }
         own = _module_tensors(self.model, subgraph)
         for name in sorted({owner for param, owner in sequential.items() if param in own and param not in packed}):
             module = self.model.get_submodule(name)
@@ -780,8 +833,9 @@ class StreamingSaver:
         import json
 
         try:
-            remaining = [name for name in self.weights.weight_map
-                         if name not in self.weight_map and name not in self.packed]
+            remaining = [
+                name for name in self.weights.weight_map if name not in self.weight_map and name not in self.packed
+            ]
             for start in range(0, len(remaining), 64):
                 self._write(self.weights.read(remaining[start : start + 64], torch.device("cpu")))
             index = {"metadata": {}, "weight_map": dict(sorted(self.weight_map.items()))}
@@ -803,6 +857,10 @@ class StreamingSaver:
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
-        logger.info("saved %s (%s format, streamed) to %s", _counts(len(self.shapes), len(self.expert_shapes)),
-                    self.save_format, self.out)
+        logger.info(
+            "saved %s (%s format, streamed) to %s",
+            _counts(len(self.shapes), len(self.expert_shapes)),
+            self.save_format,
+            self.out,
+        )
         return self.out

@@ -23,7 +23,11 @@ def random_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) 
 
 @torch.no_grad()
 def compare_with_eager(
-    package: Package | str | os.PathLike[str], model: torch.nn.Module, *, batch_size: int = 2, seq_len: int = 32,
+    package: Package | str | os.PathLike[str],
+    model: torch.nn.Module,
+    *,
+    batch_size: int = 2,
+    seq_len: int = 32,
     seed: int = 0,
 ) -> float:
     """Max abs difference between the package's logits and ``model(**batch).logits``."""
@@ -52,6 +56,9 @@ def checkpoint_differences(a: str | os.PathLike[str], b: str | os.PathLike[str])
     first, second = tensors(Path(a)), tensors(Path(b))
     differences = [f"only in {a}: {key}" for key in sorted(set(first) - set(second))]
     differences += [f"only in {b}: {key}" for key in sorted(set(second) - set(first))]
-    differences += [f"differs: {key}" for key in sorted(set(first) & set(second))
-                    if first[key].dtype != second[key].dtype or not torch.equal(first[key], second[key])]
+    differences += [
+        f"differs: {key}"
+        for key in sorted(set(first) & set(second))
+        if first[key].dtype != second[key].dtype or not torch.equal(first[key], second[key])
+    ]
     return differences

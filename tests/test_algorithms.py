@@ -319,9 +319,12 @@ def test_dequantize_with_reordered_groups() -> None:
     idx = g_idx.long()
     expected = (q.codes.float() - q.zero_point.float()[:, idx]) * q.scale[:, idx]
     assert torch.equal(shuffled.dequantize(), expected)
-    assert torch.equal(q.dequantize(), (q.codes.float() - q.zero_point.float().repeat_interleave(16, 1))
-                       * q.scale.repeat_interleave(16, 1))
+    assert torch.equal(
+        q.dequantize(),
+        (q.codes.float() - q.zero_point.float().repeat_interleave(16, 1)) * q.scale.repeat_interleave(16, 1),
+    )
     assert q.codes.dtype == torch.uint8  # dequantize did not touch the codes
+
 
 def test_gptq_accepts_low_precision_weight_and_inputs() -> None:
     x = correlated_inputs(600, 64).to(torch.bfloat16)
@@ -343,6 +346,7 @@ def test_scales_are_stored_in_the_weight_dtype(dtype: torch.dtype, algorithm: st
     idx = q.group_index()
     loader = (q.codes.to(dtype) - q.zero_point.to(dtype)[:, idx]) * q.scale.to(dtype)[:, idx]
     assert torch.equal(q.dequantize(dtype), loader)
+
 
 def test_gptq_cholesky_retries_then_raises(caplog: pytest.LogCaptureFixture) -> None:
     w = random_weight(4, 4)
@@ -426,7 +430,7 @@ def test_triton_column_kernel_matches_the_torch_loop() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(rows) == len(KERNEL_SCHEMES)
-    for scheme, row in zip(KERNEL_SCHEMES, rows):
+    for scheme, row in zip(KERNEL_SCHEMES, rows, strict=True):
         assert row["enabled"], scheme
         assert row["codes"] >= 0.999, (scheme, row)
         assert row["scale"] < 1e-5, (scheme, row)

@@ -13,18 +13,19 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import REPO
 
 import seqgen
 import seqgen.emitter
-from conftest import REPO
 from seqgen.cache import PartitionCache
 from seqgen.cli import cli
 from seqgen.emitter import EmitOptions
 from seqgen.models import meta_model
 
 
-def test_second_lookup_hits_without_tracing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_second_lookup_hits_without_tracing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     cache = PartitionCache(tmp_path)
     caplog.set_level(logging.INFO, logger="seqgen.cache")
     first, hit = cache.get_or_emit(meta_model("tiny:llama"), EmitOptions())
@@ -51,8 +52,14 @@ def test_other_options_or_config_miss(tmp_path: Path) -> None:
 
 
 def run_cache_emit(env: dict[str, str], *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "tests" / "fresh" / "cache_emit.py"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "fresh" / "cache_emit.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
 
 
 def test_killed_emit_leaves_no_partial_package(tmp_path: Path) -> None:

@@ -14,14 +14,26 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import seqgen.emitter
 from seqgen.algorithms import QuantScheme
-from seqgen.evaluate import perplexity
 from seqgen.cli import cli
+from seqgen.evaluate import perplexity
 from seqgen.job import CalibrationJob, heldout_samples, run_job
 from seqgen.models import smollm2_dir, tiny_model
 from seqgen.runtime import CalibrationOptions
 
-ARGS = ["--algorithm", "gptq", "--bits", "4", "--group-size", "32", "--num-samples", "4", "--seq-len", "32",
-        "--batch-size", "2"]
+ARGS = [
+    "--algorithm",
+    "gptq",
+    "--bits",
+    "4",
+    "--group-size",
+    "32",
+    "--num-samples",
+    "4",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +59,9 @@ def tensor_names(checkpoint: Path) -> set[str]:
     return names
 
 
-def test_calibrate_twice_hits_the_cache_without_tracing(checkpoint: Path, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_calibrate_twice_hits_the_cache_without_tracing(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("SEQGEN_CACHE", str(tmp_path / "cache"))
     caplog.set_level(logging.INFO, logger="seqgen.cache")
     runner = CliRunner()
@@ -66,8 +78,9 @@ def test_calibrate_twice_hits_the_cache_without_tracing(checkpoint: Path, tmp_pa
     assert "partition cache hit:" in caplog.text and "(cache hit)" in second.output
 
 
-def test_a_trace_failure_stops_the_job_before_the_weights_load(checkpoint: Path, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_trace_failure_stops_the_job_before_the_weights_load(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The package is emitted (or a given one checked) on a weightless skeleton first: a 70B model's weights take
     minutes to load, and a model that cannot be traced, or a package of another model, must be refused before."""
     import seqgen.models
@@ -91,15 +104,22 @@ def test_a_trace_failure_stops_the_job_before_the_weights_load(checkpoint: Path,
     monkeypatch.setattr(seqgen.models, "load_model", loaded)
     emitted = CliRunner().invoke(cli, ["emit", "tiny:llama", str(tmp_path / "other")])  # a package of another model
     assert emitted.exit_code == 0, emitted.output
-    result = CliRunner().invoke(cli, ["calibrate", str(tmp_path / "other"), "--model", str(checkpoint), *ARGS,
-                                      "--save", str(tmp_path / "q")])
+    result = CliRunner().invoke(
+        cli, ["calibrate", str(tmp_path / "other"), "--model", str(checkpoint), *ARGS, "--save", str(tmp_path / "q")]
+    )
     assert result.exit_code != 0 and "emitted for another model" in result.output, result.output
 
 
 def test_saved_model_reloads_with_the_same_logits(checkpoint: Path, tmp_path: Path) -> None:
     options = CalibrationOptions(scheme=QuantScheme(bits=4, group_size=32))
-    job = CalibrationJob(model_id=str(checkpoint), save_dir=tmp_path / "compressed", num_samples=4, seq_len=32,
-                         batch_size=2, options=options)
+    job = CalibrationJob(
+        model_id=str(checkpoint),
+        save_dir=tmp_path / "compressed",
+        num_samples=4,
+        seq_len=32,
+        batch_size=2,
+        options=options,
+    )
     summary = run_job(job)
     assert summary.linears == 2 * 7
     expected = logits(summary.model)
@@ -111,23 +131,54 @@ def test_saved_model_reloads_with_the_same_logits(checkpoint: Path, tmp_path: Pa
     assert out.shape == (1, 7)
 
     # disk offload: the same quantized model, streamed out subgraph by subgraph
-    disk = run_job(CalibrationJob(model_id=str(checkpoint), save_dir=tmp_path / "disk", num_samples=4, seq_len=32,
-                                  batch_size=2, offload="disk", options=options))
+    disk = run_job(
+        CalibrationJob(
+            model_id=str(checkpoint),
+            save_dir=tmp_path / "disk",
+            num_samples=4,
+            seq_len=32,
+            batch_size=2,
+            offload="disk",
+            options=options,
+        )
+    )
     assert disk.linears == summary.linears and disk.result.quantized == {}
     from_disk = AutoModelForCausalLM.from_pretrained(tmp_path / "disk", dtype=torch.float32).eval()
     assert torch.equal(logits(from_disk), expected)
     assert tensor_names(tmp_path / "disk") == tensor_names(tmp_path / "compressed"), "no unquantized copies"
 
-    fake = run_job(CalibrationJob(model_id=str(checkpoint), save_dir=tmp_path / "fake", num_samples=4, seq_len=32,
-                                  batch_size=2, save_format="fake", options=options))
+    fake = run_job(
+        CalibrationJob(
+            model_id=str(checkpoint),
+            save_dir=tmp_path / "fake",
+            num_samples=4,
+            seq_len=32,
+            batch_size=2,
+            save_format="fake",
+            options=options,
+        )
+    )
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "fake", dtype=torch.float32).eval()
     assert getattr(plain.config, "quantization_config", None) is None
     assert torch.equal(logits(plain), logits(fake.model))
 
 
 def test_spill_dir_and_dtype_flags(checkpoint: Path, tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["calibrate", "--model", str(checkpoint), *ARGS, "--spill-dir",
-                                      str(tmp_path / "spill"), "--dtype", "bfloat16", "--save", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "calibrate",
+            "--model",
+            str(checkpoint),
+            *ARGS,
+            "--spill-dir",
+            str(tmp_path / "spill"),
+            "--dtype",
+            "bfloat16",
+            "--save",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "spill").is_dir() and not any((tmp_path / "spill").iterdir())
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as saved:
@@ -136,15 +187,18 @@ def test_spill_dir_and_dtype_flags(checkpoint: Path, tmp_path: Path) -> None:
 
 def test_eval_prints_perplexity(checkpoint: Path) -> None:
     def evaluate(*extra: str) -> float:
-        result = CliRunner().invoke(cli, ["eval", "--model", str(checkpoint), "--seq-len", "32", "--max-samples", "2",
-                                          *extra])
+        result = CliRunner().invoke(
+            cli, ["eval", "--model", str(checkpoint), "--seq-len", "32", "--max-samples", "2", *extra]
+        )
         assert result.exit_code == 0, result.output
         assert "(2 samples x 32 tokens)" in result.stdout
         return float(result.stdout.split("perplexity: ")[1].split()[0])
 
     samples = heldout_samples(AutoTokenizer.from_pretrained(checkpoint), None, 32, 2)
-    expected = {dtype: perplexity(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval(), samples)
-                for dtype in (torch.float32, torch.bfloat16)}
+    expected = {
+        dtype: perplexity(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval(), samples)
+        for dtype in (torch.float32, torch.bfloat16)
+    }
     assert expected[torch.float32] > 1.0 and round(expected[torch.float32], 4) != round(expected[torch.bfloat16], 4)
     assert evaluate() == round(expected[torch.float32], 4)  # the CPU's default: fp32, whatever the checkpoint's
     assert evaluate("--dtype", "bfloat16") == round(expected[torch.bfloat16], 4)
@@ -152,8 +206,16 @@ def test_eval_prints_perplexity(checkpoint: Path) -> None:
 
 def test_gptq_act_order_saves_compressed(checkpoint: Path, tmp_path: Path) -> None:
     options = CalibrationOptions(scheme=QuantScheme(bits=4, group_size=32, act_order=True, symmetric=True))
-    summary = run_job(CalibrationJob(model_id=str(checkpoint), save_dir=tmp_path / "act", num_samples=4, seq_len=32,
-                                     batch_size=2, options=options))
+    summary = run_job(
+        CalibrationJob(
+            model_id=str(checkpoint),
+            save_dir=tmp_path / "act",
+            num_samples=4,
+            seq_len=32,
+            batch_size=2,
+            options=options,
+        )
+    )
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "act", dtype=torch.float32).eval()
     assert torch.equal(logits(reloaded), logits(summary.model))
     assert '"actorder": "weight"' in (tmp_path / "act" / "config.json").read_text()
@@ -171,16 +233,36 @@ def moe_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_all_experts_flag_feeds_every_expert(moe_checkpoint: Path, tmp_path: Path) -> None:
     from safetensors import safe_open
 
-    result = CliRunner().invoke(cli, ["calibrate", "--model", str(moe_checkpoint), *ARGS, "--all-experts",
-                                      "--experts-per-pass", "3", "--save", str(tmp_path / "all")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "calibrate",
+            "--model",
+            str(moe_checkpoint),
+            *ARGS,
+            "--all-experts",
+            "--experts-per-pass",
+            "3",
+            "--save",
+            str(tmp_path / "all"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "quantized 8 linears and 16 expert projections" in result.output  # 2 layers x 2 projections x 4 experts
     assert re.search(r"time by phase: onload [\d.]+s, calibrate [\d.]+s, compress [\d.]+s", result.output)
 
     # the same calibration (the CLI's defaults) without all_experts: experts see only the tokens routed to them
     scheme = QuantScheme(bits=4, group_size=32, symmetric=True, act_order=True, dampening=0.01)
-    routed = run_job(CalibrationJob(model_id=str(moe_checkpoint), save_dir=tmp_path / "routed", num_samples=4,
-                                    seq_len=32, batch_size=2, options=CalibrationOptions(scheme=scheme)))
+    routed = run_job(
+        CalibrationJob(
+            model_id=str(moe_checkpoint),
+            save_dir=tmp_path / "routed",
+            num_samples=4,
+            seq_len=32,
+            batch_size=2,
+            options=CalibrationOptions(scheme=scheme),
+        )
+    )
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "routed", dtype=torch.float32).eval()
     assert torch.equal(logits(reloaded), logits(routed.model))  # fused experts round trip, per-expert packed
 
@@ -190,35 +272,53 @@ def test_all_experts_flag_feeds_every_expert(moe_checkpoint: Path, tmp_path: Pat
 
     # layer 0's attention saw the same inputs either way; its experts' Hessians did not
     assert torch.equal(packed(tmp_path / "all", "self_attn.q_proj"), packed(tmp_path / "routed", "self_attn.q_proj"))
-    assert any(not torch.equal(packed(tmp_path / "all", f"block_sparse_moe.experts.{e}.w1"),
-                               packed(tmp_path / "routed", f"block_sparse_moe.experts.{e}.w1")) for e in range(4))
+    assert any(
+        not torch.equal(
+            packed(tmp_path / "all", f"block_sparse_moe.experts.{e}.w1"),
+            packed(tmp_path / "routed", f"block_sparse_moe.experts.{e}.w1"),
+        )
+        for e in range(4)
+    )
 
 
 # the checkpoint's name of expert 3's down projection: transformers 5 fuses the experts when it loads the checkpoint;
 # GraniteMoE's checkpoint keeps them fused, under other names (block_sparse_moe.input_linear/output_linear)
-DOWN_3 = {"mixtral": "block_sparse_moe.experts.3.w2", "qwen3_moe": "mlp.experts.3.down_proj", "granitemoe": None,
-          "llama4_text": None, "nemotron_h": None}
+DOWN_3 = {
+    "mixtral": "block_sparse_moe.experts.3.w2",
+    "qwen3_moe": "mlp.experts.3.down_proj",
+    "granitemoe": None,
+    "llama4_text": None,
+    "nemotron_h": None,
+}
 
 
 @pytest.mark.parametrize("arch", list(DOWN_3))
-def test_disk_offload_reads_and_writes_per_expert_checkpoints(arch: str, moe_checkpoint: Path,
-                                                              tmp_path: Path) -> None:
-    """The checkpoints hold one linear per expert (and Mixtral's ``block_sparse_moe`` is the model's ``mlp``; Nemotron-H's
-    are ungated), or fused experts under other names (GraniteMoE) or transposed (Llama 4), the model fused ``experts``
-    parameters: disk offload reads the experts from the checkpoint and writes them back as the in-memory run does."""
+def test_disk_offload_reads_and_writes_per_expert_checkpoints(arch: str, moe_checkpoint: Path, tmp_path: Path) -> None:
+    """The checkpoints hold one linear per expert (and Mixtral's ``block_sparse_moe`` is the model's ``mlp``;
+    Nemotron-H's are ungated), or fused experts under other names (GraniteMoE) or transposed (Llama 4), the model fused
+    ``experts`` parameters: disk offload reads the experts from the checkpoint and writes them back as the in-memory
+    run does."""
     source = moe_checkpoint
     if arch != "mixtral":
         source = tmp_path / arch
-        extra = {"llama4_text": {"intermediate_size_mlp": 128},
-                 "nemotron_h": {"moe_intermediate_size": 64, "moe_shared_expert_intermediate_size": 64}}.get(
-                     arch, {"moe_intermediate_size": 64})
+        extra = {
+            "llama4_text": {"intermediate_size_mlp": 128},
+            "nemotron_h": {"moe_intermediate_size": 64, "moe_shared_expert_intermediate_size": 64},
+        }.get(arch, {"moe_intermediate_size": 64})
         tiny_model(arch, vocab_size=49152, hidden_size=64, intermediate_size=128, **extra).save_pretrained(source)
         AutoTokenizer.from_pretrained(moe_checkpoint).save_pretrained(source)
     options = CalibrationOptions(scheme=QuantScheme(bits=4, group_size=32), all_experts=True)
 
     def job(name: str, **kwargs: object) -> CalibrationJob:
-        return CalibrationJob(model_id=str(source), save_dir=tmp_path / name, num_samples=4, seq_len=32,
-                              batch_size=2, options=options, **kwargs)
+        return CalibrationJob(
+            model_id=str(source),
+            save_dir=tmp_path / name,
+            num_samples=4,
+            seq_len=32,
+            batch_size=2,
+            options=options,
+            **kwargs,
+        )
 
     memory = run_job(job("memory"))
     expected = logits(memory.model)
@@ -245,14 +345,33 @@ def test_disk_offload_reads_and_writes_per_expert_checkpoints(arch: str, moe_che
 def test_bfloat16_calibration_saves_and_reloads(checkpoint: Path, tmp_path: Path) -> None:
     """--dtype bfloat16: the model computes in bf16 (GPTQ's solve stays fp32), in memory and from disk alike."""
     options = CalibrationOptions(scheme=QuantScheme(bits=4, group_size=32))
-    summary = run_job(CalibrationJob(model_id=str(checkpoint), save_dir=tmp_path / "memory", num_samples=4,
-                                     seq_len=32, batch_size=2, dtype="bfloat16", options=options))
+    summary = run_job(
+        CalibrationJob(
+            model_id=str(checkpoint),
+            save_dir=tmp_path / "memory",
+            num_samples=4,
+            seq_len=32,
+            batch_size=2,
+            dtype="bfloat16",
+            options=options,
+        )
+    )
     assert {p.dtype for p in summary.model.parameters()} == {torch.bfloat16}
     expected = logits(summary.model)
     with safe_open(tmp_path / "memory" / "model.safetensors", "pt") as saved:
         assert saved.get_tensor("model.layers.0.mlp.down_proj.weight_scale").dtype == torch.bfloat16
-    run_job(CalibrationJob(model_id=str(checkpoint), save_dir=tmp_path / "disk", num_samples=4, seq_len=32,
-                           batch_size=2, dtype="bfloat16", offload="disk", options=options))
+    run_job(
+        CalibrationJob(
+            model_id=str(checkpoint),
+            save_dir=tmp_path / "disk",
+            num_samples=4,
+            seq_len=32,
+            batch_size=2,
+            dtype="bfloat16",
+            offload="disk",
+            options=options,
+        )
+    )
     for saved in ("memory", "disk"):
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / saved, dtype=torch.bfloat16).eval()
         assert torch.equal(logits(reloaded), expected), saved
@@ -289,12 +408,28 @@ def test_vision_language_checkpoint_calibrates_on_text(checkpoint: Path, tmp_pat
     AutoTokenizer.from_pretrained(checkpoint).save_pretrained(source)
     processor = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 14, "merge_size": 2}
     (source / "preprocessor_config.json").write_text(json.dumps(processor))
-    memory = run_job(CalibrationJob(model_id=str(source), save_dir=tmp_path / "memory", num_samples=4, seq_len=32,
-                                    batch_size=2, options=CalibrationOptions(scheme=CLI_DEFAULTS_G16)))
+    memory = run_job(
+        CalibrationJob(
+            model_id=str(source),
+            save_dir=tmp_path / "memory",
+            num_samples=4,
+            seq_len=32,
+            batch_size=2,
+            options=CalibrationOptions(scheme=CLI_DEFAULTS_G16),
+        )
+    )
     assert sorted(memory.result.quantized) == sorted(
-        f"model.language_model.layers.{i}.{name}" for i in range(2)
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                     "mlp.up_proj", "mlp.down_proj")
+        f"model.language_model.layers.{i}.{name}"
+        for i in range(2)
+        for name in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
     )
     config = (tmp_path / "memory" / "config.json").read_text()
     assert '"model.visual.blocks.0.attn.qkv"' in config and '"lm_head"' in config  # ignored: kept dense
@@ -303,9 +438,30 @@ def test_vision_language_checkpoint_calibrates_on_text(checkpoint: Path, tmp_pat
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "memory", dtype=torch.float32).eval()
     assert torch.equal(logits(reloaded), logits(memory.model))
 
-    result = CliRunner().invoke(cli, ["calibrate", "--model", str(source), "--algorithm", "gptq", "--bits", "4",
-                                      "--group-size", "16", "--num-samples", "4", "--seq-len", "32",
-                                      "--batch-size", "2", "--offload", "disk", "--save", str(tmp_path / "disk")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "calibrate",
+            "--model",
+            str(source),
+            "--algorithm",
+            "gptq",
+            "--bits",
+            "4",
+            "--group-size",
+            "16",
+            "--num-samples",
+            "4",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--offload",
+            "disk",
+            "--save",
+            str(tmp_path / "disk"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert checkpoint_differences(tmp_path / "memory", tmp_path / "disk") == []
     for saved in ("memory", "disk"):
@@ -326,13 +482,24 @@ def test_disk_offload_reads_experts_stored_transposed(moe_checkpoint: Path, tmp_
     stored = load_file(source / "model.safetensors")
     experts = [key for key in stored if key.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     assert experts
-    save_file({key: t.mT.contiguous() if key in experts else t for key, t in stored.items()},
-              source / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {key: t.mT.contiguous() if key in experts else t for key, t in stored.items()},
+        source / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     options = CalibrationOptions(scheme=QuantScheme(bits=4, group_size=16), all_experts=True)
 
     def job(name: str, **kwargs: object) -> CalibrationJob:
-        return CalibrationJob(model_id=str(source), save_dir=tmp_path / name, num_samples=4, seq_len=32,
-                              batch_size=2, options=options, save_format="fake", **kwargs)
+        return CalibrationJob(
+            model_id=str(source),
+            save_dir=tmp_path / name,
+            num_samples=4,
+            seq_len=32,
+            batch_size=2,
+            options=options,
+            save_format="fake",
+            **kwargs,
+        )
 
     memory = run_job(job("memory"))
     assert memory.result.experts, "the fused experts were calibrated"
@@ -340,8 +507,9 @@ def test_disk_offload_reads_experts_stored_transposed(moe_checkpoint: Path, tmp_
     assert checkpoint_differences(tmp_path / "memory", tmp_path / "disk") == []
 
 
-def test_experts_a_compressed_checkpoint_cannot_pack_stay_unquantized(moe_checkpoint: Path, tmp_path: Path,
-                                                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_experts_a_compressed_checkpoint_cannot_pack_stay_unquantized(
+    moe_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """transformers saves Qwen3-VL-MoE's experts fused, and compressed-tensors packs no fused experts: quantized,
     they would be saved dequantized (W4's error at bf16's size), so a compressed job leaves them exact and says so;
     the fake format, all dequantized anyway, quantizes them."""
@@ -353,8 +521,14 @@ def test_experts_a_compressed_checkpoint_cannot_pack_stay_unquantized(moe_checkp
     AutoTokenizer.from_pretrained(moe_checkpoint).save_pretrained(source)
     experts = "model.language_model.layers.0.mlp.experts"
     original = model.get_submodule(experts).down_proj.detach().clone()
-    job = CalibrationJob(model_id=str(source), save_dir=tmp_path / "compressed", num_samples=4, seq_len=32,
-                         batch_size=2, options=CalibrationOptions(scheme=QuantScheme(bits=4, group_size=16)))
+    job = CalibrationJob(
+        model_id=str(source),
+        save_dir=tmp_path / "compressed",
+        num_samples=4,
+        seq_len=32,
+        batch_size=2,
+        options=CalibrationOptions(scheme=QuantScheme(bits=4, group_size=16)),
+    )
     with caplog.at_level("WARNING", logger="seqgen"):
         compressed = run_job(job)
     assert compressed.result.experts == {} and len(compressed.result.quantized) == 8  # q/k/v/o of 2 layers

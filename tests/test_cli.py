@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from click.testing import CliRunner
-
 from conftest import REPO
+
 from seqgen.cli import cli
 
 
@@ -80,7 +80,9 @@ def test_text_config_no_auto_class_maps_loads_through_its_architecture(tmp_path:
     assert config.model_type == "mllama_text_model" and auto_class(config).__name__ == "MllamaForCausalLM"
     assert type(meta_model(str(tmp_path))) is type(model)
     loaded = load_model(str(tmp_path))
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
+    )
 
 
 def test_multimodal_checkpoint_of_a_causal_lm_type_keeps_its_vision_tower(tmp_path: Path) -> None:

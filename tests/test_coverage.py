@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_fresh, save_tiny
+
 from seqgen import TraceFailure
 from seqgen.emitter import EmitOptions, emit_model
 from seqgen.models import meta_model, tiny_config
@@ -27,15 +27,69 @@ from seqgen.models import meta_model, tiny_config
 # AutoModelForImageTextToText builds, run on text (qwen2_5_vl: M-RoPE; idefics3: `.to(self.device)`, a meta device
 # at trace time; qwen3_vl_moe: fused experts stored transposed in its checkpoints).
 COVERAGE_ARCHS = [
-    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next", "gemma", "gemma2",
-    "gemma3_text", "phi", "phi3", "phimoe", "gpt2", "gpt_neox", "gptj", "opt", "falcon", "bloom", "olmo2", "olmoe",
-    "deepseek_v2", "deepseek_v3", "gpt_oss", "granitemoe", "cohere2", "starcoder2", "jamba", "lfm2", "nemotron_h",
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "qwen3_next",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi",
+    "phi3",
+    "phimoe",
+    "gpt2",
+    "gpt_neox",
+    "gptj",
+    "opt",
+    "falcon",
+    "bloom",
+    "olmo2",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "gpt_oss",
+    "granitemoe",
+    "cohere2",
+    "starcoder2",
+    "jamba",
+    "lfm2",
+    "nemotron_h",
     "zamba2",
-    "openai-gpt", "ctrl", "git", "bert", "modernbert-decoder", "xlm", "gemma4_text", "xlnet", "rwkv", "gemma3",
+    "openai-gpt",
+    "ctrl",
+    "git",
+    "bert",
+    "modernbert-decoder",
+    "xlm",
+    "gemma4_text",
+    "xlnet",
+    "rwkv",
+    "gemma3",
     "gpt_neo",
-    "mamba", "mamba2", "falcon_mamba", "falcon_h1", "bamba", "granitemoehybrid", "recurrent_gemma", "xlstm",
-    "minimax", "kimi_linear", "llama4_text", "glm4_moe", "ernie4_5_moe", "gemma3n_text", "bart", "whisper",
-    "qwen2_5_vl", "mistral3", "idefics3", "qwen3_vl_moe",
+    "mamba",
+    "mamba2",
+    "falcon_mamba",
+    "falcon_h1",
+    "bamba",
+    "granitemoehybrid",
+    "recurrent_gemma",
+    "xlstm",
+    "minimax",
+    "kimi_linear",
+    "llama4_text",
+    "glm4_moe",
+    "ernie4_5_moe",
+    "gemma3n_text",
+    "bart",
+    "whisper",
+    "qwen2_5_vl",
+    "mistral3",
+    "idefics3",
+    "qwen3_vl_moe",
 ]
 
 
@@ -133,7 +187,11 @@ def test_model_without_no_split_modules_gets_one_subgraph_per_repeated_block(tmp
     assert not getattr(model, "_no_split_modules", None)
     index = emit_model(model, tmp_path / "p").index
     assert [sg["targets"] for sg in index["subgraphs"]] == [
-        [], ["transformer.h.0"], ["transformer.h.1"], ["transformer.h.2"], []
+        [],
+        ["transformer.h.0"],
+        ["transformer.h.1"],
+        ["transformer.h.2"],
+        [],
     ]
 
 
@@ -154,8 +212,9 @@ def _vision_language(arch: str) -> tuple[object, dict[str, torch.Tensor], tuple[
     """A tiny config whose images become 4 placeholder tokens, a batch with 2 images, and the --ignore it needs."""
     ignore: tuple[str, ...] = ()
     if arch == "qwen2_vl":
-        config = tiny_config(arch, image_token_id=IMAGE_TOKEN, video_token_id=97, vision_start_token_id=96,
-                             vision_end_token_id=95)
+        config = tiny_config(
+            arch, image_token_id=IMAGE_TOKEN, video_token_id=97, vision_start_token_id=96, vision_end_token_id=95
+        )
         config.text_config.rope_parameters["mrope_section"] = [1, 2, 1]  # the rotary half of a head of 8
         # M-RoPE position ids scan the tokens for image spans: the generated code calls the method itself
         ignore = ("Qwen2VLModel.get_rope_index",)
@@ -187,9 +246,10 @@ def _vision_language(arch: str) -> tuple[object, dict[str, torch.Tensor], tuple[
 @pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "gemma3"])
 def test_vision_language_model_with_images(tmp_path: Path, arch: str) -> None:
     """Decoder layers of the language model are the targets; the vision tower and projector run in the head."""
+    from transformers import AutoModelForImageTextToText
+
     import seqgen
     from seqgen.index import InputSpec
-    from transformers import AutoModelForImageTextToText
 
     config, batch, ignore = _vision_language(arch)
     torch.manual_seed(0)
@@ -198,7 +258,8 @@ def test_vision_language_model_with_images(tmp_path: Path, arch: str) -> None:
         meta = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
     extra = tuple(
         InputSpec(name, str(value.dtype).removeprefix("torch."), tuple(value.shape))
-        for name, value in batch.items() if name not in ("input_ids", "attention_mask")
+        for name, value in batch.items()
+        if name not in ("input_ids", "attention_mask")
     )
     options = EmitOptions(sample_shape=tuple(batch["input_ids"].shape), extra_inputs=extra, ignore=ignore)
     index = emit_model(meta, tmp_path / "p", options).index
@@ -221,8 +282,23 @@ def test_vision_language_model_with_images(tmp_path: Path, arch: str) -> None:
 # gate, a Linear router, DeepSeek's shared experts, Llama 4's transposed experts, Nemotron-H's ungated ones; linears
 # that never run (cross-attention, Mamba's dt_proj); convolutions that the checkpoint stores split (Kimi Linear); a
 # vision-language model (its vision tower is not quantized) and its MoE sibling
-CALIBRATION_ARCHS = ["llama", "gemma3_text", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "phimoe", "deepseek_v3",
-                     "llama4_text", "nemotron_h", "jamba", "bart", "kimi_linear", "qwen2_5_vl", "qwen3_vl_moe"]
+CALIBRATION_ARCHS = [
+    "llama",
+    "gemma3_text",
+    "phi3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "phimoe",
+    "deepseek_v3",
+    "llama4_text",
+    "nemotron_h",
+    "jamba",
+    "bart",
+    "kimi_linear",
+    "qwen2_5_vl",
+    "qwen3_vl_moe",
+]
 # transformers 5.24's compressed loader drops the dense tensors of these (seqgen warns at save): disk offload only
 LOADER_DROPS = {"kimi_linear"}
 
@@ -262,8 +338,15 @@ def test_calibrated_checkpoint_reloads_and_disk_offload_writes_the_same(
     skeleton = _disk_model(model_dir, torch.float32)
     weights = SafetensorsWeights(model_dir, skeleton)
     saver = StreamingSaver(skeleton, weights, tmp_path / "disk")
-    calibrate(skeleton, package, batches, dataclasses.replace(options, reuse_allocations=False), weights=weights,
-              on_subgraph_done=saver.add, keep_results=False)
+    calibrate(
+        skeleton,
+        package,
+        batches,
+        dataclasses.replace(options, reuse_allocations=False),
+        weights=weights,
+        on_subgraph_done=saver.add,
+        keep_results=False,
+    )
     disk = saver.finish()
 
     assert checkpoint_differences(memory, disk) == []

@@ -142,8 +142,9 @@ def test_load_jsonl_text_and_messages(tmp_path: Path, tokenizer) -> None:
     assert fallback == "user: What is two plus two?\nassistant: Four."
 
 
-def test_chat_template_kept_with_the_processor_reaches_the_tokenizer(tmp_path: Path, tokenizer,
-                                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_chat_template_kept_with_the_processor_reaches_the_tokenizer(
+    tmp_path: Path, tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
     """Vision-language checkpoints may keep the chat template in the processor's chat_template.json."""
     from seqgen.job import load_tokenizer
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CORE_ARCHS, run_fresh, save_tiny
 from transformers import LlamaForCausalLM
 
 import seqgen
-from conftest import CORE_ARCHS, run_fresh, save_tiny
 from seqgen import TraceFailure
 from seqgen.emitter import EmitOptions, emit_model
 from seqgen.models import TINY_SEED, meta_model, tiny_config
@@ -79,8 +79,16 @@ def test_emit_70b_config_on_meta_without_weights(tmp_path: Path) -> None:
     """An 80-layer 70B-class config emits on the meta device: no weights, one subgraph per layer."""
     from seqgen.models import tiny_config
 
-    config = tiny_config("llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                         num_attention_heads=64, num_key_value_heads=8, head_dim=128, vocab_size=128256)
+    config = tiny_config(
+        "llama",
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+    )
     index = emit_model(meta_model(config), tmp_path / "p").index
     assert len(index["subgraphs"]) == 82
     assert index["subgraphs"][80]["targets"] == ["model.layers.79"]

@@ -8,8 +8,8 @@ from pathlib import Path
 import black
 import pytest
 from click.testing import CliRunner
-
 from conftest import REPO
+
 from seqgen.cli import cli
 from seqgen.emitter import BLACK_MODE
 
@@ -25,9 +25,9 @@ def test_regenerating_changes_no_byte(tmp_path: Path, name: str) -> None:
     expected = sorted(p.name for p in golden.iterdir() if p.is_file())
     assert sorted(p.name for p in out.iterdir()) == expected
     for file in expected:
-        assert (out / file).read_text() == (golden / file).read_text(), (
-            f"generated/{name}/{file} is stale: refresh it with `make generated` and review the diff"
-        )
+        assert (out / file).read_text() == (
+            golden / file
+        ).read_text(), f"generated/{name}/{file} is stale: refresh it with `make generated` and review the diff"
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))

@@ -24,7 +24,9 @@ def package(tmp_path: Path) -> Path:
 def test_edited_file_is_refused_then_accepted(package: Path) -> None:
     target = package / "subgraph_001.py"
     source = target.read_text()
-    edited = source.replace("    return {", "    hidden_states = hidden_states * 1.0  # reviewed hand edit\n    return {")
+    edited = source.replace(
+        "    return {", "    hidden_states = hidden_states * 1.0  # reviewed hand edit\n    return {"
+    )
     assert edited != source
     target.write_text(edited)
     with pytest.raises(seqgen.IntegrityError, match="subgraph_001.py"):

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 import seqgen
-from seqgen.algorithms import QuantScheme
+from seqgen.algorithms import ALGORITHMS, QuantScheme, get_algorithm
 from seqgen.emitter import emit_model
 from seqgen.models import meta_model, tiny_model
 from seqgen.runtime import CalibrationOptions, SafetensorsWeights, calibrate
 from seqgen.runtime.loop import _Collector, quantizable_linears
-from seqgen.algorithms import ALGORITHMS, get_algorithm
 from seqgen.verify import random_batch
 
 SIZES = {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16}  # divisible by the group size 32
@@ -49,13 +48,18 @@ def test_linears_reading_one_input_share_statistics(package: seqgen.Package) -> 
     for name, stats in collector.stats.items():
         groups.setdefault(id(stats), []).append(name.rsplit(".", 1)[-1])
     assert sorted(map(sorted, groups.values())) == [
-        ["down_proj"], ["gate_proj", "up_proj"], ["k_proj", "q_proj", "v_proj"], ["o_proj"]
+        ["down_proj"],
+        ["gate_proj", "up_proj"],
+        ["k_proj", "q_proj", "v_proj"],
+        ["o_proj"],
     ]
 
 
 def test_what_gets_quantized(package: seqgen.Package) -> None:
     m = model()
-    result = calibrate(m, package, batches(1), CalibrationOptions(algorithm="rtn", scheme=SCHEME, ignore=(r"\.o_proj$",)))
+    result = calibrate(
+        m, package, batches(1), CalibrationOptions(algorithm="rtn", scheme=SCHEME, ignore=(r"\.o_proj$",))
+    )
     names = set(result.quantized)
     assert len(names) == 2 * 6 and not any(n.endswith("o_proj") or "lm_head" in n for n in names)
     fresh = model()
@@ -79,8 +83,9 @@ def test_group_size_that_misfits_a_layer_is_refused_before_calibrating(package: 
     assert "--group-size 64 (divides every width)" in message and "--group-size -1" in message
     assert r"--ignore '\.(down_proj|gate_proj|k_proj|o_proj|q_proj|up_proj|v_proj)$'" in message
     only_down = CalibrationOptions(scheme=QuantScheme(group_size=48), ignore=(r"(q|k|v|o|gate|up)_proj$",))
-    with pytest.raises(seqgen.SeqgenError, match=r"of 2 of the 2 weights(.|\n)*--group-size 128 (.|\n)*"
-                                                 r"--ignore 'down_proj\$'\.$"):
+    with pytest.raises(
+        seqgen.SeqgenError, match=r"of 2 of the 2 weights(.|\n)*--group-size 128 (.|\n)*" r"--ignore 'down_proj\$'\.$"
+    ):
         calibrate(m, package, batches(1), only_down)
     assert not calls
 
@@ -106,14 +111,20 @@ def test_passes_and_skipped_tail(package: seqgen.Package) -> None:
         assert list(phases) == ["onload", "calibrate", "compress", "propagate", "offload"]  # the head always propagates
         assert sum(phases.values()) <= result.seconds
         assert result.phase_summary().startswith(f"onload {phases['onload']:.1f}s, calibrate ")
-        expected = {"layer0 entered": 2 * n, "layer0 down_proj ran": 1 + n, "layer1 entered": n,
-                    "layer1 down_proj ran": 1}
+        expected = {
+            "layer0 entered": 2 * n,
+            "layer0 down_proj ran": 1 + n,
+            "layer1 entered": n,
+            "layer1 down_proj ran": 1,
+        }
         if not propagate:  # the calibration pass's outputs are kept: layer 0 runs once, whole
             expected.update({"layer0 entered": n, "layer0 down_proj ran": n})
         assert calls == expected, propagate
 
 
-def test_stacked_quantization_equals_one_linear_at_a_time(package: seqgen.Package, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stacked_quantization_equals_one_linear_at_a_time(
+    package: seqgen.Package, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """q/k/v (and gate/up) are quantized as one row-stacked weight; each must get what it would get alone."""
     from seqgen.algorithms import GPTQ
 
@@ -164,8 +175,14 @@ def test_disk_offload_gives_bitwise_the_same_result(package: seqgen.Package, tmp
         for name in quantized:
             assert skeleton.get_submodule(name).weight.device.type == "cpu"
 
-    result = calibrate(skeleton, package, batches(2), CalibrationOptions(scheme=SCHEME),
-                       weights=SafetensorsWeights(tmp_path / "ckpt"), on_subgraph_done=on_done)
+    result = calibrate(
+        skeleton,
+        package,
+        batches(2),
+        CalibrationOptions(scheme=SCHEME),
+        weights=SafetensorsWeights(tmp_path / "ckpt"),
+        on_subgraph_done=on_done,
+    )
     assert seen == ["subgraph_000", "subgraph_001", "subgraph_002"]
     assert all(p.device.type == "meta" for p in skeleton.parameters()), "weights are released after each subgraph"
     assert sorted(result.quantized) == sorted(expected.quantized)
@@ -181,8 +198,9 @@ def test_spilled_intermediates_give_bitwise_the_same_result(package: seqgen.Pack
     def on_done(subgraph: seqgen.Subgraph, quantized: dict, experts: dict) -> None:
         spilled.append(sorted(f.name for f in tmp_path.glob("seqgen-intermediates-*/*")))
 
-    result = calibrate(model(), package, batches(3), CalibrationOptions(scheme=SCHEME, spill_dir=tmp_path),
-                       on_subgraph_done=on_done)
+    result = calibrate(
+        model(), package, batches(3), CalibrationOptions(scheme=SCHEME, spill_dir=tmp_path), on_subgraph_done=on_done
+    )
     # after the first layer: each batch's live values (hidden states, position embeddings, mask...) wait in files
     live = set(batches(1)[0])
     for subgraph in package.subgraphs[:2]:
@@ -241,8 +259,9 @@ def test_memory_offload_keeps_parameters_and_ties(tmp_path: Path) -> None:
     assert torch.equal(package.run(tied, **batches(1)[0])["logits"], expected)
 
 
-def test_disk_prefetch_reads_ahead_the_next_subgraphs_bytes(package: seqgen.Package, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_prefetch_reads_ahead_the_next_subgraphs_bytes(
+    package: seqgen.Package, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Disk mode prefetches by asking the kernel for the exact byte ranges of the next subgraph's tensors."""
     from seqgen.runtime.dispatch import Dispatcher
 
@@ -271,8 +290,9 @@ def test_projections_that_are_not_linears_are_named_when_nothing_can_be_quantize
         calibrate(gpt2, package, [random_batch(99, 2, 9)], CalibrationOptions())
 
 
-def test_linears_that_never_run_stay_unquantized_with_one_warning(tmp_path: Path,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_linears_that_never_run_stay_unquantized_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from seqgen.save import quantization_config
 
     mamba = tiny_model("mamba")  # its mixer reads dt_proj.weight itself: the module's forward never runs
@@ -282,8 +302,9 @@ def test_linears_that_never_run_stay_unquantized_with_one_warning(tmp_path: Path
         result = calibrate(mamba, package, batches(2), CalibrationOptions(scheme=QuantScheme(group_size=None)))
     never = [f"backbone.layers.{i}.mixer.dt_proj" for i in range(2)]
     assert result.unquantized == never
-    assert sorted(result.quantized) == sorted(f"backbone.layers.{i}.mixer.{p}" for i in range(2)
-                                              for p in ("in_proj", "x_proj", "out_proj"))
+    assert sorted(result.quantized) == sorted(
+        f"backbone.layers.{i}.mixer.{p}" for i in range(2) for p in ("in_proj", "x_proj", "out_proj")
+    )
     for name in never:
         assert torch.equal(mamba.get_submodule(name).weight, fresh[f"{name}.weight"])
     warnings = [r.getMessage() for r in caplog.records if "never ran" in r.getMessage()]
@@ -302,14 +323,17 @@ def test_experts_no_token_reached_are_quantized_round_to_nearest(caplog: pytest.
     linears = {f"model.layers.0.mlp.experts.{e}.{p}": torch.nn.Linear(2, 2) for e in range(2) for p in ("w1", "w2")}
     linears["model.layers.0.self_attn.q_proj"] = torch.nn.Linear(2, 2)
     stats = {name: None for name in linears if ".experts.0." in name}
-    assert _never_ran(linears, stats) == (["model.layers.0.self_attn.q_proj"],
-                                          ["model.layers.0.mlp.experts.1.w1", "model.layers.0.mlp.experts.1.w2"])
+    assert _never_ran(linears, stats) == (
+        ["model.layers.0.self_attn.q_proj"],
+        ["model.layers.0.mlp.experts.1.w1", "model.layers.0.mlp.experts.1.w2"],
+    )
 
     mixtral = tiny_model("mixtral")
     experts = mixtral.get_submodule("model.layers.0.mlp.experts")
     original = experts.gate_up_proj.detach().clone()
-    fused = FusedExperts("model.layers.0.mlp.experts", experts, get_algorithm("gptq", QuantScheme(group_size=None)),
-                         all_experts=False)
+    fused = FusedExperts(
+        "model.layers.0.mlp.experts", experts, get_algorithm("gptq", QuantScheme(group_size=None)), all_experts=False
+    )
     x = torch.randn(12, experts.gate_up_proj.shape[2], generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), fused:  # tokens routed to experts 0-2 only
         experts(x, torch.tensor([[0, 1], [1, 2], [2, 0]]).repeat(4, 1), torch.full((12, 2), 0.5))
@@ -318,8 +342,10 @@ def test_experts_no_token_reached_are_quantized_round_to_nearest(caplog: pytest.
     assert fused.unrouted == [3] and "experts [3] received no calibration tokens" in caplog.text
     expected = quantize_rtn(original[3], QuantScheme(group_size=None))
     assert torch.equal(done["model.layers.0.mlp.experts.gate_up_proj.3"].codes, expected.codes)
-    assert not torch.equal(done["model.layers.0.mlp.experts.gate_up_proj.0"].codes,
-                           quantize_rtn(original[0], QuantScheme(group_size=None)).codes)
+    assert not torch.equal(
+        done["model.layers.0.mlp.experts.gate_up_proj.0"].codes,
+        quantize_rtn(original[0], QuantScheme(group_size=None)).codes,
+    )
     # slots routed nowhere (-1, as capacity-limited routers write) count for no expert
     fused = FusedExperts("e", experts, get_algorithm("gptq", QuantScheme(group_size=None)), all_experts=False)
     fused._pre_hook(experts, (x[:3], torch.tensor([[0, -1], [1, 2], [-1, -1]]), torch.ones(3, 2)), {})
@@ -376,8 +402,13 @@ def test_llama4_transposed_experts_are_calibrated_from_their_routed_rows(tmp_pat
     count, hidden, two_inter = experts.gate_up_proj.shape
     seen: list[torch.Tensor] = []
     handle = experts.register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
-    fused = FusedExperts(name, experts, get_algorithm("gptq", QuantScheme(group_size=None)), all_experts=False,
-                         parent=llama4.get_submodule("model.layers.0.feed_forward"))
+    fused = FusedExperts(
+        name,
+        experts,
+        get_algorithm("gptq", QuantScheme(group_size=None)),
+        all_experts=False,
+        parent=llama4.get_submodule("model.layers.0.feed_forward"),
+    )
     with torch.no_grad(), fused:
         llama4(**random_batch(99, 2, 16, seed=3))
     handle.remove()
@@ -399,7 +430,9 @@ def test_llama4_transposed_experts_are_calibrated_from_their_routed_rows(tmp_pat
     out = save_quantized(llama4, result.quantized, tmp_path / "out", experts=result.experts)
     with safe_open(out / "model.safetensors", "pt") as f:
         keys = set(f.keys())
-    assert {f"{name}.{e}.{p}.weight_packed" for e in range(count) for p in ("gate_proj", "up_proj", "down_proj")} <= keys
+    assert {
+        f"{name}.{e}.{p}.weight_packed" for e in range(count) for p in ("gate_proj", "up_proj", "down_proj")
+    } <= keys
     assert f"{name}.gate_up_proj" not in keys
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     batch = random_batch(99, 2, 11, seed=5)
@@ -426,8 +459,9 @@ def test_ungated_experts_are_calibrated_and_saved_per_expert(tmp_path: Path) -> 
     name = next(n for n, m in nemotron.named_modules() if type(m).__name__ == "NemotronHExperts")
     experts = nemotron.get_submodule(name)
     package = seqgen.load(emit_model(meta_model(nemotron.config), tmp_path / "nemotron").path)
-    result = calibrate(nemotron, package, batches(2), CalibrationOptions(scheme=QuantScheme(group_size=None),
-                                                                         all_experts=True))
+    result = calibrate(
+        nemotron, package, batches(2), CalibrationOptions(scheme=QuantScheme(group_size=None), all_experts=True)
+    )
     count = experts.up_proj.shape[0]
     assert sorted(result.experts) == sorted(f"{name}.{p}.{e}" for p in ("up_proj", "down_proj") for e in range(count))
     for e in range(count):
@@ -454,8 +488,9 @@ def test_moe_routers_and_shared_expert_gates_stay_unquantized(tmp_path: Path) ->
     assert routing_linears(tiny_model("jetmoe")) == set(), "attention experts' kv_proj is a projection"
     qwen = tiny_model("qwen2_moe")
     package = seqgen.load(emit_model(meta_model(qwen.config), tmp_path / "qwen2_moe").path)
-    result = calibrate(qwen, package, batches(2), CalibrationOptions(scheme=QuantScheme(group_size=None),
-                                                                     all_experts=True))
+    result = calibrate(
+        qwen, package, batches(2), CalibrationOptions(scheme=QuantScheme(group_size=None), all_experts=True)
+    )
     assert not {f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)} & set(result.quantized)
     assert {f"model.layers.{i}.mlp.shared_expert.down_proj" for i in range(2)} <= set(result.quantized)
 
@@ -488,8 +523,11 @@ def test_disk_weights_follow_transformers_conversions(tmp_path: Path) -> None:
     _, weights = loaded_and_read("inkling2_text")  # opened; refused when a calibration would read it
     experts = "model.layers.0.mlp.experts.gate_up_proj"
     assert experts in weights.unreadable
-    with pytest.raises(seqgen.SeqgenError, match=r"experts\.gate_up_proj is stored in .* a layout that transformers "
-                                                 r"converts while loading .*--offload memory"):
+    with pytest.raises(
+        seqgen.SeqgenError,
+        match=r"experts\.gate_up_proj is stored in .* a layout that transformers "
+        r"converts while loading .*--offload memory",
+    ):
         weights.check(["model.layers.0.mlp.gate.weight", experts])
 
 
@@ -503,8 +541,9 @@ def test_experts_calibrated_a_few_per_pass_give_bitwise_the_same_result(tmp_path
     def run(per_pass: int | None) -> tuple[torch.nn.Module, seqgen.runtime.CalibrationResult]:
         moe = tiny_model("qwen3_moe")
         moe.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda *_: calls.append(per_pass))
-        options = CalibrationOptions(scheme=QuantScheme(group_size=None), all_experts=all_experts,
-                                     experts_per_pass=per_pass)
+        options = CalibrationOptions(
+            scheme=QuantScheme(group_size=None), all_experts=all_experts, experts_per_pass=per_pass
+        )
         return moe, calibrate(moe, package, batches(2), options)
 
     _, whole = run(None)
@@ -519,8 +558,9 @@ def test_experts_calibrated_a_few_per_pass_give_bitwise_the_same_result(tmp_path
         calibrate(moe, package, batches(1), CalibrationOptions(experts_per_pass=0))
 
 
-def test_experts_a_text_calibration_never_runs_stay_unquantized(tmp_path: Path,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_experts_a_text_calibration_never_runs_stay_unquantized(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Ernie 4.5 VL's MoE layers hold text and vision experts; text calibration runs only the text experts. The
     vision experts stay as they are (one warning, CalibrationResult.unquantized), are saved per expert next to the
     packed text experts (one list of checkpoint experts), listed in ``ignore``; disk offload refuses the checkpoint's
@@ -556,5 +596,6 @@ def test_experts_a_text_calibration_never_runs_stay_unquantized(tmp_path: Path,
     weights = SafetensorsWeights(source, skeleton)
     refused = r"e_score_correction_bias \[1, 4\] is read from .* stored as \[2, 4\] .*--offload memory"
     with pytest.raises(seqgen.SeqgenError, match=refused):  # before any subgraph runs
-        calibrate(skeleton, package, batches(2), CalibrationOptions(scheme=QuantScheme(group_size=None)),
-                  weights=weights)
+        calibrate(
+            skeleton, package, batches(2), CalibrationOptions(scheme=QuantScheme(group_size=None)), weights=weights
+        )

@@ -253,8 +253,10 @@ def test_tied_weights_cannot_be_quantized(tmp_path: Path) -> None:
 
 # ---- fused MoE experts (transformers 5: 3D gate_up_proj [E, 2I, H] / down_proj [E, H, I]) ----------------------------
 
-MOE_SIZES = {"mixtral": {"hidden_size": 64, "intermediate_size": 64},
-             "qwen3_moe": {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 64}}
+MOE_SIZES = {
+    "mixtral": {"hidden_size": 64, "intermediate_size": 64},
+    "qwen3_moe": {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 64},
+}
 # the original checkpoint's per-expert linears, as llm-compressor writes them and vLLM reads them: (gate, up, down)
 CHECKPOINT_EXPERTS = {
     "mixtral": tuple(f"block_sparse_moe.experts.{{e}}.{w}" for w in ("w1", "w3", "w2")),
@@ -320,11 +322,16 @@ def test_fused_experts_errors_name_the_expert(tmp_path: Path, caplog: pytest.Log
     with pytest.raises(SeqgenError, match=r"model.layers.0.mlp.experts: 1 expert projections are not quantized"):
         save_quantized(model, quantized, tmp_path / "a", experts={k: v for k, v in experts.items() if k != key})
     with pytest.raises(SeqgenError, match=r"'model.layers.0.mlp.experts.up_proj.1' does not name an expert"):
-        save_quantized(model, quantized, tmp_path / "a", experts={**experts, "model.layers.0.mlp.experts.up_proj.1":
-                                                                   experts[key]})
+        save_quantized(
+            model, quantized, tmp_path / "a", experts={**experts, "model.layers.0.mlp.experts.up_proj.1": experts[key]}
+        )
     with pytest.raises(SeqgenError, match=rf"'{key}' has codes of shape \(128, 64\)"):
-        save_quantized(model, quantized, tmp_path / "a",
-                       experts={**experts, key: experts["model.layers.0.mlp.experts.gate_up_proj.1"]})
+        save_quantized(
+            model,
+            quantized,
+            tmp_path / "a",
+            experts={**experts, key: experts["model.layers.0.mlp.experts.gate_up_proj.1"]},
+        )
     w8 = _quantize_experts(model, SCHEMES["w8-sym-channel"])
     with pytest.raises(SeqgenError, match="one scheme to all fused MoE experts"):
         save_quantized(model, quantized, tmp_path / "a", experts={**experts, key: w8[key]})
@@ -333,9 +340,10 @@ def test_fused_experts_errors_name_the_expert(tmp_path: Path, caplog: pytest.Log
     # experts left unquantized in a compressed checkpoint: saved, with a warning that transformers cannot load it
     caplog.set_level(logging.WARNING, logger="seqgen.save")
     save_quantized(model, quantized, tmp_path / "dense-only")
-    assert ("24 dense tensors of this compressed-tensors checkpoint (e.g. model.layers.0.block_sparse_moe.experts.0.w1"
-            ".weight) go through one of MixtralForCausalLM's weight converters, which transformers 5.24 drops"
-            ) in caplog.text
+    assert (
+        "24 dense tensors of this compressed-tensors checkpoint (e.g. model.layers.0.block_sparse_moe.experts.0.w1"
+        ".weight) go through one of MixtralForCausalLM's weight converters, which transformers 5.24 drops"
+    ) in caplog.text
     caplog.clear()
     save_quantized(model, quantized, tmp_path / "all", experts=experts)  # the experts packed: nothing is dropped
     assert "dense tensors" not in caplog.text
@@ -362,8 +370,9 @@ def test_asymmetric_experts_are_refused_compressed_but_saved_fake(tmp_path: Path
     torch.testing.assert_close(_logits(_load(out)), _logits(model), rtol=0, atol=0)
 
 
-def test_experts_saved_fused_where_the_checkpoint_keeps_them_fused(tmp_path: Path,
-                                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_experts_saved_fused_where_the_checkpoint_keeps_them_fused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # GraniteMoE checkpoints hold the experts as 3D input_linear / output_linear: no per-expert linears to pack
     scheme = QuantScheme(bits=4, group_size=None)
     model = tiny_model("granitemoe")
@@ -382,10 +391,15 @@ def test_checkpoint_differences_names_every_difference(tmp_path: Path) -> None:
 
     from seqgen.verify import checkpoint_differences
 
-    for name, tensors in {"a": {"x": torch.ones(2), "y": torch.zeros(2), "z": torch.ones(1)},
-                          "b": {"x": torch.ones(2), "y": torch.ones(2), "w": torch.ones(1)}}.items():
+    for name, tensors in {
+        "a": {"x": torch.ones(2), "y": torch.zeros(2), "z": torch.ones(1)},
+        "b": {"x": torch.ones(2), "y": torch.ones(2), "w": torch.ones(1)},
+    }.items():
         (tmp_path / name).mkdir()
         save_file(tensors, str(tmp_path / name / "model.safetensors"))
     assert checkpoint_differences(tmp_path / "a", tmp_path / "a") == []
     assert checkpoint_differences(tmp_path / "a", tmp_path / "b") == [
-        f"only in {tmp_path / 'a'}: z", f"only in {tmp_path / 'b'}: w", "differs: y"]
+        f"only in {tmp_path / 'a'}: z",
+        f"only in {tmp_path / 'b'}: w",
+        "differs: y",
+    ]

@@ -254,7 +254,7 @@ class Statistics(abc.ABC):
     #: factored), which lowers the memory peak of the largest layers.
     single_use: bool = False
 
-    def release(self) -> None:
+    def release(self) -> None:  # noqa: B027 (optional to override: the default keeps the tensors)
         """Free the accumulated tensors; the statistics cannot be used afterwards. The default keeps them."""
 
 

@@ -218,8 +218,10 @@ class GPTQ(Algorithm):
         static_group: list[int] = []
         if perm is not None:
             position = torch.argsort(perm)  # where each original column sits in wt
-            static = [compute_qparams(wt[position[g * group : (g + 1) * group]].T, scheme, weight.dtype)
-                      for g in range(n_groups)]
+            static = [
+                compute_qparams(wt[position[g * group : (g + 1) * group]].T, scheme, weight.dtype)
+                for g in range(n_groups)
+            ]
             static_group = (perm // group).tolist()
 
         codes_t = torch.empty(cols, rows, dtype=scheme.code_dtype, device=device)
@@ -257,11 +259,19 @@ class GPTQ(Algorithm):
                         run_zero = None if static_zeros is None else static_zeros.index_select(0, column_group[i1:i2])
                     else:
                         run_scale, run_zero = scale, zero
-                    kernel = quantize_columns(w1, u1, run_scale, run_zero, codes_t[i1:i2], err1, i, stop,
-                                              scheme.qmin, scheme.qmax)
+                    kernel = quantize_columns(
+                        w1, u1, run_scale, run_zero, codes_t[i1:i2], err1, i, stop, scheme.qmin, scheme.qmax
+                    )
                 if not kernel:
-                    self._columns(w1, u1, err1, codes_t[i1:i2], i, stop,
-                                  (scale, zero) if perm is None else [static[g] for g in static_group[i1:i2]])
+                    self._columns(
+                        w1,
+                        u1,
+                        err1,
+                        codes_t[i1:i2],
+                        i,
+                        stop,
+                        (scale, zero) if perm is None else [static[g] for g in static_group[i1:i2]],
+                    )
                 i = stop
             loss.add_(err1.square().sum(dim=0))
             # Lazy batch update: the whole block's errors reach the remaining columns in one matmul.

@@ -95,8 +95,9 @@ def kernel_enabled(device: torch.device) -> bool:
         _kernel()
     except ImportError as error:
         if choice == "triton":
-            raise SeqgenError(f"{_ENV}=triton, but triton does not import ({error}); install triton, or use "
-                              "auto") from error
+            raise SeqgenError(
+                f"{_ENV}=triton, but triton does not import ({error}); install triton, or use " "auto"
+            ) from error
         return False
     return True
 
@@ -139,7 +140,8 @@ def quantize_columns(
             )  # fmt: skip
     except Exception as error:  # a compiler or driver that cannot build it: the torch loop does the same steps
         _failed.append(f"{type(error).__name__}: {error}")
-        logger.warning("GPTQ's Triton column kernel could not run (%s); using the torch column loop instead",
-                       _failed[0])
+        logger.warning(
+            "GPTQ's Triton column kernel could not run (%s); using the torch column loop instead", _failed[0]
+        )
         return False
     return True

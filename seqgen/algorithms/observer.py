@@ -12,7 +12,8 @@ __all__ = ["ActivationObserver"]
 class ActivationObserver(Statistics):
     """Observes the inputs of a linear, one value per input channel (fp32 on ``device``).
 
-    ``mean_sq`` is a running average (old mean scaled by ``N_old / N_new``), the diagonal of GPTQ's ``H / 2``. Useful for activation-aware clipping/scaling and for reports (:meth:`summary`).
+    ``mean_sq`` is a running average (old mean scaled by ``N_old / N_new``), the diagonal of GPTQ's ``H / 2``.
+    Useful for activation-aware clipping/scaling and for reports (:meth:`summary`).
     """
 
     def __init__(self, in_features: int, device: torch.device | str) -> None:

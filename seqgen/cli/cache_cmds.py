@@ -31,8 +31,10 @@ def list_entries() -> None:
     for e in entries:
         age = (time.time() - e.last_used) / 3600
         flag = "  (stale: other library versions)" if e.stale else ""
-        out(f"{e.digest[:16]}  {e.model_class:<28} {e.subgraphs:>4} subgraphs  {e.size_bytes / 1024:8.1f} KiB  "
-            f"used {age:6.1f} h ago{flag}")
+        out(
+            f"{e.digest[:16]}  {e.model_class:<28} {e.subgraphs:>4} subgraphs  {e.size_bytes / 1024:8.1f} KiB  "
+            f"used {age:6.1f} h ago{flag}"
+        )
 
 
 @cache.command()
@@ -56,8 +58,14 @@ def rm(digest: str) -> None:
 
 
 @cache.command()
-@click.option("--older-than", "older_than", type=float, default=None, metavar="DAYS",
-              help="Also remove packages unused for this many days.")
+@click.option(
+    "--older-than",
+    "older_than",
+    type=float,
+    default=None,
+    metavar="DAYS",
+    help="Also remove packages unused for this many days.",
+)
 def prune(older_than: float | None) -> None:
     """Remove packages of other library versions, old ones (--older-than) and leftovers of killed emits."""
     removed = _cache().prune(older_than_days=older_than)

@@ -21,7 +21,6 @@ import jinja2
 import torch
 
 from ..errors import EmitFailure, SeqgenError
-from ..partition import Partition, partition_graph
 from ..index import (
     INDEX_NAME,
     SCHEMA_VERSION,
@@ -32,6 +31,7 @@ from ..index import (
     input_signature,
     sha256_bytes,
 )
+from ..partition import Partition, partition_graph
 from ..trace.tracer import Trace, trace_model
 from ..version import __version__
 from .codegen import render_partition
@@ -108,7 +108,7 @@ def _format(source: str, name: str) -> str:
         formatted = black.format_str(source, mode=BLACK_MODE)
         ast.parse(formatted, filename=name)
     except Exception as exc:  # a bug in the renderer, never the user's fault: keep the source for the report
-        raise EmitFailure(f"generated {name} is not valid Python ({exc}). Please report this with:\n{source}")
+        raise EmitFailure(f"generated {name} is not valid Python ({exc}). Please report this with:\n{source}") from exc
     return formatted
 
 
@@ -130,7 +130,7 @@ def _render_files(trace: Trace, partitions: list[Partition]) -> tuple[dict[str, 
     files: dict[str, str] = {}
     entries: list[dict[str, Any]] = []
     count = len(partitions)
-    for part, body in zip(partitions, bodies):
+    for part, body in zip(partitions, bodies, strict=True):
         name = f"subgraph_{part.index:03d}"
         inputs = [names[n] for n in part.inputs]
         text = env.get_template("subgraph.py.j2").render(
@@ -258,8 +258,13 @@ def emit_model(
     return EmitResult(path=out, index=index, seconds=seconds)
 
 
-def emit(model: str | torch.nn.Module, out: str | os.PathLike[str], options: EmitOptions = EmitOptions(), *,
-         force: bool = False) -> EmitResult:
+def emit(
+    model: str | torch.nn.Module,
+    out: str | os.PathLike[str],
+    options: EmitOptions = EmitOptions(),
+    *,
+    force: bool = False,
+) -> EmitResult:
     """Emit the package of a model id (see :mod:`seqgen.models`) or of a model instance."""
     if isinstance(model, str):
         from ..models import meta_model

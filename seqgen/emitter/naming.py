@@ -21,8 +21,9 @@ from ..partition import Partition, is_inline
 __all__ = ["assign_names", "RESERVED"]
 
 RESERVED = frozenset(
-    set(keyword.kwlist) | set(dir(builtins)) | {"model", "torch", "guard", "Any", "forward", "INPUTS", "OUTPUTS",
-                                                 "CONSUMED", "TARGETS"}
+    set(keyword.kwlist)
+    | set(dir(builtins))
+    | {"model", "torch", "guard", "Any", "forward", "INPUTS", "OUTPUTS", "CONSUMED", "TARGETS"}
 )
 
 
@@ -60,7 +61,9 @@ def _base_name(node: Node, names: dict[Node, str]) -> str:
     return _identifier(fn_name)
 
 
-def assign_names(partitions: list[Partition], placeholders: list[Node], output: Node, taken: set[str]) -> dict[Node, str]:
+def assign_names(
+    partitions: list[Partition], placeholders: list[Node], output: Node, taken: set[str]
+) -> dict[Node, str]:
     """Map every value node to its name. ``taken`` holds names the files import (never used for values)."""
     order = [n for part in partitions for n in part.nodes if not is_inline(n)]
     position: dict[Node, int] = {}

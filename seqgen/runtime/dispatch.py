@@ -98,8 +98,11 @@ class SafetensorsWeights:
         params = set(EXPERT_PARAMS + UNGATED_PARAMS)
         owners = {name.rpartition(".")[0] for name in missing if name.rpartition(".")[2] in params}
         # (Llama 4's transposed experts are read only as stored, fused: rows of a per-expert split are [out, in])
-        for owner in sorted(o for o in owners if is_fused_experts(model.get_submodule(o))
-                            and not is_transposed_experts(model.get_submodule(o))):
+        for owner in sorted(
+            o
+            for o in owners
+            if is_fused_experts(model.get_submodule(o)) and not is_transposed_experts(model.get_submodule(o))
+        ):
             layout = checkpoint_layout(model, owner) or {}
             if layout and all(key in self.weight_map for key in layout):
                 for key, (param, expert, rows) in layout.items():
@@ -130,8 +133,12 @@ class SafetensorsWeights:
                     self._shapes[name] = tuple(tensor.shape)
         self._check_shapes(model)
         if self.sources:
-            logger.info("%d model tensors are read from checkpoint tensors of other names (e.g. %s <- %s)",
-                        len(self.sources), next(iter(self.sources)), self.checkpoint_keys(next(iter(self.sources)))[0])
+            logger.info(
+                "%d model tensors are read from checkpoint tensors of other names (e.g. %s <- %s)",
+                len(self.sources),
+                next(iter(self.sources)),
+                self.checkpoint_keys(next(iter(self.sources)))[0],
+            )
 
     def _check_shapes(self, model: torch.nn.Module) -> None:
         """Every checkpoint tensor a model tensor is read from has the shape that reading assumes. The conversion
@@ -143,7 +150,7 @@ class SafetensorsWeights:
                 if piece.rows is None:
                     expected = [shape, (*shape[:-2], shape[-1], shape[-2])] if piece.transposed else [shape]
                 else:
-                    expected = [(len(piece.rows), *shape[1 if piece.expert is None else 2:])]
+                    expected = [(len(piece.rows), *shape[1 if piece.expert is None else 2 :])]
                 stored = self.stored_shape(piece.key)
                 if stored not in expected and name not in self.unreadable:
                     self.unreadable[name] = (
@@ -189,8 +196,11 @@ class SafetensorsWeights:
                 return "converted"
             flat = tags.reshape(tags.shape[0], width)
             index = flat[:, 0] // width
-            if int(flat.min()) < 0 or int(flat.max()) >= rows * width or not torch.equal(flat, probe.reshape(
-                    rows, width)[index]):
+            if (
+                int(flat.min()) < 0
+                or int(flat.max()) >= rows * width
+                or not torch.equal(flat, probe.reshape(rows, width)[index])
+            ):
                 return "converted"  # rows were not kept whole and in order
             seen[index] += 1
             pieces.append(_Piece(key, None, index.clone()))
@@ -245,8 +255,10 @@ class SafetensorsWeights:
 
     def byte_ranges(self, file: str) -> dict[str, tuple[int, int]]:
         """Where each tensor of ``file`` lies in it: key -> (byte offset, length), from the safetensors header."""
-        return {key: (info["data_offsets"][0], info["data_offsets"][1] - info["data_offsets"][0])
-                for key, info in self._header(file).items()}
+        return {
+            key: (info["data_offsets"][0], info["data_offsets"][1] - info["data_offsets"][0])
+            for key, info in self._header(file).items()
+        }
 
     def stored_shape(self, key: str) -> tuple[int, ...]:
         """The shape of checkpoint tensor ``key``, from its file's header."""
@@ -354,9 +366,7 @@ def _unaliased(tensors: dict[str, tuple[torch.nn.Module, str]]) -> dict[str, tup
 class Dispatcher:
     """Onloads and offloads the weights of one subgraph at a time (see the module docstring)."""
 
-    def __init__(
-        self, model: torch.nn.Module, device: torch.device, weights: SafetensorsWeights | None = None
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, weights: SafetensorsWeights | None = None) -> None:
         self.model = model
         self.device = device
         self.weights = weights

@@ -31,8 +31,18 @@ import torch
 from ..algorithms import Algorithm, QuantizedWeight, Statistics, quantize_rtn
 from ..errors import SeqgenError
 
-__all__ = ["EXPERT_PARAMS", "UNGATED_PARAMS", "FusedExperts", "checkpoint_layout", "expert_params", "expert_weight",
-           "find_fused_experts", "is_fused_experts", "is_transposed_experts", "unsupported_experts"]
+__all__ = [
+    "EXPERT_PARAMS",
+    "UNGATED_PARAMS",
+    "FusedExperts",
+    "checkpoint_layout",
+    "expert_params",
+    "expert_weight",
+    "find_fused_experts",
+    "is_fused_experts",
+    "is_transposed_experts",
+    "unsupported_experts",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +56,12 @@ def _is_3d(module: torch.nn.Module, name: str) -> bool:
 
 
 def _is_ungated(module: torch.nn.Module) -> bool:
-    return (_is_3d(module, "up_proj") and _is_3d(module, "down_proj")
-            and not hasattr(module, "gate_proj") and not hasattr(module, "gate_up_proj"))
+    return (
+        _is_3d(module, "up_proj")
+        and _is_3d(module, "down_proj")
+        and not hasattr(module, "gate_proj")
+        and not hasattr(module, "gate_up_proj")
+    )
 
 
 def is_fused_experts(module: torch.nn.Module) -> bool:
@@ -129,8 +143,14 @@ def unsupported_experts(root: torch.nn.Module, prefix: str) -> list[str]:
 class FusedExperts:
     """Statistics collection and quantization for one fused experts module (see the module docstring)."""
 
-    def __init__(self, name: str, module: torch.nn.Module, algorithm: Algorithm, all_experts: bool,
-                 parent: torch.nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        module: torch.nn.Module,
+        algorithm: Algorithm,
+        all_experts: bool,
+        parent: torch.nn.Module | None = None,
+    ) -> None:
         """``parent`` (the MoE block that calls the experts) is needed for Llama 4's layout with ``all_experts``:
         its input is the tokens before router scores scale them."""
         self.name = name
@@ -167,8 +187,9 @@ class FusedExperts:
     def _ensure_stats(self, device: torch.device) -> None:
         if not self.gate_up_stats:
             new = self.algorithm.new_statistics
-            self.gate_up_stats = [new(self.hidden, device) if e in self.active else None
-                                  for e in range(self.num_experts)]
+            self.gate_up_stats = [
+                new(self.hidden, device) if e in self.active else None for e in range(self.num_experts)
+            ]
             self.down_stats = [new(self.inter, device) if e in self.active else None for e in range(self.num_experts)]
 
     @torch.no_grad()
@@ -188,7 +209,7 @@ class FusedExperts:
         starts = [0, *itertools.accumulate(counts)]
         for e in self.active:
             self.routed[e] += counts[e]
-            tokens = x if self.all_experts else x.index_select(0, by_expert[starts[e]:starts[e + 1]])
+            tokens = x if self.all_experts else x.index_select(0, by_expert[starts[e] : starts[e + 1]])
             if tokens.shape[0] == 0 or self.gate_up_stats[e] is None:
                 continue
             self.gate_up_stats[e].update(tokens)
@@ -207,8 +228,9 @@ class FusedExperts:
         starts = [0, *itertools.accumulate(counts)]
         for e in self.active:
             self.routed[e] += counts[e]
-            tokens = self._unscaled if self.all_experts else rows[e].index_select(
-                0, token_ids[starts[e]:starts[e + 1]])
+            tokens = (
+                self._unscaled if self.all_experts else rows[e].index_select(0, token_ids[starts[e] : starts[e + 1]])
+            )
             if tokens is None or tokens.shape[0] == 0 or self.gate_up_stats[e] is None:
                 continue
             self.gate_up_stats[e].update(tokens)
@@ -246,16 +268,20 @@ class FusedExperts:
             self.never_ran = not self.gate_up_stats
             if self.never_ran:  # no statistics for any expert: they stay unquantized, as linears that never run
                 return {}
-            self.unrouted = [e for e in self.active if self.gate_up_stats[e] is not None
-                             and int(self.routed[e]) == 0 and not self.all_experts]
+            self.unrouted = [
+                e
+                for e in self.active
+                if self.gate_up_stats[e] is not None and int(self.routed[e]) == 0 and not self.all_experts
+            ]
             if self.unrouted:
                 logger.warning(
                     "%s: experts %s received no calibration tokens and are quantized round-to-nearest (no Hessian); "
                     "--all-experts routes every calibration token through every expert's statistics.",
-                    self.name, self.unrouted,
+                    self.name,
+                    self.unrouted,
                 )
         done: dict[str, QuantizedWeight] = {}
-        for param_name, stats in zip(self.params, (self.gate_up_stats, self.down_stats)):
+        for param_name, stats in zip(self.params, (self.gate_up_stats, self.down_stats), strict=True):
             param = getattr(self.module, param_name)
             for e in self.active:
                 expert_stats = stats[e] if stats else None
@@ -266,8 +292,9 @@ class FusedExperts:
                 if e in self.unrouted:  # the same scheme, so the layer's experts stay one format
                     quantized = quantize_rtn(weight, self.algorithm.scheme)
                 else:
-                    quantized = self.algorithm.quantize(weight.contiguous() if self.transposed else weight,
-                                                        expert_stats)
+                    quantized = self.algorithm.quantize(
+                        weight.contiguous() if self.transposed else weight, expert_stats
+                    )
                 if expert_stats is not None:
                     expert_stats.release()  # freed once used: the memory of the statistics shrinks expert by expert
                 done[f"{self.name}.{param_name}.{e}"] = quantized = quantized.to("cpu")
@@ -275,11 +302,15 @@ class FusedExperts:
                     self._pending.append((param_name, e, quantized))
                 else:
                     weight.copy_(quantized.dequantize(param.dtype))
-        routed = self.routed[self.active.start:self.active.stop]
-        logger.info("%s: quantized %d experts (tokens routed per expert: min %d, max %d)", self.name,
-                    len(self.active), int(routed.min()), int(routed.max()))
+        routed = self.routed[self.active.start : self.active.stop]
+        logger.info(
+            "%s: quantized %d experts (tokens routed per expert: min %d, max %d)",
+            self.name,
+            len(self.active),
+            int(routed.min()),
+            int(routed.max()),
+        )
         return done
-
 
     @torch.no_grad()
     def write_back(self) -> None:
@@ -290,8 +321,9 @@ class FusedExperts:
         self._pending.clear()
 
 
-def _expert_probes(model: torch.nn.Module, owners: list[str]
-                   ) -> tuple[dict[str, torch.Tensor], list[tuple[str, int, int, int]], int]:
+def _expert_probes(
+    model: torch.nn.Module, owners: list[str]
+) -> tuple[dict[str, torch.Tensor], list[tuple[str, int, int, int]], int]:
     """Every row of the experts parameters of ``owners`` tagged with its own index (two equal columns), the tag
     range of each parameter ``(parameter, first tag, end tag, rows per expert)``, and the number of tags."""
     probes: dict[str, torch.Tensor] = {}
@@ -325,9 +357,11 @@ def checkpoint_layout(model: torch.nn.Module, owner: str) -> dict[str, tuple[str
         return {
             key: value
             for e in range(experts)
-            for key, value in ((f"{owner}.{e}.gate_proj.weight", (f"{owner}.gate_up_proj", e, gate)),
-                               (f"{owner}.{e}.up_proj.weight", (f"{owner}.gate_up_proj", e, up)),
-                               (f"{owner}.{e}.down_proj.weight", (f"{owner}.down_proj", e, torch.arange(hidden))))
+            for key, value in (
+                (f"{owner}.{e}.gate_proj.weight", (f"{owner}.gate_up_proj", e, gate)),
+                (f"{owner}.{e}.up_proj.weight", (f"{owner}.gate_up_proj", e, up)),
+                (f"{owner}.{e}.down_proj.weight", (f"{owner}.down_proj", e, torch.arange(hidden))),
+            )
         }
     try:
         probes, ranges, start = _expert_probes(model, [owner])

@@ -48,8 +48,14 @@ from .experts import FusedExperts, expert_params, expert_weight, find_fused_expe
 from .intermediates import IntermediatesCache, StopBatch
 from .memory import release_free_memory, reuse_large_allocations
 
-__all__ = ["CalibrationOptions", "CalibrationResult", "SubgraphReport", "calibrate", "quantizable_linears",
-           "routing_linears"]
+__all__ = [
+    "CalibrationOptions",
+    "CalibrationResult",
+    "SubgraphReport",
+    "calibrate",
+    "quantizable_linears",
+    "routing_linears",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +105,20 @@ class CalibrationResult:
     def phase_seconds(self) -> dict[str, float]:
         """Seconds per phase, summed over the subgraphs, in the order the phases run (phases that never ran are
         left out)."""
-        return {phase: sum(r.seconds[phase] for r in self.reports if phase in r.seconds)
-                for phase in _PHASES if any(phase in r.seconds for r in self.reports)}
+        return {
+            phase: sum(r.seconds[phase] for r in self.reports if phase in r.seconds)
+            for phase in _PHASES
+            if any(phase in r.seconds for r in self.reports)
+        }
 
     def phase_summary(self) -> str:
         """``phase_seconds`` as one line, e.g. ``calibrate 70.9s, compress 8.0s, propagate 49.4s``."""
         return ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in self.phase_seconds().items())
 
 
-def quantizable_linears(model: torch.nn.Module, subgraph: Subgraph, ignore: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
+def quantizable_linears(
+    model: torch.nn.Module, subgraph: Subgraph, ignore: tuple[str, ...]
+) -> dict[str, torch.nn.Linear]:
     """Every ``nn.Linear`` inside the subgraph's targets, except ``lm_head``, MoE routing linears (see
     :func:`routing_linears`) and names matching ``ignore``."""
     patterns = [re.compile(p) for p in ignore]
@@ -234,8 +245,7 @@ def calibrate(
     options: CalibrationOptions = CalibrationOptions(),
     *,
     weights: SafetensorsWeights | None = None,
-    on_subgraph_done: Callable[[Subgraph, dict[str, QuantizedWeight], dict[str, QuantizedWeight]], None]
-    | None = None,
+    on_subgraph_done: Callable[[Subgraph, dict[str, QuantizedWeight], dict[str, QuantizedWeight]], None] | None = None,
     keep_results: bool = True,
 ) -> CalibrationResult:
     """Quantize ``model`` in place, subgraph by subgraph, on ``batches`` (dicts of the package's inputs).
@@ -257,13 +267,16 @@ def calibrate(
     algorithm = get_algorithm(options.algorithm, options.scheme)
     dispatcher = Dispatcher(model, device, weights)
     cache = IntermediatesCache(batches, device, options.spill_dir)
-    plan = _once_each([quantizable_linears(model, sg, options.ignore) for sg in package.subgraphs],
-                      from_disk=weights is not None)
+    plan = _once_each(
+        [quantizable_linears(model, sg, options.ignore) for sg in package.subgraphs], from_disk=weights is not None
+    )
     expert_plan = [_experts_of(model, sg, options) for sg in package.subgraphs]
-    last = max((i for i, work in enumerate(zip(plan, expert_plan)) if any(work)), default=-1)
+    last = max((i for i, work in enumerate(zip(plan, expert_plan, strict=True)) if any(work)), default=-1)
     if last < 0:
-        raise SeqgenError(f"no nn.Linear to quantize inside the targets of {package.path} (ignore patterns: "
-                          f"{options.ignore}); {_why_nothing_to_quantize(model, package)}")
+        raise SeqgenError(
+            f"no nn.Linear to quantize inside the targets of {package.path} (ignore patterns: "
+            f"{options.ignore}); {_why_nothing_to_quantize(model, package)}"
+        )
     _check_group_size(options.scheme, plan[: last + 1], expert_plan[: last + 1])
     needs_data = algorithm.new_statistics(1, torch.device("cpu")) is not None or options.observe
     result = CalibrationResult()
@@ -276,9 +289,12 @@ def calibrate(
     with tqdm(total=len(subgraphs), desc="subgraphs", unit="sg") as outer, closing(cache):
         for i, subgraph in enumerate(subgraphs):
             linears = plan[i]
-            experts = {name: FusedExperts(name, module, algorithm, options.all_experts,
-                                          parent=model.get_submodule(name.rpartition(".")[0]))
-                       for name, module in expert_plan[i].items()}
+            experts = {
+                name: FusedExperts(
+                    name, module, algorithm, options.all_experts, parent=model.get_submodule(name.rpartition(".")[0])
+                )
+                for name, module in expert_plan[i].items()
+            }
             next_subgraph = subgraphs[i + 1] if i + 1 < len(subgraphs) else None
             seconds: dict[str, float] = {}
             tick = time.perf_counter()
@@ -294,14 +310,16 @@ def calibrate(
             commit_calibration = outputs_needed and not options.propagate_error
             propagation_pass = outputs_needed and (options.propagate_error or not calibration_pass)
             passes = _expert_passes(experts, options.experts_per_pass) if calibration_pass else []
-            with tqdm(total=len(cache) * (len(passes) + propagation_pass), desc=subgraph.name, leave=False,
-                      unit="batch") as bar:
+            with tqdm(
+                total=len(cache) * (len(passes) + propagation_pass), desc=subgraph.name, leave=False, unit="batch"
+            ) as bar:
                 if calibration_pass:
                     bar.set_description(f"{subgraph.name} calibrate")
                     tick = time.perf_counter()
                     # Routing can differ per batch, so with fused experts every batch runs whole.
-                    collector = _Collector(algorithm, linears, options.observe,
-                                           stop_early=not commit_calibration and not experts)
+                    collector = _Collector(
+                        algorithm, linears, options.observe, stop_early=not commit_calibration and not experts
+                    )
                     for index, active in enumerate(passes):
                         # later passes: only the next experts' statistics; the experts calibrated so far are
                         # compressed first, their weights written back after the last pass (every pass sees the
@@ -313,10 +331,15 @@ def calibrate(
                         with torch.no_grad(), collector if not index else nullcontext(), ExitStack() as stack:
                             for fused in experts.values():
                                 stack.enter_context(fused)
-                            cache.run(model, subgraph, commit=commit_calibration and not index,
-                                      before_batch=None if index else (
-                                          lambda b: collector.new_batch(cache.attention_mask(b))),
-                                      progress=lambda: bar.update())
+                            cache.run(
+                                model,
+                                subgraph,
+                                commit=commit_calibration and not index,
+                                before_batch=(
+                                    None if index else (lambda b: collector.new_batch(cache.attention_mask(b)))
+                                ),
+                                progress=lambda: bar.update(),
+                            )
                     seconds["calibrate"] = time.perf_counter() - tick
                     bar.set_description(f"{subgraph.name} compress")
                     tick = time.perf_counter()
@@ -327,13 +350,17 @@ def calibrate(
                         _warn_never_ran(never, subgraph.targets, warned)
                         result.unquantized += never
                     if unrouted:
-                        logger.warning("%s (and %d more experts) received no calibration tokens and are quantized "
-                                       "round-to-nearest (no statistics); add samples to give them data.",
-                                       unrouted[0], len(unrouted) - 1)
+                        logger.warning(
+                            "%s (and %d more experts) received no calibration tokens and are quantized "
+                            "round-to-nearest (no statistics); add samples to give them data.",
+                            unrouted[0],
+                            len(unrouted) - 1,
+                        )
                         result.round_to_nearest += unrouted
                     linears = {name: m for name, m in linears.items() if name not in never}
-                    done = _compress(algorithm, {n: m for n, m in linears.items() if n not in unrouted},
-                                     collector.stats)
+                    done = _compress(
+                        algorithm, {n: m for n, m in linears.items() if n not in unrouted}, collector.stats
+                    )
                     done.update(_round_to_nearest(options.scheme, {n: linears[n] for n in unrouted}))
                     for name, observer in collector.observers.items():
                         observer.reduce_()
@@ -374,8 +401,14 @@ def calibrate(
     result.seconds = time.perf_counter() - start
     if device.type == "cuda":
         result.peak_device_bytes = torch.cuda.max_memory_allocated(device)
-    logger.info("calibrated %d linears and %d expert projections in %d subgraphs in %.1fs (%s)", result.linears,
-                len(result.experts), len(subgraphs), result.seconds, result.phase_summary())
+    logger.info(
+        "calibrated %d linears and %d expert projections in %d subgraphs in %.1fs (%s)",
+        result.linears,
+        len(result.experts),
+        len(subgraphs),
+        result.seconds,
+        result.phase_summary(),
+    )
     return result
 
 
@@ -387,8 +420,9 @@ def _expert_passes(experts: Mapping[str, FusedExperts], per_pass: int | None) ->
     return [range(start, min(start + per_pass, count)) for start in range(0, count, per_pass)]
 
 
-def _compress_experts(fused: FusedExperts, result: CalibrationResult, defer: bool = False
-                      ) -> dict[str, QuantizedWeight]:
+def _compress_experts(
+    fused: FusedExperts, result: CalibrationResult, defer: bool = False
+) -> dict[str, QuantizedWeight]:
     done = fused.compress(defer)
     result.round_to_nearest += [f"{fused.name}.{param}.{e}" for param in fused.params for e in fused.unrouted]
     return done
@@ -422,8 +456,9 @@ def _once_each(plan: list[dict[str, torch.nn.Linear]], from_disk: bool) -> list[
     return kept
 
 
-def _never_ran(linears: Mapping[str, torch.nn.Linear], stats: Mapping[str, Statistics | None]
-               ) -> tuple[list[str], list[str]]:
+def _never_ran(
+    linears: Mapping[str, torch.nn.Linear], stats: Mapping[str, Statistics | None]
+) -> tuple[list[str], list[str]]:
     """The linears whose forward never ran in the calibration pass, in two lists. Most stay unquantized (a compressed
     save lists them in ``ignore``): a branch these inputs never take (cross-attention without encoder states) or
     model code that reads the weight itself (Mamba's ``dt_proj``), where a quantized weight would not be what runs.
@@ -447,7 +482,7 @@ def _round_to_nearest(scheme: QuantScheme, linears: Mapping[str, torch.nn.Linear
 
 def _warn_never_ran(never: list[str], targets: tuple[str, ...], warned: set[str]) -> None:
     """One warning per linear of a target (its name inside the target) that never ran, at its first subgraph."""
-    inner = sorted({next((name[len(t) + 1:] for t in targets if name.startswith(f"{t}.")), name) for name in never})
+    inner = sorted({next((name[len(t) + 1 :] for t in targets if name.startswith(f"{t}.")), name) for name in never})
     if set(inner) <= warned:
         return
     warned.update(inner)
@@ -456,7 +491,9 @@ def _warn_never_ran(never: list[str], targets: tuple[str, ...], warned: set[str]
         "%s never ran during the calibration pass: %s unquantized, here and in every target where %s not run (see "
         "CalibrationResult.unquantized). A branch these inputs do not take, or model code that reads the weight "
         "directly. Pass --ignore '\\.(%s)$' to leave them out knowingly.",
-        ", ".join(never), "it stays" if len(never) == 1 else "they stay", "it does" if len(never) == 1 else "they do",
+        ", ".join(never),
+        "it stays" if len(never) == 1 else "they stay",
+        "it does" if len(never) == 1 else "they do",
         pattern,
     )
 
@@ -464,18 +501,27 @@ def _warn_never_ran(never: list[str], targets: tuple[str, ...], warned: set[str]
 def _why_nothing_to_quantize(model: torch.nn.Module, package: Package) -> str:
     """The fix for a calibration with nothing to quantize: other --ignore or --targets, unless the targets hold their
     projections in module types that are not ``nn.Linear`` (GPT-2's ``Conv1D``), which are not quantized."""
-    kinds = sorted({type(m).__name__ for target in {t for sg in package.subgraphs for t in sg.targets}
-                    for m in model.get_submodule(target).modules()
-                    if not isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
-                    and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2})
+    kinds = sorted(
+        {
+            type(m).__name__
+            for target in {t for sg in package.subgraphs for t in sg.targets}
+            for m in model.get_submodule(target).modules()
+            if not isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
+            and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.dim() == 2
+        }
+    )
     if kinds:
-        return (f"the targets compute their projections with {', '.join(kinds)}, which seqgen does not quantize "
-                "(only nn.Linear and fused MoE experts).")
+        return (
+            f"the targets compute their projections with {', '.join(kinds)}, which seqgen does not quantize "
+            "(only nn.Linear and fused MoE experts)."
+        )
     return "check --ignore, or emit with other --targets."
 
 
-def _check_group_size(scheme: QuantScheme, plan: list[dict[str, torch.nn.Linear]],
-                      expert_plan: list[dict[str, torch.nn.Module]]) -> None:
+def _check_group_size(
+    scheme: QuantScheme, plan: list[dict[str, torch.nn.Linear]], expert_plan: list[dict[str, torch.nn.Module]]
+) -> None:
     """Refuse, before any calibration, a group size that does not divide the input width of every weight to quantize
     (otherwise the first such layer would fail after its subgraph's calibration pass)."""
     if scheme.group_size is None:
@@ -506,7 +552,8 @@ def _check_group_size(scheme: QuantScheme, plan: list[dict[str, torch.nn.Linear]
         f"group size {scheme.group_size} does not divide the input width of {sum(map(len, misfits.values()))} of "
         f"the {len(widths)} weights to quantize:\n" + "\n".join(lines) + "\n"
         f"Use {size_hint}--group-size -1 (one scale per output channel), or leave them unquantized with "
-        + (f"--ignore '{leaves[0]}$'" if len(leaves) == 1 else f"--ignore '\\.({'|'.join(leaves)})$'") + "."
+        + (f"--ignore '{leaves[0]}$'" if len(leaves) == 1 else f"--ignore '\\.({'|'.join(leaves)})$'")
+        + "."
     )
 
 
@@ -518,8 +565,13 @@ def _experts_of(model: torch.nn.Module, subgraph: Subgraph, options: Calibration
         module = model.get_submodule(target)
         for name in unsupported_experts(module, target):
             logger.warning("%s: fused experts of an unsupported layout are left unquantized", name)
-        found.update({n: m for n, m in find_fused_experts(module, target).items()
-                      if not any(re.search(p, n) for p in options.ignore)})
+        found.update(
+            {
+                n: m
+                for n, m in find_fused_experts(module, target).items()
+                if not any(re.search(p, n) for p in options.ignore)
+            }
+        )
     return found
 
 
@@ -556,7 +608,7 @@ def _compress(
             uses[id(shared)] -= 1
             if not uses[id(shared)]:
                 shared.release()
-        for name, part in zip(names, _split_rows(quantized, [w.shape[0] for w in weights])):
+        for name, part in zip(names, _split_rows(quantized, [w.shape[0] for w in weights]), strict=True):
             module = linears[name]
             module.weight.data.copy_(part.dequantize(module.weight.dtype))
             done[name] = part.to("cpu")
@@ -571,7 +623,12 @@ def _split_rows(quantized: QuantizedWeight, rows: list[int]) -> list[QuantizedWe
     scales = quantized.scale.split(rows)
     zeros = [None] * len(rows) if quantized.zero_point is None else quantized.zero_point.split(rows)
     return [
-        QuantizedWeight(codes=c.contiguous(), scale=s.contiguous(), zero_point=None if z is None else z.contiguous(),
-                        g_idx=quantized.g_idx, scheme=quantized.scheme)
-        for c, s, z in zip(codes, scales, zeros)
+        QuantizedWeight(
+            codes=c.contiguous(),
+            scale=s.contiguous(),
+            zero_point=None if z is None else z.contiguous(),
+            g_idx=quantized.g_idx,
+            scheme=quantized.scheme,
+        )
+        for c, s, z in zip(codes, scales, zeros, strict=True)
     ]

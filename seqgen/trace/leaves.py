@@ -136,9 +136,7 @@ def effect_functions() -> list[Callable]:
 
 def _functions_of(module: types.ModuleType) -> list[Callable]:
     return [
-        obj
-        for _, obj in sorted(vars(module).items())
-        if inspect.isfunction(obj) and obj.__module__ == module.__name__
+        obj for _, obj in sorted(vars(module).items()) if inspect.isfunction(obj) and obj.__module__ == module.__name__
     ]
 
 
@@ -162,7 +160,9 @@ def modules_to_patch(model: torch.nn.Module) -> list[types.ModuleType]:
     names: set[str] = set()
     for module in model.modules():
         for cls in type(module).__mro__:
-            if cls.__module__.startswith("transformers.models.") or not cls.__module__.startswith(("torch", "builtins")):
+            if cls.__module__.startswith("transformers.models.") or not cls.__module__.startswith(
+                ("torch", "builtins")
+            ):
                 names.add(cls.__module__)
     names.add("transformers.modeling_utils")
     return [sys.modules[n] for n in sorted(names) if n in sys.modules]

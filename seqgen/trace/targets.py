@@ -49,7 +49,9 @@ def _decoder_prefix(model: torch.nn.Module) -> str:
         decoder = get_decoder()
     except Exception:  # some models raise for missing attributes; then the whole model is the decoder
         return ""
-    is_stack = isinstance(decoder, torch.nn.Module) and any(isinstance(m, torch.nn.ModuleList) for m in decoder.modules())
+    is_stack = isinstance(decoder, torch.nn.Module) and any(
+        isinstance(m, torch.nn.ModuleList) for m in decoder.modules()
+    )
     if not is_stack:
         return ""  # not a stack of layers (modernbert-decoder's get_decoder() is its output projection)
     for name, module in model.named_modules():

@@ -387,7 +387,7 @@ class SeqgenTracer(torch.fx.Tracer):
         call_kwargs = self.call_kwargs
 
         def root_forward(root: _Root, *values: Any) -> dict[str, Any]:
-            output = getattr(root, ROOT_NAME)(**dict(zip(names, values)), **call_kwargs)
+            output = getattr(root, ROOT_NAME)(**dict(zip(names, values, strict=True)), **call_kwargs)
             logits = output[0] if isinstance(output, tuple) else output["logits"]
             return {"logits": logits}
 
@@ -497,8 +497,13 @@ class SeqgenTracer(torch.fx.Tracer):
             stack.extend((n, False) for n in current.all_input_nodes if n not in self._values)
         # tensors that model code creates without a device must be meta too; state that modules set while they run
         # on meta (recurrent states) is undone
-        with _maybe_revert_all_patches(), self._leaf_patches.reverted(), torch.no_grad(), torch.device("meta"), \
-                _module_state_undone():
+        with (
+            _maybe_revert_all_patches(),
+            self._leaf_patches.reverted(),
+            torch.no_grad(),
+            torch.device("meta"),
+            _module_state_undone(),
+        ):
             for current in order:
                 try:
                     if current in self._failures:
@@ -618,8 +623,10 @@ class SeqgenTracer(torch.fx.Tracer):
             method = f"{type(module).__name__}.{function}"
             advice.append(f"call `{method}` as a leaf (the generated code calls it) with `--ignore {method}`")
         if module is not None and path:
-            advice.append(f"make {type(module).__name__} a sequential target (it then runs untraced) with "
-                          f"`--targets {type(module).__name__}`")
+            advice.append(
+                f"make {type(module).__name__} a sequential target (it then runs untraced) with "
+                f"`--targets {type(module).__name__}`"
+            )
         else:
             advice.append("choose sequential targets that contain this code with `--targets`")
         return text, "; or ".join(advice)
@@ -818,8 +825,10 @@ def _run_leaf_function(fn: Callable, args: Any, kwargs: Any) -> Any:
             return a
 
         cpu_args = torch.fx.node.map_aggregate(args, lambda a: to_cpu(a, ints))
-        cpu_kwargs = {k: torch.fx.node.map_aggregate(v, lambda a, k=k: to_cpu(a, mask_ints if "mask" in k else ints))
-                      for k, v in kwargs.items()}
+        cpu_kwargs = {
+            k: torch.fx.node.map_aggregate(v, lambda a, k=k: to_cpu(a, mask_ints if "mask" in k else ints))
+            for k, v in kwargs.items()
+        }
         try:
             with torch.device("cpu"):
                 result = fn(*cpu_args, **cpu_kwargs)
@@ -972,14 +981,21 @@ def trace_model(
     if with_cache_error is not None:
         logger.warning(
             "%s is traced with use_cache=False, so its layers run without a KV cache (eager mode may differ in the "
-            "last bits where attention reads keys back from a cache): %s", type(model).__name__, with_cache_error,
+            "last bits where attention reads keys back from a cache): %s",
+            type(model).__name__,
+            with_cache_error,
         )
     return trace
 
 
 def _trace(
-    model: torch.nn.Module, inputs: list[InputSpec], target_names: list[str], leaves: list[Callable],
-    methods: list[tuple[type, str]], user_targets: bool, with_cache: bool,
+    model: torch.nn.Module,
+    inputs: list[InputSpec],
+    target_names: list[str],
+    leaves: list[Callable],
+    methods: list[tuple[type, str]],
+    user_targets: bool,
+    with_cache: bool,
 ) -> Trace:
     root = _Root(model)
     tracer = SeqgenTracer(model, target_names, inputs, leaves, _call_kwargs(model, with_cache), methods)
@@ -997,9 +1013,7 @@ def _trace(
     _drop_moves_to_the_trace_device(graph)
     _dead_code_elimination(graph)
     _check_fresh_instances(graph, set(target_names))
-    called = {
-        node.target[len(ROOT_NAME) + 1 :] for node in graph.nodes if node.op == "call_module"
-    }
+    called = {node.target[len(ROOT_NAME) + 1 :] for node in graph.nodes if node.op == "call_module"}
     calls: dict[str, list[Node]] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -1022,11 +1036,21 @@ def _trace(
     if missing:  # the model skips these layers for this input signature (mllama's cross-attention without images)
         logger.warning(
             "%s skips %d of its %d layers for inputs %s (%s); they get no subgraph",
-            type(model).__name__, len(missing), len(target_names), ", ".join(s.name for s in inputs),
+            type(model).__name__,
+            len(missing),
+            len(target_names),
+            ", ".join(s.name for s in inputs),
             ", ".join(missing),
         )
-    return Trace(graph=graph, root=root, targets=[t for t in target_names if t in called], inputs=inputs,
-                 guards=tracer.guards, leaf_functions=leaves, skipped_targets=missing)
+    return Trace(
+        graph=graph,
+        root=root,
+        targets=[t for t in target_names if t in called],
+        inputs=inputs,
+        guards=tracer.guards,
+        leaf_functions=leaves,
+        skipped_targets=missing,
+    )
 
 
 def _check_fresh_instances(graph: torch.fx.Graph, targets: set[str]) -> None:

@@ -20,7 +20,7 @@ SHAPES = [(2, 64), (3, 9), (1, 1)]  # the emit sample, then other sizes and leng
 def main() -> None:
     results = {}
     pairs = sys.argv[1:]
-    for model_dir, package_dir in zip(pairs[::2], pairs[1::2]):
+    for model_dir, package_dir in zip(pairs[::2], pairs[1::2], strict=True):
         model = auto_class(AutoConfig.from_pretrained(model_dir)).from_pretrained(model_dir, dtype=torch.float32).eval()
         package = seqgen.load(package_dir)
         diffs = {}
