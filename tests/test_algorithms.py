@@ -9,6 +9,7 @@ import torch
 
 from seqgen.algorithms import (
     ALGORITHMS,
+    GRIDS,
     GPTQ,
     RTN,
     ActivationObserver,
@@ -76,12 +77,47 @@ def test_bad_group_size_names_sizes() -> None:
 # ------------------------------------------------------------------------------------------------------------- RTN
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_full_grid_maps_each_groups_extreme_exactly(bits: int) -> None:
+    """The full-range grid puts each group's larger-magnitude weight, of either sign, exactly on the lowest code
+    (dequantized it equals the weight bit for bit), so every one of the 2^b levels is used; min-max never reaches
+    the lowest code with the extreme and clips a positive extreme by half a step."""
+    w = random_weight(64, 128)
+    w[::2] = -w[::2]  # half the rows' extremes negative, half positive
+    scheme = QuantScheme(bits=bits, group_size=32)
+    q = quantize_rtn(w, scheme)
+    grouped = w.reshape(64, 4, 32)
+    where = grouped.abs().argmax(dim=-1, keepdim=True)
+    extreme = grouped.gather(-1, where)
+    codes = q.codes.reshape(64, 4, 32).gather(-1, where).int()
+    dequantized = q.dequantize().reshape(64, 4, 32).gather(-1, where)
+    assert (codes == scheme.qmin).all()
+    assert torch.equal(dequantized, extreme)
+    assert ((q.scale > 0) == (extreme.squeeze(-1) < 0)).all()  # the scale's sign is the opposite of the extreme's
+    assert set(q.codes.unique().tolist()) == set(range(scheme.qmin, scheme.qmax + 1))
+    minmax = quantize_rtn(w, QuantScheme(bits=bits, group_size=32, grid="minmax"))
+    assert not torch.equal(minmax.dequantize().reshape(64, 4, 32).gather(-1, where), extreme)
+    full_error = (q.dequantize() - w).pow(2).sum()
+    assert full_error < (minmax.dequantize() - w).pow(2).sum()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_full_grid_lowers_gptq_output_error(bits: int) -> None:
+    """GPTQ on the full grid reconstructs a layer's output better than on the min-max grid (same data)."""
+    w, x = random_weight(96, 256), correlated_inputs(2000, 256)
+    errors = {
+        grid: output_error(x, w, gptq_quantize(w, x, QuantScheme(bits=bits, group_size=64, grid=grid))[0])
+        for grid in GRIDS
+    }
+    assert errors["full"] < errors["minmax"], errors
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("symmetric,grid", [(True, "full"), (True, "minmax"), (False, "full")])
 @pytest.mark.parametrize("group_size", [None, 32])
-def test_rtn_codes_in_range_and_error_bounded(bits: int, symmetric: bool, group_size: int | None) -> None:
+def test_rtn_codes_in_range_and_error_bounded(bits: int, symmetric: bool, grid: str, group_size: int | None) -> None:
     w = random_weight(48, 128) + 0.02  # an offset makes asymmetric ranges differ from symmetric ones
-    scheme = QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric)
+    scheme = QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric, grid=grid)
     q = get_algorithm("rtn", scheme).quantize(w, None)
     n_groups = 1 if group_size is None else 128 // group_size
     assert q.codes.shape == (48, 128) and q.scale.shape == (48, n_groups) and q.scale.dtype == torch.float32
@@ -94,9 +130,13 @@ def test_rtn_codes_in_range_and_error_bounded(bits: int, symmetric: bool, group_
         assert q.codes.dtype == torch.uint8 and q.zero_point.shape == (48, n_groups)
         assert codes.min() >= 0 and codes.max() <= 2**bits - 1
         assert q.zero_point.min() >= 0 and q.zero_point.max() <= 2**bits - 1
-    # Every element is within half a step of its group's scale.
-    step = q.scale[:, q.group_index()]
-    assert ((q.dequantize() - w).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all()
+    # Every element is within half a step of its group's scale; on the full grid, values of the other sign than the
+    # group's extreme that lie beyond the top code are clipped there, by less than one step.
+    step = q.scale[:, q.group_index()].abs()
+    error = (q.dequantize() - w).abs()
+    clipped = codes == scheme.qmax if symmetric and grid == "full" else torch.zeros_like(codes, dtype=torch.bool)
+    assert (error[~clipped] <= step[~clipped] / 2 * (1 + 1e-5) + 1e-7).all()
+    assert (error[clipped] <= step[clipped] * (1 + 1e-5) + 1e-7).all()
     # Manual dequantization agrees with QuantizedWeight.dequantize.
     group = 128 if group_size is None else group_size
     manual = codes.float()

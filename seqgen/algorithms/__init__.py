@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .base import (
     ALGORITHMS,
+    GRIDS,
     Algorithm,
     QuantizedWeight,
     QuantScheme,
@@ -28,6 +29,7 @@ from .rtn import RTN
 
 __all__ = [
     "ALGORITHMS",
+    "GRIDS",
     "Algorithm",
     "QuantScheme",
     "QuantizedWeight",

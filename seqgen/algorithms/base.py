@@ -24,6 +24,7 @@ import torch
 from ..errors import SeqgenError
 
 __all__ = [
+    "GRIDS",
     "QuantScheme",
     "QuantizedWeight",
     "Statistics",
@@ -39,6 +40,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: How a symmetric integer scale is chosen from a group's weights (see :func:`compute_qparams`): ``full`` maps the
+#: larger-magnitude extreme exactly onto the most negative code, so all ``2^b`` levels are used; ``minmax`` is
+#: compressed-tensors' and llm-compressor's ``max|w| / ((qmax - qmin) / 2)``, bitwise what they compute.
+GRIDS = ("full", "minmax")
+
 
 @dataclass(frozen=True)
 class QuantScheme:
@@ -50,6 +56,7 @@ class QuantScheme:
     act_order: bool = False
     dampening: float = 0.01
     block_size: int = 128
+    grid: str = "full"  # symmetric schemes only: one of GRIDS
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -62,6 +69,8 @@ class QuantScheme:
             raise ValueError(f"QuantScheme.dampening must be a float >= 0, got {self.dampening!r}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"QuantScheme.block_size must be a positive integer, got {self.block_size!r}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"QuantScheme.grid must be one of {GRIDS}, got {self.grid!r}")
 
     @property
     def qmin(self) -> int:
@@ -100,24 +109,34 @@ def compute_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (and zero point) over the last dim of ``w`` (fp32); returns tensors of shape ``w.shape[:-1]``.
 
-    Symmetric: ``s = max|w| / ((qmax - qmin) / 2)`` (``/ 7.5`` at 4 bits), the min-max convention of
-    compressed-tensors and vLLM: the signed range ``[-2^(b-1), 2^(b-1) - 1]`` is used whole, which gives a finer step
-    than ``max|w| / (2^(b-1) - 1)`` at the cost of clipping the largest positive value by half a step. Asymmetric:
-    the range ``[min(w, 0), max(w, 0)]`` is spread over ``2^b - 1`` steps and ``z = round(-min / s)``, so 0 is
-    exact. A group of zeros gets ``s = 1``.
+    Symmetric, ``grid="full"`` (the default): ``s = -e / 2^(b-1)`` where ``e`` is the group's larger-magnitude
+    extreme, signed (the negative one on a tie). ``e`` then maps exactly onto the code ``-2^(b-1)`` and every one of
+    the ``2^b`` levels is in use; the scale is negative when ``e`` is positive, which dequantization (``q * s``)
+    handles as any scale. Only values of the other sign beyond ``2^(b-1) - 1`` steps are clipped, by at most one
+    step. This is llama.cpp's ``Q4_0`` choice, and AutoRound's.
+
+    Symmetric, ``grid="minmax"``: ``s = max|w| / ((qmax - qmin) / 2)`` (``/ 7.5`` at 4 bits), the convention of
+    compressed-tensors and llm-compressor, which clips the largest positive value by half a step and leaves the code
+    ``-2^(b-1)`` to values of the other sign only.
+
+    Asymmetric: the range ``[min(w, 0), max(w, 0)]`` is spread over ``2^b - 1`` steps and ``z = round(-min / s)``,
+    so 0 is exact. A group of zeros gets ``s = 1``.
 
     ``scale_dtype`` is the dtype the scale will be stored in (the weight's): the scale is rounded to it here, so the
     codes, the algorithm's error feedback and the in-memory dequantized weights all use the value a loader (vLLM,
     compressed-tensors) reads back. Rounding bf16 scales only at save time would make the reloaded weights differ.
     """
-    if scheme.symmetric:
+    if scheme.symmetric and scheme.grid == "full":
+        hi, lo = w.amax(dim=-1), w.amin(dim=-1)
+        scale = torch.where(-lo >= hi, lo, hi) / scheme.qmin
+    elif scheme.symmetric:
         scale = w.abs().amax(dim=-1) / ((scheme.qmax - scheme.qmin) / 2)
     else:
         lo = w.amin(dim=-1).clamp(max=0)
         scale = (w.amax(dim=-1).clamp(min=0) - lo) / scheme.qmax
     if scale_dtype is not None and scale_dtype != scale.dtype:
         scale = scale.to(scale_dtype).to(scale.dtype)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(scale != 0, scale, torch.ones_like(scale))
     if scheme.symmetric:
         return scale, None
     return scale, torch.round(-lo / scale).clamp(scheme.qmin, scheme.qmax)

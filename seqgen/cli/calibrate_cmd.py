@@ -29,6 +29,14 @@ def _group_size(value: int) -> int | None:
 @click.option("--group-size", type=_GROUP, default=64, help="Columns per scale; -1 for one scale per channel.")
 @click.option("--asym", is_flag=True, help="Asymmetric quantization (zero points).")
 @click.option(
+    "--grid",
+    type=click.Choice(["full", "minmax"]),
+    default="full",
+    show_default=True,
+    help="Symmetric scales: full maps each group's larger-magnitude weight exactly onto the lowest code (all 2^b "
+    "levels in use); minmax is llm-compressor's max|w|/((qmax-qmin)/2), for bitwise parity with it.",
+)
+@click.option(
     "--act-order/--no-act-order",
     default=True,
     help="GPTQ: visit columns by descending Hessian diagonal (static groups: no cost at inference).",
@@ -94,6 +102,7 @@ def calibrate(
     bits: str,
     group_size: int,
     asym: bool,
+    grid: str,
     act_order: bool,
     dampening: float,
     num_samples: int,
@@ -118,7 +127,12 @@ def calibrate(
     from ..runtime import CalibrationOptions
 
     scheme = QuantScheme(
-        bits=int(bits), group_size=_group_size(group_size), symmetric=not asym, act_order=act_order, dampening=dampening
+        bits=int(bits),
+        group_size=_group_size(group_size),
+        symmetric=not asym,
+        grid=grid,
+        act_order=act_order,
+        dampening=dampening,
     )
     job = CalibrationJob(
         model_id=model_id,
