@@ -9,8 +9,8 @@ import torch
 
 from seqgen.algorithms import (
     ALGORITHMS,
-    GRIDS,
     GPTQ,
+    GRIDS,
     RTN,
     ActivationObserver,
     Algorithm,
