@@ -1,26 +1,34 @@
-"""Calibration wall time, peak RSS and held-out perplexity: fp, RTN and GPTQ, and optionally llm-compressor's GPTQ.
+"""Calibration wall time, peak RSS and held-out perplexity: fp, RTN and GPTQ, optionally against llm-compressor's GPTQ
+and against an earlier commit of seqgen.
 
 SmolLM2-135M (the embedded default), W4A16, group 64, symmetric (GPTQ with static activation order, the default of
-both tools), 64 samples x 512 tokens of the built-in
+both tools), on seqgen's default full-range grid and on the min-max grid (``-minmax`` rows, llm-compressor's),
+64 samples x 512 tokens of the built-in
 calibration corpus, perplexity on the built-in held-out corpus. Every run is its own process, so peak RSS is that
 run's alone; all runs read the same token tensors. Wall time counts what differs between the tools: seqgen's package
 lookup plus calibration, llm-compressor's ``oneshot`` (tracing plus calibration); model loading and data
 preparation are excluded for both.
 
-    python bench/calibrate.py [--runs 1] [--vs-llmcompressor /path/to/venv/bin/python]
+    python bench/calibrate.py [--runs 1] [--rows fp,rtn,gptq,gptq-minmax] [--vs-llmcompressor /path/to/venv/bin/python]
+                              [--vs-commit REV]
 
-llm-compressor pins an older transformers, so it runs from its own venv (``--vs-llmcompressor``).
+llm-compressor pins an older transformers, so it runs from its own venv (``--vs-llmcompressor``). ``--vs-commit REV``
+checks REV out into a temporary git worktree and runs its GPTQ row with this venv, each tree with a partition cache of
+its own: a before/after comparison of a change, side by side in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+_REPO = Path(__file__).resolve().parents[1]
 
 _PERPLEXITY = r"""
 import math, torch
@@ -46,14 +54,17 @@ from seqgen.models import load_model, meta_model
 from seqgen.runtime import CalibrationOptions, calibrate
 from seqgen.data import batches
 
-algorithm, data_file, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+row, data_file, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+algorithm, _, grid = row.partition("-")
 data = load_file(data_file)
 model = load_model("smollm2-135m")
 seconds = 0.0
 if algorithm != "fp":
     start = time.perf_counter()
     package, _ = PartitionCache().get_or_emit(meta_model(model.config), EmitOptions())
-    scheme = QuantScheme(bits=4, group_size=64, symmetric=True, act_order=algorithm == "gptq")  # the CLI's defaults
+    # the CLI's defaults; a commit from before the grid option computes min-max scales without being told
+    grid_option = {"grid": grid} if grid else {}
+    scheme = QuantScheme(bits=4, group_size=64, symmetric=True, act_order=algorithm == "gptq", **grid_option)
     options = CalibrationOptions(algorithm=algorithm, scheme=scheme)
     calibrate(model, package, batches(data["calibration"], batch_size), options)
     seconds = time.perf_counter() - start
@@ -86,8 +97,8 @@ print(json.dumps({"seconds": seconds, "rss_mb": rss, "ppl": heldout_perplexity(m
 """
 
 
-def _child(python: str, code: str, *args: str) -> dict[str, float]:
-    proc = subprocess.run([python, "-c", code, *args], capture_output=True, text=True)
+def _child(python: str, code: str, *args: str, env: dict[str, str] | None = None) -> dict[str, float]:
+    proc = subprocess.run([python, "-c", code, *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"benchmark child failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -101,7 +112,8 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8, help="seqgen samples per forward")
     parser.add_argument("--vs-llmcompressor", metavar="PYTHON", help="python of a venv with llmcompressor installed")
-    parser.add_argument("--rows", default="fp,rtn,gptq", help="which seqgen rows to run")
+    parser.add_argument("--rows", default="fp,rtn,gptq,gptq-minmax", help="seqgen rows: fp, ALGORITHM[-GRID]")
+    parser.add_argument("--vs-commit", metavar="REV", help="also run REV's gptq row (a temporary git worktree)")
     args = parser.parse_args()
 
     from safetensors.torch import save_file
@@ -119,17 +131,26 @@ def main() -> None:
             },
             data_file,
         )
+        seqgen_args = (sys.executable, _SEQGEN_CHILD)
         plan = {
-            f"seqgen {name}": (sys.executable, _SEQGEN_CHILD, name, data_file, str(args.batch_size))
-            for name in args.rows.split(",")
+            f"seqgen {name}": (*seqgen_args, name, data_file, str(args.batch_size)) for name in args.rows.split(",")
         }
+        envs = {label: _tree_env(_REPO, Path(tmp) / "cache-head") for label in plan}
+        if args.vs_commit:
+            label = f"{args.vs_commit} gptq"
+            plan[label] = (*seqgen_args, "gptq", data_file, str(args.batch_size))
+            envs[label] = _tree_env(_worktree(args.vs_commit, Path(tmp) / "base"), Path(tmp) / "cache-base")
         if args.vs_llmcompressor:
             plan["llm-compressor gptq"] = (args.vs_llmcompressor, _LLMCOMPRESSOR_CHILD, str(smollm2_dir()), data_file)
         # Round by round, every row once per round: a slow spell of the machine hits the rows of a round alike.
         rows: dict[str, list[dict[str, float]]] = {}
-        for _ in range(args.runs):
-            for label, (python, code, *child_args) in plan.items():
-                rows.setdefault(label, []).append(_child(python, code, *child_args))
+        try:
+            for _ in range(args.runs):
+                for label, (python, code, *child_args) in plan.items():
+                    rows.setdefault(label, []).append(_child(python, code, *child_args, env=envs.get(label)))
+        finally:
+            if args.vs_commit:
+                subprocess.run(["git", "-C", str(_REPO), "worktree", "remove", "--force", str(Path(tmp) / "base")])
 
     med = {k: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for k, runs in rows.items()}
     fp = med.get("seqgen fp", {}).get("ppl")
@@ -143,14 +164,33 @@ def main() -> None:
         ratio = f"{m['seconds'] / reference:.2f}x" if reference and m["seconds"] else "-"
         increase = f"{(m['ppl'] / fp - 1) * 100:+.1f}%" if fp else "-"
         print(f"{name:<22} {m['seconds']:>8.1f} {ratio:>8} {m['rss_mb']:>12.0f} {m['ppl']:>9.3f} {increase:>8}")
-    if "seqgen gptq" in rows and "llm-compressor gptq" in rows:
-        ratios = [
-            a["seconds"] / b["seconds"] for a, b in zip(rows["seqgen gptq"], rows["llm-compressor gptq"], strict=True)
-        ]
-        print(
-            f"seqgen gptq / llm-compressor gptq wall time per round: {', '.join(f'{r:.2f}x' for r in ratios)} "
-            f"(median {statistics.median(ratios):.2f}x)"
-        )
+    for other in ("llm-compressor gptq", f"{args.vs_commit} gptq"):
+        if "seqgen gptq" in rows and other in rows:
+            ratios = [a["seconds"] / b["seconds"] for a, b in zip(rows["seqgen gptq"], rows[other], strict=True)]
+            print(
+                f"seqgen gptq / {other} wall time per round: {', '.join(f'{r:.2f}x' for r in ratios)} "
+                f"(median {statistics.median(ratios):.2f}x)"
+            )
+
+
+def _worktree(rev: str, path: Path) -> Path:
+    """``rev`` checked out at ``path``. Its ``seqgen.templates`` is linked to its own ``templates/``, so that the
+    import finds them there before the editable install's mapping to this checkout's."""
+    subprocess.run(["git", "-C", str(_REPO), "worktree", "add", "--detach", str(path), rev], check=True)
+    (path / "seqgen" / "templates").symlink_to(path / "templates", target_is_directory=True)
+    return path
+
+
+def _tree_env(tree: Path, cache: Path) -> dict[str, str]:
+    """The environment of a child that imports seqgen from ``tree``, with a partition cache of its own (two trees
+    would otherwise replace each other's packages) that shares the converted models of the user's cache."""
+    from seqgen.models import smollm2_dir
+
+    (cache / "models").mkdir(parents=True, exist_ok=True)
+    link = cache / "models" / smollm2_dir().name
+    if not link.exists():
+        link.symlink_to(smollm2_dir(), target_is_directory=True)
+    return {**os.environ, "PYTHONPATH": str(tree), "SEQGEN_CACHE": str(cache)}
 
 
 if __name__ == "__main__":

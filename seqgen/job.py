@@ -40,6 +40,7 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 class CalibrationJob:
     model_id: str
     save_dir: Path
+    revision: str | None = None  # of a hub model id: a branch, tag or commit (default: main)
     package: Path | None = None
     dataset: str | Path | None = None  # a .txt/.jsonl file or a Hugging Face dataset name
     num_samples: int = 64
@@ -63,18 +64,7 @@ class JobSummary:
     model: torch.nn.Module  # quantized in place (in disk mode: the skeleton, weights released)
 
 
-def _checkpoint_dir(model_id: str) -> Path:
-    from .models import DEFAULT_MODEL, smollm2_dir
-
-    if model_id == DEFAULT_MODEL:
-        return smollm2_dir()
-    path = Path(model_id)
-    if not path.is_dir():
-        raise SeqgenError(f"{model_id!r} is not a checkpoint directory; a tokenizer and weights are needed here.")
-    return path
-
-
-def load_tokenizer(model_id: str) -> Any:
+def load_tokenizer(model_id: str, revision: str | None = None) -> Any:
     """The checkpoint's tokenizer. A vision-language checkpoint may keep its chat template with the processor
     (``chat_template.jinja``, or ``chat_template.json``) rather than the tokenizer: the tokenizer then gets it, so
     chat-formatted calibration data is rendered as the model was trained."""
@@ -82,7 +72,9 @@ def load_tokenizer(model_id: str) -> Any:
 
     from transformers import AutoTokenizer
 
-    directory = _checkpoint_dir(model_id)
+    from .models import checkpoint_dir
+
+    directory = checkpoint_dir(model_id, revision, weights=False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
@@ -115,7 +107,7 @@ def heldout_samples(tokenizer: Any, dataset: str | Path | None, seq_len: int, nu
     return _samples(tokenizer, dataset, "heldout", seq_len, num_samples)
 
 
-def model_dtype(name: str | None, model_id: str, device: torch.device) -> torch.dtype:
+def model_dtype(name: str | None, model_id: str, device: torch.device, revision: str | None = None) -> torch.dtype:
     """The torch dtype for ``--dtype NAME``; ``auto`` is the checkpoint's own (its config's ``dtype``), else fp32.
 
     Without a name: ``auto`` on CUDA (a 70B bf16 checkpoint would need twice the memory in fp32), float32 on the CPU,
@@ -129,7 +121,7 @@ def model_dtype(name: str | None, model_id: str, device: torch.device) -> torch.
         return getattr(torch, name)
     from .models import load_config
 
-    stored = getattr(load_config(model_id), "dtype", None)
+    stored = getattr(load_config(model_id, revision), "dtype", None)
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
     return stored if isinstance(stored, torch.dtype) and stored.is_floating_point else torch.float32
@@ -153,24 +145,24 @@ def run_job(job: CalibrationJob) -> JobSummary:
     from .cache import PartitionCache
     from .data import batches as make_batches
     from .emitter import EmitOptions
-    from .models import load_model, meta_model
+    from .models import checkpoint_dir, load_config, load_model, meta_model
     from .package import load
     from .runtime.loop import quantizable_linears
     from .save import check_compressed_experts, check_compressed_linears, experts_saved_dense, save_quantized
 
     start = time.perf_counter()
-    tokenizer = load_tokenizer(job.model_id)
-    dtype = model_dtype(job.dtype, job.model_id, execution_device(job.options.device))
+    tokenizer = load_tokenizer(job.model_id, job.revision)
+    dtype = model_dtype(job.dtype, job.model_id, execution_device(job.options.device), job.revision)
     # Everything that can fail runs on a weightless skeleton first (the package, the format checks, the data):
     # loading a 70B model's weights takes minutes, and a trace failure should not come after them.
     weights = None
     if job.offload == "disk":
-        directory = _checkpoint_dir(job.model_id)
+        directory = checkpoint_dir(job.model_id, job.revision)
         skeleton = _disk_model(directory, dtype)
         weights = SafetensorsWeights(directory, skeleton)
         traced = meta_model(skeleton.config)
     else:
-        skeleton = traced = meta_model(job.model_id)
+        skeleton = traced = meta_model(load_config(job.model_id, job.revision))
     options = job.options
     if job.save_format == "compressed" and options.quantize_experts:
         check_compressed_experts(skeleton, options.scheme)  # fail before the calibration, not after it
@@ -199,7 +191,7 @@ def run_job(job: CalibrationJob) -> JobSummary:
         )
     samples = calibration_samples(tokenizer, job.dataset, job.seq_len, job.num_samples)
     batches = make_batches(samples, job.batch_size)
-    model = skeleton if weights is not None else load_model(job.model_id, dtype)
+    model = skeleton if weights is not None else load_model(job.model_id, dtype, job.revision)
     if weights is not None:
         from .save import StreamingSaver
 
@@ -224,7 +216,7 @@ def run_job(job: CalibrationJob) -> JobSummary:
             job.save_dir,
             experts=result.experts,
             tokenizer=tokenizer,
-            source_dir=_checkpoint_dir(job.model_id),
+            source_dir=checkpoint_dir(job.model_id, job.revision, weights=False),
             save_format=job.save_format,
         )
     if options.observe:

@@ -5,7 +5,8 @@
   with seqgen, so emitting needs no weights; weights are converted once to a safetensors cache
   (``$SEQGEN_CACHE/models/smollm2-135m``) on first use;
 * ``tiny:<model_type>``: a tiny random model of any transformers architecture (odd sizes, fixed seed), for tests;
-* anything else is passed to transformers as a hub id (needs network access).
+* a Hugging Face Hub id ``org/name`` (with a revision where a function takes one): resolved through
+  huggingface_hub's cache, downloading what is missing (see :mod:`seqgen.hub`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "auto_class",
     "cache_dir",
+    "checkpoint_dir",
     "model_from_config",
     "load_config",
     "meta_model",
@@ -621,20 +623,39 @@ def model_from_config(config: Any, dtype: torch.dtype = torch.float32) -> torch.
     return cls._from_config(config, dtype=dtype)
 
 
-def load_config(model_id: str) -> Any:
-    """The config of a model id, without loading weights."""
+_MODEL_IDS = "a checkpoint directory, a hub id org/name, smollm2-135m, or tiny:<model_type>"
+
+
+def checkpoint_dir(model_id: str, revision: str | None = None, weights: bool = True) -> Path:
+    """The local directory of a model id's checkpoint: config, tokenizer and (``weights``) weights. A hub model's
+    snapshot gets what is missing of them downloaded first."""
+    from .hub import is_hub_id, snapshot
+
+    if model_id == DEFAULT_MODEL:
+        return smollm2_dir()
+    if Path(model_id).is_dir():
+        return Path(model_id)
+    if is_hub_id(model_id):
+        return snapshot(model_id, revision=revision, files="weights" if weights else "tokenizer")
+    raise SeqgenError(f"{model_id!r} names no checkpoint (with a tokenizer and weights); MODEL is {_MODEL_IDS}.")
+
+
+def load_config(model_id: str, revision: str | None = None) -> Any:
+    """The config of a model id, without loading weights (of a hub model: its config and modeling code only)."""
     from transformers import AutoConfig
+
+    from .hub import is_hub_id, snapshot
 
     if model_id.startswith("tiny:"):
         return tiny_config(model_id.split(":", 1)[1])
     if model_id == DEFAULT_MODEL:
         data = _smollm2_config()
         return AutoConfig.for_model(data.pop("model_type"), **data)
+    source: str | Path = snapshot(model_id, revision=revision) if is_hub_id(model_id) else model_id
     try:
-        return AutoConfig.from_pretrained(model_id)
+        return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        hint = "a local directory with config.json, smollm2-135m, or tiny:<model_type>"
-        raise SeqgenError(f"cannot load the config of {model_id!r}: {exc}. MODEL is {hint}.") from exc
+        raise SeqgenError(f"cannot load the config of {model_id!r}: {exc}. MODEL is {_MODEL_IDS}.") from exc
 
 
 def meta_model(model_id_or_config: str | Any) -> torch.nn.Module:
@@ -645,11 +666,13 @@ def meta_model(model_id_or_config: str | Any) -> torch.nn.Module:
     return model.eval()
 
 
-def load_model(model_id: str, dtype: torch.dtype = torch.float32, **kwargs: Any) -> torch.nn.Module:
+def load_model(
+    model_id: str, dtype: torch.dtype = torch.float32, revision: str | None = None, **kwargs: Any
+) -> torch.nn.Module:
     """The model with its weights (on the CPU unless ``device_map`` says otherwise)."""
     if model_id.startswith("tiny:"):
         return tiny_model(model_id.split(":", 1)[1]).to(dtype)
-    path: str | Path = smollm2_dir() if model_id == DEFAULT_MODEL else model_id
+    path = checkpoint_dir(model_id, revision)
     cls = auto_class(load_config(str(path)))
     try:
         model = cls.from_pretrained(path, dtype=dtype, **kwargs)

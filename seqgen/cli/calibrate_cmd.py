@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .options import revision_option
 from .output import out
 
 _GROUP = click.IntRange(min=-1)
@@ -16,6 +17,7 @@ def _group_size(value: int) -> int | None:
 
 
 @click.command()
+@revision_option
 @click.argument("package", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", "model_id", required=True, help="Model id or checkpoint directory (see `seqgen emit`).")
 @click.option(
@@ -95,6 +97,7 @@ def _group_size(value: int) -> int | None:
     help="compressed: compressed-tensors (packed ints + scales) for vLLM; fake: dequantized weights.",
 )
 def calibrate(
+    revision: str | None,
     package: Path | None,
     model_id: str,
     dataset: str | None,
@@ -136,6 +139,7 @@ def calibrate(
     )
     job = CalibrationJob(
         model_id=model_id,
+        revision=revision,
         package=package,
         dataset=dataset,
         num_samples=num_samples,
@@ -181,6 +185,7 @@ def calibrate(
 
 
 @click.command(name="eval")
+@revision_option
 @click.option("--model", "model_id", required=True, help="Model id or checkpoint directory (quantized or not).")
 @click.option(
     "--dataset",
@@ -204,6 +209,7 @@ def calibrate(
     "CPU), else cpu.",
 )
 def evaluate(
+    revision: str | None,
     model_id: str,
     dataset: str | None,
     seq_len: int,
@@ -222,7 +228,7 @@ def evaluate(
     placement = {}
     if target.type != "cpu":
         placement = {"device_map": "auto" if device is None else {"": str(target)}}
-    model = load_model(model_id, model_dtype(dtype, model_id, target), **placement)
-    samples = heldout_samples(load_tokenizer(model_id), dataset, seq_len, max_samples)
+    model = load_model(model_id, model_dtype(dtype, model_id, target, revision), revision, **placement)
+    samples = heldout_samples(load_tokenizer(model_id, revision), dataset, seq_len, max_samples)
     value = perplexity(model, samples, batch_size=batch_size)
     out(f"perplexity: {value:.4f} ({samples.shape[0]} samples x {seq_len} tokens)")

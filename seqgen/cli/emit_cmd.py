@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..emitter import EmitOptions
+from .options import revision_option
 from .output import out
 
 
@@ -33,6 +34,7 @@ def _sample_shape(ctx: click.Context, param: click.Parameter, value: str) -> tup
 @click.option("--ignore", multiple=True, help="Function to call as a leaf instead of tracing into it. Repeatable.")
 @click.option("--sample-shape", default="2,64", callback=_sample_shape, help="BATCH,SEQ of the trace-time sample.")
 @click.option("--force", is_flag=True, help="Replace an existing package in OUT.")
+@revision_option
 def emit(
     model: str,
     out_dir: Path,
@@ -41,17 +43,20 @@ def emit(
     ignore: tuple[str, ...],
     sample_shape: tuple[int, int],
     force: bool,
+    revision: str | None,
 ) -> None:
     """Trace MODEL once and write its subgraph package to OUT.
 
-    MODEL is a local directory, `smollm2-135m`, or `tiny:<model_type>`.
+    MODEL is a local directory, a hub id `org/name`, `smollm2-135m`, or `tiny:<model_type>`.
     """
     from ..emitter import emit as emit_package
+    from ..models import load_config, meta_model
 
     options = EmitOptions(
         targets=targets or None, targets_per_subgraph=targets_per_subgraph, ignore=ignore, sample_shape=sample_shape
     )
-    result = emit_package(model, out_dir, options, force=force)
+    source = meta_model(load_config(model, revision)) if revision else model
+    result = emit_package(source, out_dir, options, force=force)
     count = len(result.index["subgraphs"])
     out(
         f"emitted {count} subgraphs of {result.index['model_class']} to {out_dir} "
