@@ -23,7 +23,8 @@ CALIBRATE = ["--bits", "4", "--group-size", "32", "--num-samples", "2", "--seq-l
 @pytest.fixture(scope="module")
 def hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache holding ``org/tiny-llama`` at one commit (``main`` points at it), and ``org/config-only`` with its
-    tokenizer but no weights, laid out as huggingface_hub keeps them (``models--org--name/refs`` and ``snapshots/<commit>``)."""
+    tokenizer but no weights, laid out as huggingface_hub keeps them (``models--org--name/refs`` and
+    ``snapshots/<commit>``)."""
     cache = tmp_path_factory.mktemp("hub")
     for name, weights in (("tiny-llama", True), ("config-only", False)):
         repo = cache / f"models--org--{name}"
