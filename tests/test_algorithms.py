@@ -101,6 +101,25 @@ def test_full_grid_maps_each_groups_extreme_exactly(bits: int) -> None:
     assert full_error < (minmax.dequantize() - w).pow(2).sum()
 
 
+@pytest.mark.parametrize("symmetric,grid", [(True, "full"), (True, "minmax"), (False, "full")])
+def test_mse_observer_clips_outliers_for_a_finer_step(symmetric: bool, grid: str) -> None:
+    """The MSE observer never quantizes a group worse than min-max (its first candidate is the min-max range), and
+    on heavy-tailed weights it shrinks the range of the groups an outlier stretches, which lowers the error."""
+    w = random_weight(64, 128)
+    w[:, ::37] *= 6  # one outlier in most groups of 32
+    base = dict(bits=4, group_size=32, symmetric=symmetric, grid=grid)
+    minmax = quantize_rtn(w, QuantScheme(**base))
+    mse = quantize_rtn(w, QuantScheme(**base, observer="mse"))
+
+    def group_error(q: QuantizedWeight) -> torch.Tensor:
+        return (q.dequantize() - w).abs().pow(2.4).reshape(64, 4, 32).sum(-1)
+
+    assert (group_error(mse) <= group_error(minmax) * (1 + 1e-6)).all()
+    assert (mse.scale.abs() < minmax.scale.abs()).float().mean() > 0.5  # most ranges shrunk
+    assert (mse.dequantize() - w).pow(2).sum() < (minmax.dequantize() - w).pow(2).sum()
+    assert mse.codes.min() >= QuantScheme(**base).qmin and mse.codes.max() <= QuantScheme(**base).qmax
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 def test_full_grid_lowers_gptq_output_error(bits: int) -> None:
     """GPTQ on the full grid reconstructs a layer's output better than on the min-max grid (same data)."""

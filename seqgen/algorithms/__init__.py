@@ -13,6 +13,7 @@ from __future__ import annotations
 from .base import (
     ALGORITHMS,
     GRIDS,
+    OBSERVERS,
     Algorithm,
     QuantizedWeight,
     QuantScheme,
@@ -30,6 +31,7 @@ from .rtn import RTN
 __all__ = [
     "ALGORITHMS",
     "GRIDS",
+    "OBSERVERS",
     "Algorithm",
     "QuantScheme",
     "QuantizedWeight",
