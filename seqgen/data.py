@@ -167,7 +167,7 @@ def load_texts(path: str | Path, tokenizer: Any = None) -> list[str]:
         raise SeqgenError(f"cannot read texts from {path}: unknown suffix {path.suffix!r}. Pass {accepted}.")
     if not path.is_file():
         raise SeqgenError(f"cannot read texts from {path}: no such file. Pass an existing path to {accepted}.")
-    content = path.read_text(encoding="utf-8-sig")
+    content = _read_text(path, accepted)
     if suffix == ".txt":
         texts = [block.strip() for block in re.split(r"\n\s*\n", content)]
     else:
@@ -182,6 +182,25 @@ def load_texts(path: str | Path, tokenizer: Any = None) -> list[str]:
     if not texts:
         raise SeqgenError(f"{path} holds no text. Pass {accepted} with at least one non-empty document.")
     return texts
+
+
+def _read_text(path: Path, accepted: str) -> str:
+    """The file as UTF-8 text (a byte-order mark is dropped); binary or otherwise encoded files are refused with the
+    line and column of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        content = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise SeqgenError(
+            f"{path}:{line}:{column} is not UTF-8 text (byte 0x{data[exc.start]:02x}); a binary file, or text in "
+            f"another encoding. Pass {accepted}, in UTF-8 (e.g. `iconv -t UTF-8`)."
+        ) from None
+    if "\x00" in content:
+        line = content.count("\n", 0, content.index("\x00")) + 1
+        raise SeqgenError(f"{path}:{line} holds a NUL character: a binary file, not text. Pass {accepted}.")
+    return content
 
 
 def _jsonl_record(path: Path, number: int, line: str) -> dict[str, Any] | None:

@@ -1,0 +1,38 @@
+"""Inputs that must end in one message naming the file and the fix, with no traceback and nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from seqgen.cli import cli
+from seqgen.data import load_texts
+from seqgen.errors import SeqgenError
+
+CASES = {
+    "binary.txt": (b"fine text\n\x89PNG\r\n\x1a\n\x00\x00", r"binary\.txt:2:1 is not UTF-8 text \(byte 0x89\)"),
+    "latin1.jsonl": ('{"text": "caf\xe9"}\n'.encode("latin-1"), r"latin1\.jsonl:1:15 is not UTF-8 text \(byte 0xe9\)"),
+    "nul.txt": (b"one\n\ntwo\x00three\n", r"nul\.txt:3 holds a NUL character"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_data_files_that_are_not_utf8_text_are_refused_with_their_position(tmp_path: Path, name: str) -> None:
+    data, message = CASES[name]
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(SeqgenError, match=message):
+        load_texts(tmp_path / name)
+
+
+def test_calibrate_refuses_a_binary_dataset_before_loading_weights(tmp_path: Path) -> None:
+    data, message = CASES["binary.txt"]
+    (tmp_path / "binary.txt").write_bytes(data)
+    save = tmp_path / "out"
+    args = ["calibrate", "--model", "smollm2-135m", "--dataset", str(tmp_path / "binary.txt"), "--save", str(save)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    assert "is not UTF-8 text (byte 0x89)" in result.output and "Traceback" not in result.output
+    assert not save.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.txt"]
