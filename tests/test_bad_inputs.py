@@ -13,7 +13,7 @@ from seqgen.errors import SeqgenError
 
 CASES = {
     "binary.txt": (b"fine text\n\x89PNG\r\n\x1a\n\x00\x00", r"binary\.txt:2:1 is not UTF-8 text \(byte 0x89\)"),
-    "latin1.jsonl": ('{"text": "caf\xe9"}\n'.encode("latin-1"), r"latin1\.jsonl:1:15 is not UTF-8 text \(byte 0xe9\)"),
+    "latin1.jsonl": ('{"text": "caf\xe9"}\n'.encode("latin-1"), r"latin1\.jsonl:1:14 is not UTF-8 text \(byte 0xe9\)"),
     "nul.txt": (b"one\n\ntwo\x00three\n", r"nul\.txt:3 holds a NUL character"),
 }
 
