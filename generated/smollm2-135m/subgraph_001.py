@@ -11,7 +11,14 @@ CONSUMED = ("inputs_embeds",)
 TARGETS = ("model.layers.0",)
 
 
-def forward(model: torch.nn.Module, *, inputs_embeds, causal_mask, position_embeddings, position_ids) -> dict[str, Any]:
+def forward(
+    model: torch.nn.Module,
+    *,
+    inputs_embeds,
+    causal_mask,
+    position_embeddings,
+    position_ids
+) -> dict[str, Any]:
     # modeling_llama.py:394 in LlamaModel.forward
     hidden_states = model.model.layers[0](
         inputs_embeds,

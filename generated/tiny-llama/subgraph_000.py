@@ -16,8 +16,7 @@ def forward(model: torch.nn.Module, *, input_ids, attention_mask) -> dict[str, A
     # modeling_llama.py:372 in LlamaModel.forward
     inputs_embeds = model.model.embed_tokens(input_ids)
     # modeling_llama.py:379 in LlamaModel.forward
-    arange = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
-    position_ids = arange + 0
+    position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
     # modeling_llama.py:380 in LlamaModel.forward
     position_ids = position_ids.unsqueeze(0)
     # modeling_llama.py:382 in LlamaModel.forward
@@ -29,7 +28,9 @@ def forward(model: torch.nn.Module, *, input_ids, attention_mask) -> dict[str, A
         position_ids=position_ids,
     )
     # modeling_llama.py:391 in LlamaModel.forward
-    position_embeddings = model.model.rotary_emb(inputs_embeds, position_ids=position_ids)
+    position_embeddings = model.model.rotary_emb(
+        inputs_embeds, position_ids=position_ids
+    )
     return {
         "inputs_embeds": inputs_embeds,
         "position_ids": position_ids,

@@ -11,7 +11,14 @@ CONSUMED = ("hidden_states", "causal_mask", "position_embeddings", "position_ids
 TARGETS = ("model.layers.1",)
 
 
-def forward(model: torch.nn.Module, *, hidden_states, causal_mask, position_embeddings, position_ids) -> dict[str, Any]:
+def forward(
+    model: torch.nn.Module,
+    *,
+    hidden_states,
+    causal_mask,
+    position_embeddings,
+    position_ids
+) -> dict[str, Any]:
     # modeling_llama.py:394 in LlamaModel.forward
     hidden_states = model.model.layers[1](
         hidden_states,

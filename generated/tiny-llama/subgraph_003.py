@@ -14,8 +14,6 @@ TARGETS = ()
 def forward(model: torch.nn.Module, *, hidden_states) -> dict[str, Any]:
     # modeling_llama.py:404 in LlamaModel.forward
     hidden_states = model.model.norm(hidden_states)
-    # modeling_utils.py:5127 in slice_logits_to_keep
-    hidden_states = hidden_states[:, 0:, :]
     # modeling_llama.py:471 in LlamaForCausalLM.forward
     logits = model.lm_head(hidden_states)
     return {"logits": logits}

@@ -41,7 +41,8 @@ __all__ = ["EmitOptions", "EmitResult", "emit", "emit_model", "sample_inputs", "
 
 logger = logging.getLogger(__name__)
 
-BLACK_MODE = black.Mode(line_length=120, target_versions={black.TargetVersion.PY311})
+# black's defaults: a package passes `black --check` wherever it is written, whatever the project around it uses
+BLACK_MODE = black.Mode()
 DEFAULT_SAMPLE_SHAPE = (2, 64)
 
 

@@ -70,6 +70,7 @@ from .leaves import (
     resolve_leaf_functions,
     resolve_leaf_methods,
 )
+from .passes import drop_moves_to_the_trace_device, eliminate_dead_code, mark_subexpressions, remove_identities
 from .targets import find_target_units
 
 __all__ = ["InputSpec", "Guard", "Trace", "trace_model", "ROOT_NAME"]
@@ -520,6 +521,13 @@ class SeqgenTracer(torch.fx.Tracer):
                     ) from exc
         return self._values[node]
 
+    def traced_value(self, node: Node) -> Any:
+        """The value of ``node`` for the sample on the meta device, or None where it cannot be computed."""
+        try:
+            return self._concrete(node)
+        except TraceFailure:
+            return None
+
     def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
         result = super().call_module(m, forward, args, kwargs)
         if isinstance(result, Proxy) and result.node.op == "call_module" and self.is_leaf_module(m, ""):
@@ -908,46 +916,6 @@ def _call_kwargs(model: torch.nn.Module, with_cache: bool) -> dict[str, Any]:
     return kwargs
 
 
-def _dead_code_elimination(graph: torch.fx.Graph) -> None:
-    def impure(node: Node) -> bool:
-        if node.op in ("placeholder", "output") or node.meta.get("seqgen_impure"):
-            return True
-        if node.op == "call_function" and node.target is guard:
-            return True
-        if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("__"):
-            return True  # in-place tensor method
-        return node.op == "call_function" and getattr(node.target, "__name__", "") in ("setitem", "__setitem__")
-
-    for node in reversed(list(graph.nodes)):
-        if not node.users and not impure(node):
-            graph.erase_node(node)
-
-
-def _drop_moves_to_the_trace_device(graph: torch.fx.Graph) -> None:
-    """``x.to(self.device)`` in model code (Idefics3's embeddings): ``self.device`` is the meta device while tracing,
-    a constant no generated code can hold. A package runs every subgraph on one execution device, where such a
-    move does nothing, so the move is dropped (a dtype given with it is kept)."""
-
-    def is_meta(a: Any) -> bool:
-        return isinstance(a, torch.device) and a.type == "meta"
-
-    for node in list(graph.nodes):
-        if node.op != "call_method" or node.target != "to":
-            continue
-        args, kwargs = list(node.args), dict(node.kwargs)
-        if len(args) > 1 and is_meta(args[1]):
-            del args[1]
-        elif is_meta(kwargs.get("device")):
-            del kwargs["device"]
-        else:
-            continue
-        if len(args) == 1 and not kwargs:
-            node.replace_all_uses_with(args[0])
-            graph.erase_node(node)
-        else:
-            node.args, node.kwargs = tuple(args), kwargs
-
-
 def trace_model(
     model: torch.nn.Module,
     inputs: list[InputSpec],
@@ -1010,8 +978,10 @@ def _trace(
             "that branches on tensor contents, pass --ignore NAME to call it as a leaf; if it is inside a module "
             "that need not be traced, pass --targets to change the sequential targets."
         ) from exc
-    _drop_moves_to_the_trace_device(graph)
-    _dead_code_elimination(graph)
+    drop_moves_to_the_trace_device(graph)
+    eliminate_dead_code(graph)
+    remove_identities(graph, tracer.traced_value)
+    mark_subexpressions(graph, set(leaves))
     _check_fresh_instances(graph, set(target_names))
     called = {node.target[len(ROOT_NAME) + 1 :] for node in graph.nodes if node.op == "call_module"}
     calls: dict[str, list[Node]] = {}
