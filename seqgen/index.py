@@ -13,6 +13,12 @@ Fingerprint fields (a change in any of them means the graph may differ, so the p
 ``inputs``             the sample's input names, dtypes and ranks (sizes are covered by guards)
 =====================  ==================================================================================
 
+Each fact is stored once. ``model_class``, ``versions``, ``options`` (with the sample's ``sample_shape``, which is
+not fingerprinted) and ``inputs`` (with shapes; the fingerprint takes their ranks) are top-level fields;
+``fingerprint`` holds the ``config`` and ``source`` hashes and the ``digest`` over all fields, which
+:func:`fingerprint_fields` reassembles from the index. Each subgraph's ``inputs`` maps a value's name to the subgraph
+that produced it (``"model input"`` for the package's own inputs).
+
 The index protects itself: ``digest`` is the sha256 of the canonical JSON of every other field, and the file must
 equal its canonical form byte for byte, so any changed byte (hashes included) is detected. This guards against
 accidents and unreviewed edits, not against someone who recomputes the digest on purpose.
@@ -39,14 +45,19 @@ __all__ = [
     "config_fields",
     "compute_fingerprint",
     "current_versions",
+    "fingerprint_fields",
     "input_signature",
+    "MODEL_INPUT",
+    "UNFINGERPRINTED_OPTIONS",
     "dump_index",
     "parse_index",
     "sha256_bytes",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: each fact stored once; subgraph inputs name their producers
 INDEX_NAME = "index.json"
+MODEL_INPUT = "model input"  # the producer of a package input
+UNFINGERPRINTED_OPTIONS = ("sample_shape",)  # options that cannot change the graph (sizes are guarded)
 
 # config fields that name or date a checkpoint but cannot change the traced graph
 _CONFIG_IGNORED = frozenset(
@@ -145,6 +156,18 @@ def input_signature(inputs: Iterable[InputSpec]) -> list[dict[str, Any]]:
     return [{"name": s.name, "dtype": s.dtype, "rank": len(s.shape)} for s in inputs]
 
 
+def fingerprint_fields(index: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint fields of a package, reassembled from the index's top-level facts and its two hashes."""
+    return {
+        "model_class": index["model_class"],
+        "config": index["fingerprint"]["config"],
+        "source": index["fingerprint"]["source"],
+        "versions": index["versions"],
+        "options": {k: v for k, v in index["options"].items() if k not in UNFINGERPRINTED_OPTIONS},
+        "inputs": input_signature(InputSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in index["inputs"]),
+    }
+
+
 def _serialize(index: dict[str, Any]) -> str:
     return json.dumps(index, indent=2, sort_keys=False) + "\n"
 
@@ -168,8 +191,8 @@ def parse_index(text: str, where: str) -> dict[str, Any]:
         raise PackageError(f"{where} is not a seqgen index (no schema_version).")
     if index["schema_version"] != SCHEMA_VERSION:
         raise PackageError(
-            f"{where} has schema_version {index['schema_version']!r}; this seqgen reads {SCHEMA_VERSION}. "
-            "Re-emit the package with this seqgen (`seqgen emit MODEL OUT --force`)."
+            f"{where} has schema_version {index['schema_version']!r}, written by another seqgen; this one reads "
+            f"schema_version {SCHEMA_VERSION}. Re-emit the package with this seqgen (`seqgen emit MODEL OUT --force`)."
         )
     expected = dump_index(index)
     if index.get("digest") is None or expected != text:
