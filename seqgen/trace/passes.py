@@ -4,6 +4,7 @@
 * :func:`remove_identities`: ``arange + 0`` on an integer tensor and full slices ``x[:, 0:, :]`` are replaced by
   their operand, where the traced values prove them identities.
 * :func:`eliminate_dead_code`: values nothing reads are dropped, except guards, checks and in-place updates.
+* :func:`check_fresh_instances`: a fresh leaf instance (a KV cache) is refused where a read would follow a write.
 * :func:`mark_subexpressions`: an unnamed value that one expression on the same source line reads
   (``inputs_embeds + position_embeds.to(device)``) is written inside that expression instead of as a statement
   of its own named after its op.
@@ -19,9 +20,12 @@ import torch
 import torch.fx
 from torch.fx.node import Node
 
+from ..errors import TraceFailure
 from ..runtime.guards import guard
+from .frames import short_where
 
 __all__ = [
+    "check_fresh_instances",
     "SUBEXPRESSION",
     "drop_moves_to_the_trace_device",
     "eliminate_dead_code",
@@ -178,3 +182,20 @@ def _reorderable(node: Node, leaf_functions: set[Callable]) -> bool:
     if node.op == "call_function" and (node.target in leaf_functions or isinstance(node.target, type)):
         return False
     return "rand" not in getattr(node.target, "__name__", str(node.target))  # random draws keep their order
+
+
+def check_fresh_instances(graph: torch.fx.Graph, targets: set[str]) -> None:
+    """A fresh instance (a KV cache) is built anew in each subgraph, which is only right if model code reads it before
+    the first layer writes it: a read after a layer would see what that layer wrote in eager mode. ``targets`` are
+    the sequential targets' paths in the graph (``model.model.layers.0``)."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        if not node.meta.get("seqgen_fresh"):
+            continue
+        writes = [order[u] for u in node.users if u.op == "call_module" and u.target in targets]
+        late = [u for u in node.users if writes and order[u] > min(writes) and order[u] not in writes]
+        if late:
+            raise TraceFailure(
+                f"{late[0].format_node()} ({short_where(late[0].meta.get('seqgen_loc'))}) reads a "
+                f"{node.target.__name__} after a layer wrote to it; the package builds one per subgraph"
+            )
