@@ -11,6 +11,8 @@ Fingerprint fields (a change in any of them means the graph may differ, so the p
 ``versions``           seqgen, torch and transformers versions
 ``options``            targets, ``--targets-per-subgraph`` and ``--ignore``
 ``inputs``             the sample's input names, dtypes and ranks (sizes are covered by guards)
+``schema_version``     the index layout: a package of another layout is never reused (the partition cache
+                       keys packages by the digest)
 =====================  ==================================================================================
 
 Each fact is stored once. ``model_class``, ``versions``, ``options`` (with the sample's ``sample_shape``, which is
@@ -148,6 +150,7 @@ def compute_fingerprint(
         "versions": current_versions(),
         "options": options,
         "inputs": inputs,
+        "schema_version": SCHEMA_VERSION,
     }
     return {"digest": sha256_bytes(_canonical(fields).encode()), "fields": fields}
 
@@ -165,6 +168,7 @@ def fingerprint_fields(index: dict[str, Any]) -> dict[str, Any]:
         "versions": index["versions"],
         "options": {k: v for k, v in index["options"].items() if k not in UNFINGERPRINTED_OPTIONS},
         "inputs": input_signature(InputSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in index["inputs"]),
+        "schema_version": index["schema_version"],
     }
 
 

@@ -218,3 +218,17 @@ def test_identity_pass_removes_only_provable_identities() -> None:
     remaining = set(graph.nodes)
     assert all(node in remaining for node in kept) and not any(node in remaining for node in removed)
     assert graph.output_node().args[0][3:] == (ints, full)
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_a_subgraph_takes_and_returns_only_what_is_used(emitted: dict[str, tuple[Path, Path, dict]], arch: str) -> None:
+    """A value passes through no subgraph that does not read it: each input is read by the file's code, and each
+    output is read by a later subgraph or is a model output."""
+    _, package_dir, index = emitted[arch]
+    for position, sg in enumerate(index["subgraphs"]):
+        tree = ast.parse((package_dir / sg["file"]).read_text())
+        forward = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "forward")
+        read = {n.id for n in ast.walk(forward) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        assert set(sg["inputs"]) <= read, f"{sg['file']} takes {set(sg['inputs']) - read} without reading them"
+        later = {name for other in index["subgraphs"][position + 1 :] for name in other["inputs"]}
+        assert set(sg["outputs"]) <= later | set(index["outputs"]), sg["file"]
