@@ -52,6 +52,7 @@ test-slow: setup
 generated: setup
 	$(PY) cli.py emit tiny:llama generated/tiny-llama --force
 	$(PY) cli.py emit smollm2-135m generated/smollm2-135m --force
+	$(PY) cli.py emit tiny:gpt2 generated/tiny-gpt2 --force
 
 bench: setup
 	$(PY) bench/emit_load.py

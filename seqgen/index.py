@@ -11,7 +11,15 @@ Fingerprint fields (a change in any of them means the graph may differ, so the p
 ``versions``           seqgen, torch and transformers versions
 ``options``            targets, ``--targets-per-subgraph`` and ``--ignore``
 ``inputs``             the sample's input names, dtypes and ranks (sizes are covered by guards)
+``schema_version``     the index layout: a package of another layout is never reused (the partition cache
+                       keys packages by the digest)
 =====================  ==================================================================================
+
+Each fact is stored once. ``model_class``, ``versions``, ``options`` (with the sample's ``sample_shape``, which is
+not fingerprinted) and ``inputs`` (with shapes; the fingerprint takes their ranks) are top-level fields;
+``fingerprint`` holds the ``config`` and ``source`` hashes and the ``digest`` over all fields, which
+:func:`fingerprint_fields` reassembles from the index. Each subgraph's ``inputs`` maps a value's name to the subgraph
+that produced it (``"model input"`` for the package's own inputs).
 
 The index protects itself: ``digest`` is the sha256 of the canonical JSON of every other field, and the file must
 equal its canonical form byte for byte, so any changed byte (hashes included) is detected. This guards against
@@ -39,14 +47,19 @@ __all__ = [
     "config_fields",
     "compute_fingerprint",
     "current_versions",
+    "fingerprint_fields",
     "input_signature",
+    "MODEL_INPUT",
+    "UNFINGERPRINTED_OPTIONS",
     "dump_index",
     "parse_index",
     "sha256_bytes",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: each fact stored once; subgraph inputs name their producers
 INDEX_NAME = "index.json"
+MODEL_INPUT = "model input"  # the producer of a package input
+UNFINGERPRINTED_OPTIONS = ("sample_shape",)  # options that cannot change the graph (sizes are guarded)
 
 # config fields that name or date a checkpoint but cannot change the traced graph
 _CONFIG_IGNORED = frozenset(
@@ -137,12 +150,26 @@ def compute_fingerprint(
         "versions": current_versions(),
         "options": options,
         "inputs": inputs,
+        "schema_version": SCHEMA_VERSION,
     }
     return {"digest": sha256_bytes(_canonical(fields).encode()), "fields": fields}
 
 
 def input_signature(inputs: Iterable[InputSpec]) -> list[dict[str, Any]]:
     return [{"name": s.name, "dtype": s.dtype, "rank": len(s.shape)} for s in inputs]
+
+
+def fingerprint_fields(index: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint fields of a package, reassembled from the index's top-level facts and its two hashes."""
+    return {
+        "model_class": index["model_class"],
+        "config": index["fingerprint"]["config"],
+        "source": index["fingerprint"]["source"],
+        "versions": index["versions"],
+        "options": {k: v for k, v in index["options"].items() if k not in UNFINGERPRINTED_OPTIONS},
+        "inputs": input_signature(InputSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in index["inputs"]),
+        "schema_version": index["schema_version"],
+    }
 
 
 def _serialize(index: dict[str, Any]) -> str:
@@ -168,8 +195,8 @@ def parse_index(text: str, where: str) -> dict[str, Any]:
         raise PackageError(f"{where} is not a seqgen index (no schema_version).")
     if index["schema_version"] != SCHEMA_VERSION:
         raise PackageError(
-            f"{where} has schema_version {index['schema_version']!r}; this seqgen reads {SCHEMA_VERSION}. "
-            "Re-emit the package with this seqgen (`seqgen emit MODEL OUT --force`)."
+            f"{where} has schema_version {index['schema_version']!r}, written by another seqgen; this one reads "
+            f"schema_version {SCHEMA_VERSION}. Re-emit the package with this seqgen (`seqgen emit MODEL OUT --force`)."
         )
     expected = dump_index(index)
     if index.get("digest") is None or expected != text:

@@ -7,6 +7,7 @@ hash differs is refused unless the edit was accepted with ``seqgen accept`` (:fu
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import logging
 import os
@@ -21,9 +22,9 @@ from typing import Any
 import torch
 
 from .errors import FingerprintMismatch, IntegrityError, PackageError, SeqgenError
-from .index import INDEX_NAME, compute_fingerprint, dump_index, parse_index, sha256_bytes
+from .index import INDEX_NAME, compute_fingerprint, dump_index, fingerprint_fields, parse_index, sha256_bytes
 
-__all__ = ["Subgraph", "Package", "load", "accept"]
+__all__ = ["Subgraph", "Package", "load", "accept", "HEADER_CONSTANTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class Package:
 
     def expected_fingerprint(self, model: torch.nn.Module) -> dict[str, Any]:
         """The fingerprint ``model`` would have under this package's options: what the package must match."""
-        fields = self.index["fingerprint"]["fields"]
+        fields = fingerprint_fields(self.index)
         return compute_fingerprint(
             model, options=fields["options"], inputs=fields["inputs"], source_modules=list(fields["source"])
         )
@@ -130,7 +131,7 @@ class Package:
         """Raise :class:`FingerprintMismatch` naming each field that differs from ``expected``."""
         if expected["digest"] == self.fingerprint:
             return
-        mine = self.index["fingerprint"]["fields"]
+        mine = fingerprint_fields(self.index)
         theirs = expected["fields"]
         differ = []
         for key in sorted(set(mine) | set(theirs)):
@@ -179,6 +180,45 @@ def _check_file(path: Path, entry_name: str, expected: str) -> None:
         )
 
 
+HEADER_CONSTANTS = ("INPUTS", "OUTPUTS", "CONSUMED", "TARGETS")  # each equals its index field, lower-cased
+
+
+def _header_constants(file: Path) -> dict[str, Any]:
+    """The literal module-level assignments of ``file``, read as text without importing it."""
+    try:
+        tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
+    except SyntaxError as exc:
+        raise PackageError(f"{file} is not valid Python ({exc}); fix the hand edit, or re-emit the package.") from None
+    found: dict[str, Any] = {}
+    for statement in tree.body:
+        if isinstance(statement, ast.Assign) and len(statement.targets) == 1:
+            target = statement.targets[0]
+            if isinstance(target, ast.Name) and target.id in HEADER_CONSTANTS:
+                try:
+                    found[target.id] = ast.literal_eval(statement.value)
+                except ValueError:
+                    found[target.id] = ast.unparse(statement.value)
+    return found
+
+
+def _check_header(file: Path, entry: Mapping[str, Any]) -> None:
+    """The file's INPUTS, OUTPUTS, CONSUMED and TARGETS must be what the index, which the runtime follows, says."""
+    declared = _header_constants(file)
+    for constant in HEADER_CONSTANTS:
+        expected = tuple(entry[constant.lower()])
+        if constant not in declared:
+            raise PackageError(
+                f"{file} has no {constant} constant; the index says {expected}. A hand edit removed it: restore it "
+                "as emitted, or re-emit the package with `seqgen emit MODEL OUT --force`."
+            )
+        if declared[constant] != expected:
+            raise PackageError(
+                f"{file} declares {constant} = {declared[constant]!r}, but the index says {expected}; a hand edit "
+                "changed the subgraph's interface. Keep the header constants as emitted, or re-emit the package "
+                "with `seqgen emit MODEL OUT --force`."
+            )
+
+
 def load(path: str | os.PathLike[str], *, verify: bool = True) -> Package:
     """Load a package: verify the index and every file's hash, then import the subgraph files."""
     path = Path(path).resolve()
@@ -191,16 +231,11 @@ def load(path: str | os.PathLike[str], *, verify: bool = True) -> Package:
         file = path / entry["file"]
         if verify:
             _check_file(file, entry["name"], entry["sha256"])
+        _check_header(file, entry)
         module = _import_file(f"{namespace}.{entry['name']}", file)
         forward = getattr(module, "forward", None)
         if not callable(forward):
             raise PackageError(f"{file} defines no forward(model, **inputs) function.")
-        declared = tuple(getattr(module, "INPUTS", ()))
-        if declared != tuple(entry["inputs"]):
-            raise PackageError(
-                f"{file} declares INPUTS {declared} but the index says {tuple(entry['inputs'])}; a hand edit "
-                "changed the subgraph's interface. Keep INPUTS/OUTPUTS as emitted, or re-emit."
-            )
         subgraphs.append(
             Subgraph(
                 index=i,

@@ -22,6 +22,7 @@ import torch.fx
 from torch.fx.node import Node
 
 from .errors import TraceFailure
+from .trace.passes import SUBEXPRESSION
 from .trace.tracer import ROOT_NAME
 
 __all__ = ["Partition", "partition_graph", "is_inline"]
@@ -40,8 +41,11 @@ class Partition:
 
 
 def is_inline(node: Node) -> bool:
-    """Nodes rendered inside their single user's expression: attribute reads and constant indexing of them."""
+    """Nodes rendered inside their single user's expression: attribute reads, constant indexing of them, and the
+    unnamed parts of one source expression (see :func:`seqgen.trace.passes.mark_subexpressions`)."""
     if node.op == "get_attr":
+        return True
+    if node.meta.get(SUBEXPRESSION) and len(node.users) == 1:
         return True
     if node.op != "call_function" or len(node.users) != 1:
         return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import operator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import seqgen
 from seqgen import TraceFailure
 from seqgen.emitter import EmitOptions, emit_model
 from seqgen.models import TINY_SEED, meta_model, tiny_config
+from seqgen.trace.passes import remove_identities
 from seqgen.verify import random_batch
 
 
@@ -49,7 +51,7 @@ def test_one_subgraph_per_decoder_layer(emitted: dict[str, tuple[Path, Path, dic
         source = (package_dir / sg["file"]).read_text()
         tree = ast.parse(source)
         forward = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "forward")
-        assert [a.arg for a in forward.args.kwonlyargs] == sg["inputs"]
+        assert [a.arg for a in forward.args.kwonlyargs] == list(sg["inputs"])
         assert "exec(" not in source and "getattr(self" not in source
 
 
@@ -139,3 +141,94 @@ def test_large_constant_tensor_is_refused_with_its_line(tmp_path: Path) -> None:
     assert "test_emit.py:" in message and "torch.zeros(self.config.vocab_size)" in message
     assert "shape (99,)" in message and "--ignore NAME" in message
     assert not (tmp_path / "p").exists()
+
+
+def _module_calls(tree: ast.AST) -> list[ast.Call]:
+    """Calls of ``model.<path>(...)``: the generated code's module calls."""
+    calls = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and ast.unparse(node.func).startswith("model.") and "." in ast.unparse(node.func):
+            calls.append(node)
+    return calls
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_generated_code_has_no_no_op_lines_and_no_positional_none(
+    emitted: dict[str, tuple[Path, Path, dict]], arch: str
+) -> None:
+    _, package_dir, index = emitted[arch]
+    for sg in index["subgraphs"]:
+        source = (package_dir / sg["file"]).read_text()
+        assert " + 0\n" not in source and "[:, 0:, :]" not in source and "[:, :, :]" not in source, sg["file"]
+        for call in _module_calls(ast.parse(source)):
+            positional_none = [a for a in call.args if isinstance(a, ast.Constant) and a.value is None]
+            assert not positional_none, f"{sg['file']}: {ast.unparse(call)[:80]} passes None positionally"
+
+
+def test_values_take_the_source_names_not_op_names(emitted: dict[str, tuple[Path, Path, dict]]) -> None:
+    """GPT-2's ``hidden_states = inputs_embeds + position_embeds.to(inputs_embeds.device)`` is one line, as in the
+    source, instead of a value named ``to``; so are its guard's condition and ``output_shape``."""
+    _, package_dir, index = emitted["gpt2"]
+    head = (package_dir / index["subgraphs"][0]["file"]).read_text()
+    assigned = {
+        target.id
+        for node in ast.walk(ast.parse(head))
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    assert not assigned & {"to", "lt", "getitem", "add", "size", "arange"}, assigned
+    assert "hidden_states = inputs_embeds + position_embeds.to(inputs_embeds.device)" in head
+    assert "output_shape = (-1,) + input_shape[1:] + (hidden_states.size(-1),)" in head
+    assert "guard(\n        attention_mask.ndim < 4,\n" in head
+
+
+def test_identity_pass_removes_only_provable_identities() -> None:
+    """``x + 0`` is an identity on integers only (a float's -0.0 becomes 0.0, a bool tensor becomes int64), and a
+    slice is one only when it is full on every dimension."""
+    graph = torch.fx.Graph()
+    meta = {}
+
+    def value(name: str, tensor: torch.Tensor) -> torch.fx.Node:
+        node = graph.call_function(torch.empty_like, (graph.placeholder(f"{name}_in"),))
+        meta[node] = tensor
+        return node
+
+    ints, floats, bools, full, part = (
+        value(name, t)
+        for name, t in [
+            ("ints", torch.arange(3)),
+            ("floats", torch.zeros(3)),
+            ("bools", torch.ones(3, dtype=torch.bool)),
+            ("full", torch.zeros(2, 3, 4)),
+            ("part", torch.zeros(2, 3, 4)),
+        ]
+    )
+    kept = [
+        graph.call_function(operator.add, (floats, 0)),
+        graph.call_function(operator.add, (bools, 0)),
+        graph.call_function(operator.getitem, (part, (slice(None), slice(1, None), slice(None)))),
+    ]
+    removed = [
+        graph.call_function(operator.add, (0, ints)),
+        graph.call_function(operator.getitem, (full, (slice(None), slice(0, None), slice(None)))),
+    ]
+    graph.output((*kept, *removed))
+    remove_identities(graph, meta.get)
+    remaining = set(graph.nodes)
+    assert all(node in remaining for node in kept) and not any(node in remaining for node in removed)
+    assert graph.output_node().args[0][3:] == (ints, full)
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_a_subgraph_takes_and_returns_only_what_is_used(emitted: dict[str, tuple[Path, Path, dict]], arch: str) -> None:
+    """A value passes through no subgraph that does not read it: each input is read by the file's code, and each
+    output is read by a later subgraph or is a model output."""
+    _, package_dir, index = emitted[arch]
+    for position, sg in enumerate(index["subgraphs"]):
+        tree = ast.parse((package_dir / sg["file"]).read_text())
+        forward = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "forward")
+        read = {n.id for n in ast.walk(forward) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        assert set(sg["inputs"]) <= read, f"{sg['file']} takes {set(sg['inputs']) - read} without reading them"
+        later = {name for other in index["subgraphs"][position + 1 :] for name in other["inputs"]}
+        assert set(sg["outputs"]) <= later | set(index["outputs"]), sg["file"]

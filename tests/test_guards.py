@@ -56,6 +56,8 @@ def test_batch_on_the_same_side_of_the_branch_runs_exactly(package: seqgen.Packa
 
 def test_batch_on_the_other_side_raises_a_guard_error(package: seqgen.Package) -> None:
     model = windowed_model()
-    with pytest.raises(seqgen.GuardError, match=r"test_guards.py:\d+.*re-emit|Re-emit") as info:
+    with pytest.raises(
+        seqgen.GuardError, match=r"guard failed at test_guards\.py:\d+: .* Re-emit with a representative sample"
+    ) as info:
         package.run(model, **random_batch(99, 2, WINDOW - 4))
     assert "input_ids.shape[1] > self.config.window" in str(info.value)

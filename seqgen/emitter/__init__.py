@@ -19,10 +19,12 @@ from typing import Any
 import black
 import jinja2
 import torch
+from torch.fx.node import Node
 
 from ..errors import EmitFailure, SeqgenError
 from ..index import (
     INDEX_NAME,
+    MODEL_INPUT,
     SCHEMA_VERSION,
     InputSpec,
     compute_fingerprint,
@@ -41,7 +43,8 @@ __all__ = ["EmitOptions", "EmitResult", "emit", "emit_model", "sample_inputs", "
 
 logger = logging.getLogger(__name__)
 
-BLACK_MODE = black.Mode(line_length=120, target_versions={black.TargetVersion.PY311})
+# black's defaults: a package passes `black --check` wherever it is written, whatever the project around it uses
+BLACK_MODE = black.Mode()
 DEFAULT_SAMPLE_SHAPE = (2, 64)
 
 
@@ -130,9 +133,10 @@ def _render_files(trace: Trace, partitions: list[Partition]) -> tuple[dict[str, 
     files: dict[str, str] = {}
     entries: list[dict[str, Any]] = []
     count = len(partitions)
+    producers = _producers(partitions, placeholders)
     for part, body in zip(partitions, bodies, strict=True):
-        name = f"subgraph_{part.index:03d}"
-        inputs = [names[n] for n in part.inputs]
+        name = _subgraph_name(part.index)
+        inputs = {names[n]: producers[n] for n in part.inputs}
         text = env.get_template("subgraph.py.j2").render(
             seqgen_version=ver["seqgen"],
             torch_version=ver["torch"],
@@ -142,7 +146,8 @@ def _render_files(trace: Trace, partitions: list[Partition]) -> tuple[dict[str, 
             count=count,
             description=_describe(part, trace.model, count),
             imports=body.imports.lines(),
-            inputs=_tuple(inputs),
+            inputs=_tuple(list(inputs)),
+            sources=_sources(inputs),
             outputs=_tuple([names[n] for n in part.outputs]),
             consumed=_tuple([names[n] for n in part.consumed]),
             targets=_tuple(part.targets),
@@ -164,6 +169,30 @@ def _render_files(trace: Trace, partitions: list[Partition]) -> tuple[dict[str, 
             }
         )
     return files, entries
+
+
+def _subgraph_name(index: int) -> str:
+    return f"subgraph_{index:03d}"
+
+
+def _producers(partitions: list[Partition], placeholders: list[Node]) -> dict[Node, str]:
+    """For each value passed between subgraphs, the subgraph that returns it first, or the model input."""
+    producers = dict.fromkeys(placeholders, MODEL_INPUT)
+    for part in partitions:
+        for node in part.outputs:
+            producers.setdefault(node, _subgraph_name(part.index))
+    return producers
+
+
+def _sources(inputs: dict[str, str]) -> list[str]:
+    """Header lines naming where the inputs come from: ``Inputs from subgraph_000: causal_mask, position_ids.``"""
+    by_producer: dict[str, list[str]] = {}
+    for name, producer in inputs.items():
+        by_producer.setdefault(producer, []).append(name)
+    return [
+        f"{'Model inputs' if producer == MODEL_INPUT else 'Inputs from ' + producer}: {', '.join(names)}."
+        for producer, names in by_producer.items()
+    ]
 
 
 def _check_out_dir(out: Path, force: bool) -> None:
@@ -231,16 +260,21 @@ def emit_model(
         "__init__.py",
     )
     output = next(n for n in trace.graph.nodes if n.op == "output")
+    fingerprint = compute_fingerprint(
+        model,
+        options=options.fingerprint_fields(),
+        inputs=input_signature(inputs),
+        source_modules=sorted({fn.__module__ for fn in trace.leaf_functions}),
+    )
     index = {
         "schema_version": SCHEMA_VERSION,
-        "versions": current_versions(),
-        "model_class": type(model).__name__,
-        "fingerprint": compute_fingerprint(
-            model,
-            options=options.fingerprint_fields(),
-            inputs=input_signature(inputs),
-            source_modules=sorted({fn.__module__ for fn in trace.leaf_functions}),
-        ),
+        "versions": fingerprint["fields"]["versions"],
+        "model_class": fingerprint["fields"]["model_class"],
+        "fingerprint": {
+            "digest": fingerprint["digest"],
+            "config": fingerprint["fields"]["config"],
+            "source": fingerprint["fields"]["source"],
+        },
         "options": {**options.fingerprint_fields(), "sample_shape": list(options.sample_shape)},
         "inputs": [asdict(spec) | {"shape": list(spec.shape)} for spec in inputs],
         "outputs": list(output.args[0].keys()),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import inspect
 import math
 import operator
 import os
@@ -21,6 +22,7 @@ from torch.fx.node import Node, _get_qualified_name
 from ..errors import EmitFailure
 from ..partition import Partition, is_inline
 from ..runtime.guards import guard
+from ..trace.passes import SUBEXPRESSION
 from ..trace.tracer import ROOT_NAME
 
 __all__ = ["RenderedBody", "render_partition", "Imports"]
@@ -49,6 +51,17 @@ _BINARY = {
     operator.is_not: "is not",
 }
 _UNARY = {operator.neg: "-", operator.pos: "+", operator.invert: "~", operator.not_: "not "}
+# Python's operator precedence, for parentheses around a subexpression written inside another: higher binds tighter
+_PRIMARY = 16  # calls, attribute reads, subscripts
+_PRECEDENCE = {operator.pow: 15, operator.neg: 14, operator.pos: 14, operator.invert: 14}
+_PRECEDENCE |= dict.fromkeys((operator.mul, operator.matmul, operator.truediv, operator.floordiv, operator.mod), 13)
+_PRECEDENCE |= {operator.add: 12, operator.sub: 12, operator.lshift: 11, operator.rshift: 11, operator.and_: 10}
+_PRECEDENCE |= {operator.xor: 9, operator.or_: 8, operator.not_: 6}
+_COMPARISON = 7
+_PRECEDENCE |= dict.fromkeys(
+    (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.is_, operator.is_not),
+    _COMPARISON,
+)
 
 
 @dataclass
@@ -158,11 +171,18 @@ class _Renderer:
     def node_expr(self, node: Node) -> str:
         if node.op == "get_attr":
             return _module_expr(self.root, str(node.target))
-        if is_inline(node):
-            if node.target is getattr:
-                return f"{self.node_expr(node.args[0])}.{node.args[1]}"
-            return f"{self.node_expr(node.args[0])}[{node.args[1]}]"
-        return self.names[node]
+        if not is_inline(node):
+            return self.names[node]
+        if node.meta.get(SUBEXPRESSION):
+            return self.expression(node)
+        if node.target is getattr:
+            return f"{self.operand(node.args[0], _PRIMARY)}.{node.args[1]}"
+        return f"{self.operand(node.args[0], _PRIMARY)}[{node.args[1]}]"
+
+    def operand(self, a: Any, binding: int) -> str:
+        """``a`` where an expression of at least precedence ``binding`` is needed: parenthesized if it binds less."""
+        text = self.value(a)
+        return f"({text})" if isinstance(a, Node) and is_inline(a) and _precedence(a) < binding else text
 
     def function(self, fn: Any) -> str:
         qualified = _get_qualified_name(fn)
@@ -190,26 +210,63 @@ class _Renderer:
 
     def expression(self, node: Node) -> str:
         if node.op == "call_module":
-            return f"{_module_expr(self.root, str(node.target))}({self.call_args(node.args, node.kwargs)})"
+            module = self.root.get_submodule(str(node.target))
+            args, kwargs = _with_keywords(module, node.args, node.kwargs)
+            return f"{_module_expr(self.root, str(node.target))}({self.call_args(args, kwargs)})"
         if node.op == "call_method":
             obj, *rest = node.args
-            return f"{self.value(obj)}.{node.target}({self.call_args(tuple(rest), node.kwargs)})"
+            return f"{self.operand(obj, _PRIMARY)}.{node.target}({self.call_args(tuple(rest), node.kwargs)})"
         target = node.target
         if target is operator.getitem:
-            return f"{self.value(node.args[0])}[{self.value(node.args[1], in_subscript=True)}]"
+            return f"{self.operand(node.args[0], _PRIMARY)}[{self.value(node.args[1], in_subscript=True)}]"
         if target is getattr:
-            return f"{self.value(node.args[0])}.{node.args[1]}"
+            return f"{self.operand(node.args[0], _PRIMARY)}.{node.args[1]}"
         if target is operator.setitem:
             obj, key, item = node.args
-            return f"{self.value(obj)}[{self.value(key, in_subscript=True)}] = {self.value(item)}"
+            return f"{self.operand(obj, _PRIMARY)}[{self.value(key, in_subscript=True)}] = {self.value(item)}"
         if target in _BINARY and len(node.args) == 2 and not node.kwargs:
-            return f"{self.value(node.args[0])} {_BINARY[target]} {self.value(node.args[1])}"
+            left, right = _operand_bindings(target)
+            return f"{self.operand(node.args[0], left)} {_BINARY[target]} {self.operand(node.args[1], right)}"
         if target in _UNARY and len(node.args) == 1:
-            return f"{_UNARY[target]}{self.value(node.args[0])}"
+            return f"{_UNARY[target]}{self.operand(node.args[0], _PRECEDENCE[target])}"
         if target is guard:
             self.imports.names["guard"] = ("seqgen.runtime.guards", "guard")
             return f"guard({self.call_args(node.args, node.kwargs)})"
         return f"{self.function(target)}({self.call_args(node.args, node.kwargs)})"
+
+
+def _precedence(node: Node) -> int:
+    if node.op == "call_function" and len(node.args) in (1, 2) and not node.kwargs:
+        return _PRECEDENCE.get(node.target, _PRIMARY)
+    return _PRIMARY
+
+
+def _operand_bindings(target: Any) -> tuple[int, int]:
+    """The precedence each operand of a binary operator needs to be written without parentheses."""
+    precedence = _PRECEDENCE[target]
+    if precedence == _COMPARISON:  # a < b == c would chain
+        return precedence + 1, precedence + 1
+    if target is operator.pow:  # right-associative, and -x ** 2 is -(x ** 2)
+        return _PRIMARY, _PRECEDENCE[operator.neg]
+    return precedence, precedence + 1
+
+
+def _with_keywords(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A module call's arguments after the first as keywords, named from its ``forward`` signature, so calls read
+    ``layer(hidden_states, attention_mask=causal_mask, head_mask=None)``. The first stays positional: forward hooks
+    read it from their ``args``."""
+    if len(args) < 2:
+        return args, kwargs
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return args, kwargs
+    named = params[: len(args)]
+    if len(named) < len(args) or any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in named):
+        return args, kwargs
+    if any(p.name in kwargs for p in named):
+        return args, kwargs
+    return args[:1], {**{p.name: a for p, a in zip(named[1:], args[1:], strict=True)}, **kwargs}
 
 
 def _location_comment(node: Node) -> tuple[str, int, str] | None:

@@ -34,20 +34,17 @@ What it does beyond ``torch.fx.Tracer``:
 * **Config objects** are referenced as ``model.config`` (or the owning submodule's config), never rebuilt.
 
 Errors name the module, the source line and the construct, and the option that would get past it.
+
+The tracer's parts: :mod:`.proxies` (proxies, meta evaluation), :mod:`.patches` (the global patches of tracing, one
+context manager), :mod:`.passes` (graph passes after tracing), :mod:`.frames` (which frames are model code).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dis
-import functools
 import inspect
 import linecache
 import logging
 import operator
-import os
-import sysconfig
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,15 +58,32 @@ from torch.fx.proxy import Attribute, Proxy
 from ..errors import TraceFailure
 from ..index import InputSpec
 from ..runtime.guards import guard
+from .frames import (
+    first_line,
+    frame_location,
+    in_assertion,
+    innermost_model_frame,
+    is_model_code,
+    model_frame_of,
+    model_line,
+    short_where,
+)
 from .leaves import (
     CACHE_NUMERICS,
     effect_functions,
-    leaf_class,
-    leaf_methods,
     modules_to_patch,
     resolve_leaf_functions,
     resolve_leaf_methods,
 )
+from .passes import (
+    check_fresh_instances,
+    drop_moves_to_the_trace_device,
+    eliminate_dead_code,
+    mark_subexpressions,
+    remove_identities,
+)
+from .patches import LeafPatches, module_state_journal, tracing_patches
+from .proxies import InstanceProxy, SeqgenProxy, run_leaf_function, weights_on_meta
 from .targets import find_target_units
 
 __all__ = ["InputSpec", "Guard", "Trace", "trace_model", "ROOT_NAME"]
@@ -77,19 +91,6 @@ __all__ = ["InputSpec", "Guard", "Trace", "trace_model", "ROOT_NAME"]
 logger = logging.getLogger(__name__)
 
 ROOT_NAME = "model"  # the wrapper's child: graph paths read model.<path>, as the generated code does
-
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_SEQGEN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-_STDLIB_DIR = sysconfig.get_paths()["stdlib"] + os.sep
-_SKIP_DIRS: tuple[str, ...] = (_TORCH_DIR, _SEQGEN_DIR, _STDLIB_DIR)
-try:
-    import transformers
-
-    _TRANSFORMERS_DIR = os.path.dirname(transformers.__file__) + os.sep
-    # decorators and hooks: their frames are plumbing, not model code
-    _SKIP_DIRS += (_TRANSFORMERS_DIR + "utils" + os.sep, _TRANSFORMERS_DIR + "integrations" + os.sep)
-except ImportError:  # pragma: no cover - transformers is a dependency
-    _TRANSFORMERS_DIR = ""
 
 
 @dataclass(frozen=True)
@@ -134,187 +135,6 @@ _TRACE_CODE = torch.fx.Tracer.trace.__code__  # frames above it belong to the ca
 _MAX_LITERAL_TENSOR = 16
 
 
-def _is_model_code(filename: str) -> bool:
-    return not filename.startswith(_SKIP_DIRS) and not filename.startswith("<")
-
-
-def _location(frame: Any) -> tuple[str, int, str]:
-    code = frame.f_code
-    return code.co_filename, frame.f_lineno, getattr(code, "co_qualname", code.co_name)
-
-
-def short_where(loc: tuple[str, int, str] | None) -> str:
-    if loc is None:
-        return "<unknown>"
-    return f"{os.path.basename(loc[0])}:{loc[1]}"
-
-
-class _ProxyMixin:
-    """Python protocol methods that need a concrete value: resolved from meta values and guarded."""
-
-    tracer: SeqgenTracer
-
-    def __len__(self) -> int:
-        return self.tracer.concrete_len(self)  # type: ignore[arg-type]
-
-    def __index__(self) -> int:
-        return self.tracer.concrete_int(self)  # type: ignore[arg-type]
-
-    def __int__(self) -> int:
-        return self.tracer.concrete_int(self)  # type: ignore[arg-type]
-
-    def __format__(self, spec: str) -> str:  # a traced value in an f-string message: known only at run time
-        return "<traced value>"
-
-    def __setitem__(self, key: Any, value: Any) -> None:  # in-place update: a statement in the generated code
-        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
-
-    def __getattr__(self, k: str) -> Attribute:
-        node = self.node if isinstance(self, Proxy) and not isinstance(self, Attribute) else None
-        if node is not None and node.op == "get_attr" and not k.startswith("__"):
-            owner = _real_attribute(self.tracer.root, str(node.target))
-            if not hasattr(owner, k):  # hasattr(weight, "SCB") must be False, as it is for the real parameter
-                raise AttributeError(f"{type(owner).__name__} {node.target} has no attribute {k!r}")
-        return SeqgenAttribute(self, k)  # type: ignore[arg-type]
-
-
-def _real_attribute(root: torch.nn.Module, dotted: str) -> Any:
-    """The object at ``dotted`` under ``root``, read past torch.fx's patched ``Module.__getattr__``."""
-    obj: Any = root
-    for part in dotted.split("."):
-        if isinstance(obj, torch.nn.Module):
-            for store in ("_parameters", "_buffers", "_modules"):
-                members = obj.__dict__.get(store, {})
-                if part in members:
-                    obj = members[part]
-                    break
-            else:
-                obj = object.__getattribute__(obj, part)
-        else:
-            obj = getattr(obj, part)
-    return obj
-
-
-class SeqgenProxy(_ProxyMixin, Proxy):
-    pass
-
-
-class SeqgenAttribute(_ProxyMixin, Attribute):
-    pass
-
-
-class _InstanceProxy(SeqgenProxy):
-    """The proxy of a leaf-class instance (a KV cache): ``isinstance`` sees the class, so branches stay right."""
-
-    def __init__(self, node: Node, tracer: SeqgenTracer, cls: type) -> None:
-        super().__init__(node, tracer)
-        object.__setattr__(self, "_seqgen_class", cls)
-
-    @property  # type: ignore[misc]
-    def __class__(self) -> type:  # noqa: D105 - isinstance() falls back to __class__
-        return object.__getattribute__(self, "_seqgen_class")
-
-
-def _leaf_method_wrapper(name: str, tracer: SeqgenTracer, effect: bool) -> Callable:
-    def wrapper(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        path = tracer.path_of_module(module)
-        owner = tracer.create_proxy("get_attr", path, (), {})  # path_of_module is relative to the root: model.x
-        proxy = tracer.create_proxy("call_method", name, (owner, *args), kwargs)
-        proxy.node.meta["seqgen_leaf_method"] = True
-        if effect:
-            proxy.node.meta["seqgen_impure"] = True  # called for its effect on the model
-            return proxy
-        return tracer.leaf_result(proxy)
-
-    return wrapper
-
-
-def _leaf_function_wrapper(fn: Callable, tracer: SeqgenTracer) -> Callable:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        proxies: list[Proxy] = []
-        torch.fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, Proxy) else a)
-        if not proxies:
-            return fn(*args, **kwargs)
-        proxy = tracer.create_proxy("call_function", fn, args, kwargs)
-        if fn in tracer.effect_functions:
-            proxy.node.meta["seqgen_impure"] = True  # a check: kept although nothing reads its result
-        return tracer.leaf_result(proxy)
-
-    return wrapper
-
-
-class _LeafClassMeta(type):
-    """The type of a stand-in for a leaf class in model code's globals: calling it adds a node to the graph."""
-
-    seqgen_class: type
-    seqgen_fresh: bool
-    seqgen_tracer: SeqgenTracer
-
-    def __instancecheck__(cls, obj: Any) -> bool:
-        return isinstance(obj, cls.seqgen_class)
-
-    def __subclasscheck__(cls, sub: type) -> bool:
-        return issubclass(sub, cls.seqgen_class)
-
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        return cls.seqgen_tracer.create_instance(cls.seqgen_class, cls.seqgen_fresh, args, kwargs)
-
-    def __getattr__(cls, name: str) -> Any:
-        return getattr(cls.seqgen_class, name)
-
-
-class _LeafPatches:
-    """Stand-ins for the leaf classes and leaf functions in the globals of the model's modules, active while
-    tracing. A leaf function called with traced values becomes one node; its dict, tuple or list result is returned
-    as a container of items, so that ``isinstance(masks, dict)`` and ``masks[layer_type]`` behave as in eager mode."""
-
-    def __init__(
-        self, modules: list, functions: list[Callable], methods: list[tuple[type, str]], tracer: SeqgenTracer
-    ) -> None:
-        self._patches: list[tuple[Any, str, Any, Any]] = []
-        function_ids = {id(fn) for fn in functions}
-        for module in modules:
-            for name, value in list(vars(module).items()):
-                fresh = leaf_class(value)
-                if fresh is not None:
-                    standin: Any = _LeafClassMeta(
-                        value.__name__, (), {"seqgen_class": value, "seqgen_fresh": fresh, "seqgen_tracer": tracer}
-                    )
-                elif id(value) in function_ids:
-                    standin = _leaf_function_wrapper(value, tracer)
-                else:
-                    continue
-                self._patches.append((module, name, value, standin))
-        registry = leaf_methods()
-        for cls, name in [*registry, *methods]:
-            if any(isinstance(m, cls) for m in tracer.model.modules()):
-                wrapper = _leaf_method_wrapper(name, tracer, effect=(cls, name) in registry)
-                self._patches.append((cls, name, cls.__dict__[name], wrapper))
-        self._on = False
-
-    def _set(self, on: bool) -> None:
-        self._on = on
-        for owner, name, original, standin in self._patches:
-            setattr(owner, name, standin if on else original)
-
-    @contextlib.contextmanager
-    def _state(self, on: bool) -> Iterator[None]:
-        before = self._on
-        self._set(on)
-        try:
-            yield
-        finally:
-            self._set(before)
-
-    def active(self) -> contextlib.AbstractContextManager[None]:
-        return self._state(True)
-
-    def reverted(self) -> contextlib.AbstractContextManager[None]:
-        """Real classes while concrete values are computed (module code run on meta may build a cache)."""
-        return self._state(False)
-
-
 class SeqgenTracer(torch.fx.Tracer):
     """torch.fx Tracer for transformers models; see the module docstring."""
 
@@ -343,7 +163,7 @@ class SeqgenTracer(torch.fx.Tracer):
                 ancestors.add(id(modules[".".join(parts[:i])]))
         self._ancestors = ancestors
         self._autowrap_search.extend(modules_to_patch(model))
-        self._leaf_patches = _LeafPatches(modules_to_patch(model), leaf_functions, list(leaf_methods), self)
+        self.leaf_patches = LeafPatches(modules_to_patch(model), leaf_functions, list(leaf_methods), self)
         self.guards: list[Guard] = []
         self._values: dict[Node, Any] = {}
         self._failures: dict[Node, Exception] = {}
@@ -352,13 +172,13 @@ class SeqgenTracer(torch.fx.Tracer):
         self._literals: dict[int, tuple[torch.Tensor, Node]] = {}
 
     def trace(self, root, concrete_args=None):  # type: ignore[override]
-        with _proxy_aware_torch_functions(), self._leaf_patches.active(), _traced_module_state(self):
+        with tracing_patches(self):
             return super().trace(root, concrete_args)
 
     def create_instance(self, cls: type, fresh: bool, args: tuple, kwargs: dict) -> Proxy:
         """A leaf class instantiated by traced code: a node whose proxy passes ``isinstance(proxy, cls)``."""
         proxy = self.create_proxy(
-            "call_function", cls, args, kwargs, proxy_factory_fn=lambda node: _InstanceProxy(node, self, cls)
+            "call_function", cls, args, kwargs, proxy_factory_fn=lambda node: InstanceProxy(node, self, cls)
         )
         proxy.node.meta["seqgen_fresh"] = fresh
         return proxy
@@ -373,6 +193,10 @@ class SeqgenTracer(torch.fx.Tracer):
             if config is not None and id(config) not in paths:
                 paths[id(config)] = f"{ROOT_NAME}.{name}.config" if name else f"{ROOT_NAME}.config"
         return paths
+
+    def is_traced_through(self, module: torch.nn.Module) -> bool:
+        """Whether ``module``'s forward is traced: an ancestor of a sequential target, not a target itself."""
+        return id(module) in self._ancestors and id(module) not in self._targets
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, _Root):
@@ -419,11 +243,11 @@ class SeqgenTracer(torch.fx.Tracer):
         each subgraph that uses it. torch.fx would store it as an attribute of the traced root, which no package file
         could hold."""
         if type(a) is not torch.Tensor or a.device.type != "cpu" or a.numel() > _MAX_LITERAL_TENSOR:
-            where, code = _innermost_model_line()
+            loc, code = model_line()
             raise TraceFailure(
-                f"{where}: `{code}` uses a constant {a.device.type} tensor of shape {tuple(a.shape)} made while "
-                f"tracing; only CPU constants of up to {_MAX_LITERAL_TENSOR} elements are written into the generated "
-                "code. Pass --ignore NAME for the function that makes or uses it, so that it runs as a leaf."
+                f"{short_where(loc)}: `{code}` uses a constant {a.device.type} tensor of shape {tuple(a.shape)} made "
+                f"while tracing; only CPU constants of up to {_MAX_LITERAL_TENSOR} elements are written into the "
+                "generated code. Pass --ignore NAME for the function that makes or uses it, so that it runs as a leaf."
             )
         known = self._literals.get(id(a))
         if known is not None and known[0] is a:
@@ -431,9 +255,7 @@ class SeqgenTracer(torch.fx.Tracer):
         node = self.create_node("call_function", torch.tensor, (a.tolist(),), {"dtype": a.dtype})
         node.meta["seqgen_literal"] = True
         self._literals[id(a)] = (a, node)  # the tensor is kept, so its id is not reused
-        frame = inspect.currentframe()
-        while frame is not None and not _is_model_code(frame.f_code.co_filename):
-            frame = frame.f_back
+        frame = innermost_model_frame()
         if frame is not None:  # named after the model code's local, as traced values are
             name = next((k for k, v in frame.f_locals.items() if v is a and not k.startswith("_")), None)
             if name is not None:
@@ -446,9 +268,9 @@ class SeqgenTracer(torch.fx.Tracer):
         frame = inspect.currentframe()
         location = None
         while frame is not None and frame.f_code is not _TRACE_CODE:
-            if _is_model_code(frame.f_code.co_filename):
+            if is_model_code(frame.f_code.co_filename):
                 if location is None:
-                    location = _location(frame)
+                    location = frame_location(frame)
                 self._name_from_locals(frame)
             frame = frame.f_back
         node.meta["seqgen_loc"] = location
@@ -499,10 +321,10 @@ class SeqgenTracer(torch.fx.Tracer):
         # on meta (recurrent states) is undone
         with (
             _maybe_revert_all_patches(),
-            self._leaf_patches.reverted(),
+            self.leaf_patches.reverted(),
             torch.no_grad(),
             torch.device("meta"),
-            _module_state_undone(),
+            module_state_journal(),
         ):
             for current in order:
                 try:
@@ -515,10 +337,17 @@ class SeqgenTracer(torch.fx.Tracer):
                     raise TraceFailure(
                         f"control flow on a traced value in {site} needs the value of `{current.format_node()}` "
                         f"({short_where(current.meta.get('seqgen_loc'))}), which cannot be computed from shapes "
-                        f"alone on the meta device ({type(exc).__name__}: {_first_line(exc)}). To trace past it, "
+                        f"alone on the meta device ({type(exc).__name__}: {first_line(exc)}). To trace past it, "
                         f"{advice}."
                     ) from exc
         return self._values[node]
+
+    def traced_value(self, node: Node) -> Any:
+        """The value of ``node`` for the sample on the meta device, or None where it cannot be computed."""
+        try:
+            return self._concrete(node)
+        except TraceFailure:
+            return None
 
     def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
         result = super().call_module(m, forward, args, kwargs)
@@ -571,16 +400,16 @@ class SeqgenTracer(torch.fx.Tracer):
             if node.target is guard:
                 return None
             if node.target in self._leaf_functions:
-                return _run_leaf_function(node.target, args, kwargs)
+                return run_leaf_function(node.target, args, kwargs)
             return node.target(*args, **kwargs)  # type: ignore[operator]
         if node.op == "call_method":
             if node.meta.get("seqgen_leaf_method"):
-                return _run_leaf_function(getattr(args[0], str(node.target)), args[1:], kwargs)
+                return run_leaf_function(getattr(args[0], str(node.target)), args[1:], kwargs)
             return getattr(args[0], str(node.target))(*args[1:], **kwargs)
         if node.op == "call_module":
             module = self.root.get_submodule(str(node.target))
             try:
-                with _weights_on_meta(module):
+                with weights_on_meta(module):
                     return module(*args, **kwargs)
             except Exception:
                 like = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
@@ -595,12 +424,10 @@ class SeqgenTracer(torch.fx.Tracer):
     def site(self) -> tuple[str, str]:
         """Where model code is running now, and what would help: ``("LlamaModel `model.model`, in
         LlamaModel.forward (modeling_llama.py:380): `code`", "pass --targets ...")``."""
-        frame = inspect.currentframe()
-        while frame is not None and not _is_model_code(frame.f_code.co_filename):
-            frame = frame.f_back
+        frame = innermost_model_frame()
         if frame is None:
             return "<unknown location>", "pass --targets to choose other sequential targets"
-        loc = _location(frame)
+        loc = frame_location(frame)
         code = linecache.getline(loc[0], loc[1]).strip()
         owner = frame
         while owner is not None and not isinstance(owner.f_locals.get("self"), torch.nn.Module):
@@ -631,17 +458,8 @@ class SeqgenTracer(torch.fx.Tracer):
             advice.append("choose sequential targets that contain this code with `--targets`")
         return text, "; or ".join(advice)
 
-    def _caller(self) -> tuple[tuple[str, int, str] | None, str]:
-        frame = inspect.currentframe()
-        while frame is not None and not _is_model_code(frame.f_code.co_filename):
-            frame = frame.f_back
-        if frame is None:
-            return None, ""
-        loc = _location(frame)
-        return loc, linecache.getline(loc[0], loc[1]).strip()
-
     def _add_guard(self, kind: str, value_proxy: Proxy, expected: bool | int) -> None:
-        loc, code = self._caller()
+        loc, code = model_line()
         where = short_where(loc)
         label = f"{where}: {code}" if code else where
         node = self.create_proxy("call_function", guard, (value_proxy, expected, label), {}).node
@@ -649,7 +467,7 @@ class SeqgenTracer(torch.fx.Tracer):
         self.guards.append(Guard(kind=kind, expected=expected, where=where, code=code))
 
     def to_bool(self, obj: Proxy) -> bool:
-        if _in_assertion():
+        if in_assertion():
             try:
                 holds = bool(self._concrete(obj.node))
             except Exception:
@@ -664,7 +482,7 @@ class SeqgenTracer(torch.fx.Tracer):
             site, advice = self.site()
             raise TraceFailure(
                 f"{site} branches on tensor contents: tracing on the meta device knows shapes, not values "
-                f"({type(exc).__name__}: {_first_line(exc)}). To trace past it, {advice}."
+                f"({type(exc).__name__}: {first_line(exc)}). To trace past it, {advice}."
             ) from exc
         self._add_guard("bool", obj, result)
         return result
@@ -686,199 +504,6 @@ class SeqgenTracer(torch.fx.Tracer):
     def iter(self, obj: Proxy) -> Iterator:
         n = self.concrete_len(obj)
         return iter([obj[i] for i in range(n)])
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _model_frame_of(exc: BaseException) -> str:
-    """' in Class.method (file:line: `code`)' for the innermost model-code frame of a traceback, or ''."""
-    found = ""
-    for frame, lineno in traceback.walk_tb(exc.__traceback__):
-        filename = frame.f_code.co_filename
-        if _is_model_code(filename):
-            qualname = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
-            code = linecache.getline(filename, lineno).strip()
-            found = f" in {qualname} ({os.path.basename(filename)}:{lineno}: `{code}`)"
-    return found
-
-
-@contextlib.contextmanager
-def _traced_module_state(tracer: SeqgenTracer) -> Iterator[None]:
-    """Model code that stores a traced value on a module. On a module whose forward is traced (ctrl caches its
-    position table moved to the input's device) later reads see the value and are recorded like any other, and the
-    attribute gets its old value back after tracing. On any other module (recurrent state set up for a layer) the
-    value would be read by code that runs untraced, which the generated code cannot feed: that is refused."""
-    original = torch.nn.Module.__setattr__
-    restore: list[tuple[torch.nn.Module, str, bool, Any]] = []
-
-    def setattr_checked(module: torch.nn.Module, name: str, value: Any) -> None:
-        found: list[Proxy] = []
-        torch.fx.node.map_aggregate(value, lambda a: found.append(a) if isinstance(a, Proxy) else a)
-        if found:
-            if id(module) not in tracer._ancestors or id(module) in tracer._targets:
-                loc, code = _innermost_model_line()
-                raise TraceFailure(
-                    f"{type(module).__name__} stores a traced value as its attribute `{name}` ({loc}: `{code}`) "
-                    "for code that is not traced to read later; the generated code cannot set that state. Make "
-                    "that module a target with --targets, or call the function that sets it as a leaf with "
-                    "--ignore NAME."
-                )
-            _remember(restore, module, name)
-        original(module, name, value)
-
-    torch.nn.Module.__setattr__ = setattr_checked  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.nn.Module.__setattr__ = original  # type: ignore[method-assign]
-        _undo(restore, original)
-
-
-@contextlib.contextmanager
-def _module_state_undone() -> Iterator[None]:
-    """Every module attribute set inside gets its old value back (or is deleted) on exit."""
-    current = torch.nn.Module.__setattr__
-    journal: list[tuple[torch.nn.Module, str, bool, Any]] = []
-
-    def recording_setattr(module: torch.nn.Module, name: str, value: Any) -> None:
-        _remember(journal, module, name)
-        current(module, name, value)
-
-    torch.nn.Module.__setattr__ = recording_setattr  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.nn.Module.__setattr__ = current  # type: ignore[method-assign]
-        _undo(journal, current)
-
-
-_Journal = list[tuple[torch.nn.Module, str, bool, Any]]
-
-
-def _remember(journal: _Journal, module: torch.nn.Module, name: str) -> None:
-    """Record a module attribute's value (or its absence) before it is set."""
-    had = name in module.__dict__ or name in module._buffers or name in module._parameters
-    journal.append((module, name, had, _real_attribute(module, name) if had else None))
-
-
-def _undo(journal: _Journal, setattr_fn: Any) -> None:
-    """Give every recorded attribute its old value back, newest first; delete those that did not exist."""
-    for module, name, had, old in reversed(journal):
-        if had:
-            setattr_fn(module, name, old)
-        elif hasattr(module, name):
-            delattr(module, name)
-
-
-def _innermost_model_line() -> tuple[str, str]:
-    frame = inspect.currentframe()
-    while frame is not None and not _is_model_code(frame.f_code.co_filename):
-        frame = frame.f_back
-    if frame is None:
-        return "<unknown>", ""
-    loc = _location(frame)
-    return short_where(loc), linecache.getline(loc[0], loc[1]).strip()
-
-
-@contextlib.contextmanager
-def _weights_on_meta(module: torch.nn.Module) -> Iterator[None]:
-    """Meta stand-ins for weights that are not on meta (legacy ``nn.Parameter(torch.FloatTensor(n))`` ignores the
-    meta device a model is built on), for as long as the module runs on meta values."""
-    swapped: list[tuple[dict, str, Any]] = []
-    for sub in module.modules():
-        for store in (sub._parameters, sub._buffers):
-            for name, tensor in list(store.items()):
-                if tensor is not None and not tensor.is_meta:
-                    swapped.append((store, name, tensor))
-                    meta = torch.empty_like(tensor, device="meta")
-                    store[name] = torch.nn.Parameter(meta, tensor.requires_grad) if store is sub._parameters else meta
-    try:
-        yield
-    finally:
-        for store, name, tensor in swapped:
-            store[name] = tensor
-
-
-def _run_leaf_function(fn: Callable, args: Any, kwargs: Any) -> Any:
-    """Run a leaf function on meta values; one that reads tensor contents (a mask builder checking for padding) runs
-    on CPU tensors of the same shapes (integers 1, floats 0) and its result goes back to meta. Only its shapes are
-    used: decisions taken from them are guarded like any other."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as exc:
-        error = exc
-
-    def to_meta(a: Any) -> Any:
-        return a.to("meta") if isinstance(a, torch.Tensor) else a
-
-    # integer inputs all ones (tokens, no padding); all zeros; or masks of ones and zeros elsewhere (an unpadded
-    # text-only batch: no image placeholder tokens)
-    for ints, mask_ints in ((1, 1), (0, 0), (0, 1)):
-
-        def to_cpu(a: Any, fill: int) -> Any:
-            if isinstance(a, torch.Tensor) and a.is_meta:
-                fill = 0 if a.is_floating_point() or a.is_complex() else fill
-                return torch.full(a.shape, fill, dtype=a.dtype, device="cpu")
-            return a
-
-        cpu_args = torch.fx.node.map_aggregate(args, lambda a: to_cpu(a, ints))
-        cpu_kwargs = {
-            k: torch.fx.node.map_aggregate(v, lambda a, k=k: to_cpu(a, mask_ints if "mask" in k else ints))
-            for k, v in kwargs.items()
-        }
-        try:
-            with torch.device("cpu"):
-                result = fn(*cpu_args, **cpu_kwargs)
-        except Exception:
-            continue
-        return torch.utils._pytree.tree_map(to_meta, result)
-    raise error
-
-
-def _in_assertion() -> bool:
-    """Whether the innermost model-code frame is evaluating the condition of an ``assert`` statement."""
-    frame = inspect.currentframe()
-    while frame is not None and not _is_model_code(frame.f_code.co_filename):
-        frame = frame.f_back
-    if frame is None:
-        return False
-    instructions = list(dis.get_instructions(frame.f_code))
-    for i, instruction in enumerate(instructions[:-1]):
-        if instruction.offset == frame.f_lasti:
-            return "IF_TRUE" in instruction.opname and instructions[i + 1].opname == "LOAD_ASSERTION_ERROR"
-    return False
-
-
-# torch functions that build tensors or type info from sizes and dtypes: called with traced arguments they become
-# graph nodes (torch.fx only intercepts functions that take a tensor)
-_FACTORY_FUNCTIONS = ("arange", "empty", "eye", "finfo", "full", "iinfo", "ones", "rand", "randn", "tensor", "zeros")
-
-
-@contextlib.contextmanager
-def _proxy_aware_torch_functions() -> Iterator[None]:
-    originals = {name: getattr(torch, name) for name in _FACTORY_FUNCTIONS}
-
-    def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            proxies: list[Proxy] = []
-            torch.fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, Proxy) else a)
-            if proxies:
-                return proxies[0].tracer.create_proxy("call_function", fn, args, kwargs)
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    try:
-        for name, fn in originals.items():
-            setattr(torch, name, wrap(fn))
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(torch, name, fn)
 
 
 def _is_shape(node: Node) -> bool:
@@ -906,46 +531,6 @@ def _call_kwargs(model: torch.nn.Module, with_cache: bool) -> dict[str, Any]:
     if "return_dict" in params:
         kwargs["return_dict"] = True
     return kwargs
-
-
-def _dead_code_elimination(graph: torch.fx.Graph) -> None:
-    def impure(node: Node) -> bool:
-        if node.op in ("placeholder", "output") or node.meta.get("seqgen_impure"):
-            return True
-        if node.op == "call_function" and node.target is guard:
-            return True
-        if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("__"):
-            return True  # in-place tensor method
-        return node.op == "call_function" and getattr(node.target, "__name__", "") in ("setitem", "__setitem__")
-
-    for node in reversed(list(graph.nodes)):
-        if not node.users and not impure(node):
-            graph.erase_node(node)
-
-
-def _drop_moves_to_the_trace_device(graph: torch.fx.Graph) -> None:
-    """``x.to(self.device)`` in model code (Idefics3's embeddings): ``self.device`` is the meta device while tracing,
-    a constant no generated code can hold. A package runs every subgraph on one execution device, where such a
-    move does nothing, so the move is dropped (a dtype given with it is kept)."""
-
-    def is_meta(a: Any) -> bool:
-        return isinstance(a, torch.device) and a.type == "meta"
-
-    for node in list(graph.nodes):
-        if node.op != "call_method" or node.target != "to":
-            continue
-        args, kwargs = list(node.args), dict(node.kwargs)
-        if len(args) > 1 and is_meta(args[1]):
-            del args[1]
-        elif is_meta(kwargs.get("device")):
-            del kwargs["device"]
-        else:
-            continue
-        if len(args) == 1 and not kwargs:
-            node.replace_all_uses_with(args[0])
-            graph.erase_node(node)
-        else:
-            node.args, node.kwargs = tuple(args), kwargs
 
 
 def trace_model(
@@ -1004,15 +589,17 @@ def _trace(
     except TraceFailure:
         raise
     except Exception as exc:
-        where = _model_frame_of(exc)
+        where = model_frame_of(exc)
         raise TraceFailure(
             f"tracing {type(model).__name__} failed{where}: {type(exc).__name__}: {exc}. If this is a helper "
             "that branches on tensor contents, pass --ignore NAME to call it as a leaf; if it is inside a module "
             "that need not be traced, pass --targets to change the sequential targets."
         ) from exc
-    _drop_moves_to_the_trace_device(graph)
-    _dead_code_elimination(graph)
-    _check_fresh_instances(graph, set(target_names))
+    drop_moves_to_the_trace_device(graph)
+    eliminate_dead_code(graph)
+    remove_identities(graph, tracer.traced_value)
+    mark_subexpressions(graph, set(leaves))
+    check_fresh_instances(graph, {f"{ROOT_NAME}.{t}" for t in target_names})
     called = {node.target[len(ROOT_NAME) + 1 :] for node in graph.nodes if node.op == "call_module"}
     calls: dict[str, list[Node]] = {}
     for node in graph.nodes:
@@ -1051,19 +638,3 @@ def _trace(
         leaf_functions=leaves,
         skipped_targets=missing,
     )
-
-
-def _check_fresh_instances(graph: torch.fx.Graph, targets: set[str]) -> None:
-    """A fresh instance (a KV cache) is built anew in each subgraph, which is only right if model code reads it before
-    the first layer writes it: a read after a layer would see what that layer wrote in eager mode."""
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    for node in graph.nodes:
-        if not node.meta.get("seqgen_fresh"):
-            continue
-        writes = [order[u] for u in node.users if u.op == "call_module" and u.target[len(ROOT_NAME) + 1 :] in targets]
-        late = [u for u in node.users if writes and order[u] > min(writes) and order[u] not in writes]
-        if late:
-            raise TraceFailure(
-                f"{late[0].format_node()} ({short_where(late[0].meta.get('seqgen_loc'))}) reads a "
-                f"{node.target.__name__} after a layer wrote to it; the package builds one per subgraph"
-            )
