@@ -34,6 +34,7 @@ import json
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ __all__ = [
     "current_versions",
     "fingerprint_fields",
     "input_signature",
+    "package_file",
     "MODEL_INPUT",
     "UNFINGERPRINTED_OPTIONS",
     "dump_index",
@@ -170,6 +172,25 @@ def fingerprint_fields(index: dict[str, Any]) -> dict[str, Any]:
         "inputs": input_signature(InputSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in index["inputs"]),
         "schema_version": index["schema_version"],
     }
+
+
+def package_file(root: Path, name: str) -> Path:
+    """The file ``name`` that an index lists, inside the package at ``root``. A name that is absolute, holds ``..``,
+    is no plain file name or resolves (through links) outside ``root`` is refused: an index names files of its own
+    package only, so a forged one cannot make the loader import code from elsewhere."""
+    candidate = root / name
+    if (
+        not isinstance(name, str)
+        or Path(name).is_absolute()
+        or Path(name).name != name
+        or name in ("", ".", "..")
+        or not candidate.resolve().is_relative_to(root.resolve())
+    ):
+        raise PackageError(
+            f"{root / INDEX_NAME} lists the file {name!r}, which is not a file of the package directory; an index "
+            "names only files beside it. Re-emit the package with `seqgen emit MODEL OUT --force`."
+        )
+    return candidate
 
 
 def _serialize(index: dict[str, Any]) -> str:

@@ -22,7 +22,15 @@ from typing import Any
 import torch
 
 from .errors import FingerprintMismatch, IntegrityError, PackageError, SeqgenError
-from .index import INDEX_NAME, compute_fingerprint, dump_index, fingerprint_fields, parse_index, sha256_bytes
+from .index import (
+    INDEX_NAME,
+    compute_fingerprint,
+    dump_index,
+    fingerprint_fields,
+    package_file,
+    parse_index,
+    sha256_bytes,
+)
 
 __all__ = ["Subgraph", "Package", "load", "accept", "HEADER_CONSTANTS"]
 
@@ -228,7 +236,7 @@ def load(path: str | os.PathLike[str], *, verify: bool = True) -> Package:
     namespace = f"seqgen_packages.p{index['fingerprint']['digest'][:16]}_{sha256_bytes(str(path).encode())[:8]}"
     subgraphs = []
     for i, entry in enumerate(index["subgraphs"]):
-        file = path / entry["file"]
+        file = package_file(path, entry["file"])
         if verify:
             _check_file(file, entry["name"], entry["sha256"])
         _check_header(file, entry)
@@ -266,7 +274,7 @@ def accept(path: str | os.PathLike[str]) -> list[str]:
     edited: dict[str, str] = dict(index.get("edited", {}))
     changed = []
     for entry in index["subgraphs"]:
-        file = path / entry["file"]
+        file = package_file(path, entry["file"])
         if not file.is_file():
             raise IntegrityError(f"{file} is listed in the index but missing; re-emit the package.")
         actual = sha256_bytes(file.read_bytes())

@@ -15,21 +15,30 @@ _PACKAGE = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.command()
 @click.argument("package", type=_PACKAGE)
 def show(package: Path) -> None:
-    """Summarize PACKAGE: model, fingerprint, subgraphs, guards and hand-edited files."""
-    from ..package import load
+    """Summarize PACKAGE without running any of it: model, fingerprint, subgraphs (runs of layers with one body
+    grouped), guards, and files edited or missing since the index was written."""
+    from ..review import group_subgraphs, read_package
 
-    pkg = load(package, verify=False)
-    index = pkg.index
-    out(f"{package}: {index['model_class']}, {len(pkg.subgraphs)} subgraphs, fingerprint {pkg.fingerprint[:16]}")
+    text = read_package(package)
+    index = text.index
+    entries = index["subgraphs"]
+    digest = index["fingerprint"]["digest"]
+    out(f"{package}: {index['model_class']}, {len(entries)} subgraphs, fingerprint {digest[:16]}")
     out("versions: " + ", ".join(f"{k} {v}" for k, v in index["versions"].items()))
     out("inputs: " + ", ".join(f"{s['name']} {s['dtype']}{s['shape']}" for s in index["inputs"]))
-    for sg in pkg.subgraphs:
-        what = ", ".join(sg.targets) or ("head" if sg.index == 0 else "tail")
-        out(f"  {sg.name}  {what:<24} in: {', '.join(sg.inputs)}  out: {', '.join(sg.outputs)}")
+    for group in group_subgraphs(text):
+        entry = entries[group.first]
+        modules = ", ".join(entry["modules"]) or "no modules"
+        out(f"  {group.label()}" if group.targets else f"  {group.names[0]}: {modules} (not a target)")
+        out(f"      in: {', '.join(entry['inputs'])}  out: {', '.join(entry['outputs'])}")
     for i, g in enumerate(index["guards"]):
         out(f"guard {i}: {g['where']} expects {g['expected']!r}: {g['code']}")
-    if pkg.edited_files:
-        out("edited (accepted by hand): " + ", ".join(pkg.edited_files), fg="yellow")
+    if index.get("edited"):
+        out("edited (accepted by hand): " + ", ".join(index["edited"]), fg="yellow")
+    if text.edited:
+        out(f"changed since the index was written (review, then `seqgen accept {package}`): {', '.join(text.edited)}")
+    if text.missing:
+        err(f"missing: {', '.join(text.missing)}; re-emit the package", fg="red")
 
 
 @click.command()

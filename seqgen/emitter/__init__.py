@@ -60,6 +60,23 @@ class EmitOptions:
     # for a vision-language model: its vision tower and projector then run in the head subgraph
     extra_inputs: tuple[InputSpec, ...] = ()
 
+    @classmethod
+    def of_package(cls, index: dict[str, Any]) -> EmitOptions:
+        """The options a package was emitted with, read from its index (to emit the same package again)."""
+        options = index["options"]
+        standard = {spec.name for spec in sample_inputs()}
+        return cls(
+            targets=tuple(options["targets"]) if options["targets"] else None,
+            targets_per_subgraph=options["targets_per_subgraph"],
+            ignore=tuple(options["ignore"]),
+            sample_shape=tuple(options["sample_shape"]),
+            extra_inputs=tuple(
+                InputSpec(s["name"], s["dtype"], tuple(s["shape"]))
+                for s in index["inputs"]
+                if s["name"] not in standard
+            ),
+        )
+
     def fingerprint_fields(self) -> dict[str, Any]:
         return {
             "targets": list(self.targets) if self.targets else None,
