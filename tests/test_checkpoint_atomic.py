@@ -1,4 +1,4 @@
-"""One atomic directory replace: whatever ends the block, the old directory stays whole and nothing is left beside it."""
+"""One atomic directory replace: whatever ends the block, the old directory stays whole and nothing is left over."""
 
 from __future__ import annotations
 
