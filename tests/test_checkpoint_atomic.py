@@ -169,6 +169,8 @@ def test_the_streaming_saver_leaves_nothing_behind_when_the_calibration_stops(tm
                     raise KeyboardInterrupt
 
             calibrate(skeleton, package, batches, options, weights=weights, on_subgraph_done=add, keep_results=False)
+        with pytest.raises(seqgen.SeqgenError, match="outside its with block"):
+            saver.add(package.subgraphs[0], {})
 
     streamed(tmp_path / "disk")
     assert checkpoint_differences(memory, tmp_path / "disk") == []

@@ -85,11 +85,14 @@ class StreamingSaver:
         directory, self._directory = self._directory, None
         if directory is None:
             return
-        if exc_type is not None:
-            directory.__exit__(exc_type, exc, tb)  # removes the temporary directory; the exception goes on
-            return
-        with directory:  # renames the finished checkpoint into place, or removes it if finishing fails
-            self._finish()
+        try:
+            if exc_type is not None:
+                directory.__exit__(exc_type, exc, tb)  # removes the temporary directory; the exception goes on
+                return
+            with directory:  # renames the finished checkpoint into place, or removes it if finishing fails
+                self._finish()
+        finally:
+            self.tmp = None  # add() after the block is an error, not a write into a directory that is gone
         logger.info(
             "saved %s (%s format, streamed) to %s",
             counts_text(len(self.shapes), len(self.expert_shapes)),
