@@ -19,7 +19,7 @@ expert) and checks that
 
 6. **calibrated**: at least one weight was quantized, every quantized linear holds its dequantized codes, and no
    other parameter changed;
-7. **round trip**: the model saved in compressed-tensors format (``seqgen.save.save_quantized``) loads with
+7. **round trip**: the model saved in compressed-tensors format (``seqgen.checkpoint.save_quantized``) loads with
    ``from_pretrained`` and its logits equal the in-memory quantized model's (max abs diff <= 1e-5); where the default
    (packed) load fails on the model's own code, the checkpoint decompressed while loading is compared instead;
 8. **disk offload**: the same calibration with the weights left in the saved model's safetensors files (a meta
@@ -231,8 +231,8 @@ def _calibrate_one(model: Any, package: Any, task: dict[str, Any]) -> dict[str, 
     import transformers
 
     from seqgen.algorithms import QuantScheme
+    from seqgen.checkpoint import save_quantized
     from seqgen.runtime import CalibrationOptions, calibrate
-    from seqgen.save import save_quantized
     from seqgen.verify import random_batch
 
     row: dict[str, Any] = {"cal_calibrated": False, "cal_round_trip": False}
@@ -322,26 +322,25 @@ def _disk_check(task: dict[str, Any], package: Any, batches: list[Any], options:
 
     import torch
 
+    from seqgen.checkpoint import SafetensorsWeights, StreamingSaver
     from seqgen.job import _disk_model
-    from seqgen.runtime import SafetensorsWeights, calibrate
-    from seqgen.save import StreamingSaver
+    from seqgen.runtime import calibrate
     from seqgen.verify import checkpoint_differences
 
     directory = Path(task["model_dir"])
     skeleton = _disk_model(directory, torch.float32)
     weights = SafetensorsWeights(directory, skeleton)
     disk_out = memory_out.parent / "quantized-disk"
-    saver = StreamingSaver(skeleton, weights, disk_out)
-    calibrate(
-        skeleton,
-        package,
-        batches,
-        dataclasses.replace(options, reuse_allocations=False),
-        weights=weights,
-        on_subgraph_done=saver.add,
-        keep_results=False,
-    )
-    saver.finish()
+    with StreamingSaver(skeleton, weights, disk_out) as saver:
+        calibrate(
+            skeleton,
+            package,
+            batches,
+            dataclasses.replace(options, reuse_allocations=False),
+            weights=weights,
+            on_subgraph_done=saver.add,
+            keep_results=False,
+        )
 
     differences = checkpoint_differences(memory_out, disk_out)
     if differences:

@@ -75,11 +75,12 @@ def main() -> None:
 
     from seqgen.algorithms import QuantScheme
     from seqgen.cache import PartitionCache
+    from seqgen.checkpoint import SafetensorsWeights
     from seqgen.data import batches
     from seqgen.emitter import EmitOptions
     from seqgen.job import _disk_model, calibration_samples, heldout_samples, load_tokenizer
     from seqgen.models import load_model, meta_model, smollm2_dir
-    from seqgen.runtime import CalibrationOptions, CalibrationResult, SafetensorsWeights, calibrate
+    from seqgen.runtime import CalibrationOptions, CalibrationResult, calibrate
 
     tokenizer = load_tokenizer("smollm2-135m")
     calibration = calibration_samples(tokenizer, None, args.seq_len, args.num_samples)

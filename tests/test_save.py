@@ -13,9 +13,9 @@ import torch
 from safetensors import safe_open
 
 from seqgen.algorithms.base import QuantizedWeight, QuantScheme, quantize_rtn
+from seqgen.checkpoint import apply_fake_quant, check_compressed_experts, check_compressed_linears, save_quantized
 from seqgen.errors import SeqgenError
 from seqgen.models import meta_model, tiny_model
-from seqgen.save import apply_fake_quant, check_compressed_experts, check_compressed_linears, save_quantized
 
 # hidden 64 / intermediate 128: every in_features is a multiple of the group size 32
 SIZES = {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16}
@@ -338,7 +338,7 @@ def test_fused_experts_errors_name_the_expert(tmp_path: Path, caplog: pytest.Log
     assert not any(tmp_path.iterdir())
 
     # experts left unquantized in a compressed checkpoint: saved, with a warning that transformers cannot load it
-    caplog.set_level(logging.WARNING, logger="seqgen.save")
+    caplog.set_level(logging.WARNING, logger="seqgen.checkpoint")
     save_quantized(model, quantized, tmp_path / "dense-only")
     assert (
         "24 dense tensors of this compressed-tensors checkpoint (e.g. model.layers.0.block_sparse_moe.experts.0.w1"
@@ -379,7 +379,7 @@ def test_experts_saved_fused_where_the_checkpoint_keeps_them_fused(
     quantized = _quantize(model, scheme)
     experts = _quantize_experts(model, scheme)
     apply_fake_quant(model, quantized, experts=experts)
-    caplog.set_level(logging.WARNING, logger="seqgen.save")
+    caplog.set_level(logging.WARNING, logger="seqgen.checkpoint")
     out = save_quantized(model, quantized, tmp_path / "out", experts=experts)
     assert "model.layers.0.block_sparse_moe.experts: transformers" in caplog.text
     assert "saved dequantized (full size)" in caplog.text

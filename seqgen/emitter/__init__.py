@@ -9,8 +9,6 @@ from __future__ import annotations
 import ast
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ import jinja2
 import torch
 from torch.fx.node import Node
 
+from ..checkpoint import atomic_directory
 from ..errors import EmitFailure, SeqgenError
 from ..index import (
     INDEX_NAME,
@@ -231,21 +230,9 @@ def _check_out_dir(out: Path, force: bool) -> None:
 def write_package(out: Path, files: dict[str, str], force: bool) -> None:
     """Write ``files`` as directory ``out`` atomically: a temp sibling, then a rename."""
     _check_out_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, replace=force) as tmp:
         for name, text in sorted(files.items()):
             (tmp / name).write_text(text, encoding="utf-8")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def emit_model(

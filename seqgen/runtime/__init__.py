@@ -9,7 +9,6 @@ __all__ = [
     "SubgraphReport",
     "calibrate",
     "Dispatcher",
-    "SafetensorsWeights",
     "execution_device",
     "IntermediatesCache",
 ]
@@ -18,7 +17,7 @@ __all__ = [
 def __getattr__(name: str):  # noqa: ANN202 - generated code imports guards only; the rest loads on first use
     if name in ("CalibrationOptions", "CalibrationResult", "SubgraphReport", "calibrate"):
         from . import loop as module
-    elif name in ("Dispatcher", "SafetensorsWeights", "execution_device"):
+    elif name in ("Dispatcher", "execution_device"):
         from . import dispatch as module
     elif name == "IntermediatesCache":
         from . import intermediates as module

@@ -8,7 +8,7 @@ Hessians) from the tokens routed to it, without changing the module or its kerne
 also feeds every expert's statistics (the output is unchanged), so rarely routed experts still get Hessian data.
 
 Each expert's slice is then quantized like a linear layer and written back, dequantized, into the 3D parameter
-(``save.py`` stores the compressed format as one packed linear per expert).
+(``seqgen.checkpoint`` stores the compressed format as one packed linear per expert).
 ``down_proj``'s statistics see what the module computes between the two projections: its own ``_apply_gate`` where it
 has one (clamped or soft-capped SwiGLUs of newer models), else ``act_fn(gate) * up``.
 
@@ -35,7 +35,6 @@ __all__ = [
     "EXPERT_PARAMS",
     "UNGATED_PARAMS",
     "FusedExperts",
-    "checkpoint_layout",
     "expert_params",
     "expert_weight",
     "find_fused_experts",
@@ -319,74 +318,3 @@ class FusedExperts:
             weight = expert_weight(self.module, param_name, e)
             weight.copy_(quantized.dequantize(weight.dtype).to(weight.device))
         self._pending.clear()
-
-
-def _expert_probes(
-    model: torch.nn.Module, owners: list[str]
-) -> tuple[dict[str, torch.Tensor], list[tuple[str, int, int, int]], int]:
-    """Every row of the experts parameters of ``owners`` tagged with its own index (two equal columns), the tag
-    range of each parameter ``(parameter, first tag, end tag, rows per expert)``, and the number of tags."""
-    probes: dict[str, torch.Tensor] = {}
-    ranges: list[tuple[str, int, int, int]] = []
-    start = 0
-    for name in (f"{o}.{p}" for o in owners for p in expert_params(model.get_submodule(o))):
-        experts, rows = model.get_parameter(name).shape[:2]
-        probes[name] = torch.arange(start, start + experts * rows).reshape(experts, rows, 1).repeat(1, 1, 2)
-        ranges.append((name, start, start + experts * rows, rows))
-        start += experts * rows
-    return probes, ranges, start
-
-
-def checkpoint_layout(model: torch.nn.Module, owner: str) -> dict[str, tuple[str, int, torch.Tensor]] | None:
-    """Where transformers' save-time weight conversion puts the experts of the fused module ``owner``: checkpoint
-    weight name -> (fused parameter, expert, its rows there, in ``[out, in]`` orientation); None when it does not
-    split them into one 2-D weight per expert (architectures whose checkpoints keep the experts fused, e.g.
-    GraniteMoE). Llama 4's experts, stored fused, load per expert when quantized: that layout is fixed.
-
-    Each row of each fused parameter is tagged with its index (two equal columns: some transformers versions squeeze
-    a dimension of size 1 while splitting) and the tags go through ``revert_weight_conversion`` (what
-    ``save_pretrained`` runs), so the names and splits are the model's own, e.g. Mixtral's
-    ``block_sparse_moe.experts.<e>.w1.weight`` = rows ``[0, I)`` of expert ``e`` of ``gate_up_proj``.
-    """
-    from transformers.core_model_loading import revert_weight_conversion
-
-    module = model.get_submodule(owner)
-    if is_transposed_experts(module):  # what transformers' SequentialLlama4TextExperts loads: a Llama4TextMLP each
-        experts, hidden, two_inter = module.gate_up_proj.shape
-        gate, up = torch.arange(two_inter // 2), torch.arange(two_inter // 2, two_inter)
-        return {
-            key: value
-            for e in range(experts)
-            for key, value in (
-                (f"{owner}.{e}.gate_proj.weight", (f"{owner}.gate_up_proj", e, gate)),
-                (f"{owner}.{e}.up_proj.weight", (f"{owner}.gate_up_proj", e, up)),
-                (f"{owner}.{e}.down_proj.weight", (f"{owner}.down_proj", e, torch.arange(hidden))),
-            )
-        }
-    try:
-        probes, ranges, start = _expert_probes(model, [owner])
-        reverted = revert_weight_conversion(model, dict(probes))
-    except ValueError:
-        # a converter that gathers the experts of several modules of one MoE block into one list of checkpoint
-        # experts (Ernie 4.5 VL's text and vision experts) needs them all: probed together, the owner's layout kept
-        block = owner.rsplit(".", 2)[0]
-        owners = [owner] + [o for o in find_fused_experts(model.get_submodule(block), block) if o != owner]
-        probes, ranges, start = _expert_probes(model, owners)
-        reverted = revert_weight_conversion(model, dict(probes))
-    layout: dict[str, tuple[str, int, torch.Tensor]] = {}
-    seen = torch.zeros(start, dtype=torch.long)
-    for key, tags in sorted(reverted.items()):
-        per_expert = tags.dim() == 2 and tags.shape[1] == 2 and key.endswith(".weight")
-        if not per_expert or not torch.equal(tags[:, 0], tags[:, 1]):  # a split of whole rows, not transposed
-            return None
-        flat = tags[:, 0]
-        param, first, end, rows = next(r for r in ranges if r[1] <= int(flat[0]) < r[2])
-        expert = (flat - first) // rows
-        if int(flat.min()) < first or int(flat.max()) >= end or not bool((expert == expert[0]).all()):
-            return None
-        layout[key] = (param, int(expert[0]), (flat - first) % rows)
-        seen[flat] += 1
-    # every row exactly once, and the names are final: save_pretrained's own revert must leave them as they are
-    if not bool((seen == 1).all()) or sorted(revert_weight_conversion(model, dict(reverted))) != sorted(reverted):
-        return None
-    return {key: value for key, value in layout.items() if value[0].startswith(f"{owner}.")}

@@ -41,9 +41,10 @@ from ..algorithms import (
     get_algorithm,
     quantize_rtn,
 )
+from ..checkpoint import SafetensorsWeights
 from ..errors import SeqgenError
 from ..package import Package, Subgraph
-from .dispatch import Dispatcher, SafetensorsWeights, execution_device
+from .dispatch import Dispatcher, execution_device
 from .experts import FusedExperts, expert_params, expert_weight, find_fused_experts, unsupported_experts
 from .intermediates import IntermediatesCache, StopBatch
 from .memory import release_free_memory, reuse_large_allocations
