@@ -155,7 +155,7 @@ def run_job(job: CalibrationJob) -> JobSummary:
     from .emitter import EmitOptions
     from .models import load_model, meta_model
     from .package import load
-    from .runtime.loop import quantizable_linears
+    from .runtime.selection import quantizable_linears
     from .save import check_compressed_experts, check_compressed_linears, experts_saved_dense, save_quantized
 
     start = time.perf_counter()

@@ -15,7 +15,8 @@ from seqgen.algorithms import ALGORITHMS, QuantScheme, get_algorithm
 from seqgen.emitter import emit_model
 from seqgen.models import meta_model, tiny_model
 from seqgen.runtime import CalibrationOptions, SafetensorsWeights, calibrate
-from seqgen.runtime.loop import _Collector, quantizable_linears
+from seqgen.runtime.collector import Collector
+from seqgen.runtime.selection import quantizable_linears
 from seqgen.verify import random_batch
 
 SIZES = {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16}  # divisible by the group size 32
@@ -39,7 +40,7 @@ def test_linears_reading_one_input_share_statistics(package: seqgen.Package) -> 
     m = model()
     layer = package.subgraphs[1]
     linears = quantizable_linears(m, layer, ())
-    collector = _Collector(get_algorithm("gptq", SCHEME), linears, observe=False)
+    collector = Collector(get_algorithm("gptq", SCHEME), linears, observe=False)
     values = dict(package.subgraphs[0].forward(m, **random_batch(99, 2, 8)))
     with torch.no_grad(), collector:
         collector.new_batch(None)
@@ -317,13 +318,13 @@ def test_experts_no_token_reached_are_quantized_round_to_nearest(caplog: pytest.
     """GPTQ has no Hessian for an expert that no calibration token reached: it is quantized round-to-nearest in the
     same scheme (a layer of quantized and unquantized experts could not be served), with a warning."""
     from seqgen.algorithms import quantize_rtn
+    from seqgen.runtime.compress import never_ran
     from seqgen.runtime.experts import FusedExperts
-    from seqgen.runtime.loop import _never_ran
 
     linears = {f"model.layers.0.mlp.experts.{e}.{p}": torch.nn.Linear(2, 2) for e in range(2) for p in ("w1", "w2")}
     linears["model.layers.0.self_attn.q_proj"] = torch.nn.Linear(2, 2)
     stats = {name: None for name in linears if ".experts.0." in name}
-    assert _never_ran(linears, stats) == (
+    assert never_ran(linears, stats) == (
         ["model.layers.0.self_attn.q_proj"],
         ["model.layers.0.mlp.experts.1.w1", "model.layers.0.mlp.experts.1.w2"],
     )
@@ -481,7 +482,7 @@ def test_ungated_experts_are_calibrated_and_saved_per_expert(tmp_path: Path) -> 
 def test_moe_routers_and_shared_expert_gates_stay_unquantized(tmp_path: Path) -> None:
     """Routing linears (one logit per expert, or a shared expert's one-output gate) keep full precision, as vLLM
     builds them and as llm-compressor's MoE recipes leave them; shared experts themselves are quantized."""
-    from seqgen.runtime.loop import routing_linears
+    from seqgen.runtime.selection import routing_linears
 
     assert routing_linears(tiny_model("phimoe")) == {f"model.layers.{i}.mlp.router" for i in range(2)}
     assert routing_linears(tiny_model("llama4_text")) == {"model.layers.0.feed_forward.router"}
