@@ -168,7 +168,7 @@ def test_the_steps_run_one_by_one_give_what_calibrate_gives(package: seqgen.Pack
             if sub.propagation_pass:
                 steps.propagate(run, state, sub)
             sub.bar.close()
-            steps.offload(run, state, sub)
+            steps.offload(run, sub)
             steps.record(run, state, sub)
             assert state.next_subgraph == index + 1
             assert list(state.result.quantized) == [

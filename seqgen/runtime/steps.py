@@ -9,8 +9,8 @@
 1. **onload** exactly the modules the subgraph's index entry lists, and prefetch the next subgraph's;
 2. **calibration pass** over all batches with hooks on what gets quantized (:class:`~seqgen.runtime.collector.Collector`
    for linears, :class:`~seqgen.runtime.experts.FusedExperts`). Its outputs are dropped, so after the first batch each
-   batch stops at the last linear's input. With ``experts_per_pass`` the pass repeats for each group of experts; the
-   steps 2-4 then run once per group, and the model is written back after the last (every pass sees the same model);
+   batch stops at the last linear's input. With ``experts_per_pass`` steps 2-4 run once per group of experts: each
+   group is quantized after its pass, and every weight is written back after the last (each pass sees the same model);
 3. **reduce** the statistics: :func:`reduce_statistics` is the only place statistics are combined across processes;
 4. **compress** every linear and expert: its weight becomes the dequantized quantized weight;
 5. **propagate**: run again with quantized weights, so the next subgraph sees quantized outputs (skipped with
@@ -18,7 +18,8 @@
 6. **offload**, after ``on_subgraph_done`` has the subgraph's quantized weights (streamed saving).
 
 Steps take the fixed :class:`~seqgen.runtime.state.CalibrationRun`, the :class:`~seqgen.runtime.state.CalibrationState`
-that carries between subgraphs, and the subgraph's own :class:`~seqgen.runtime.state.SubgraphState`.
+that carries between subgraphs, and the subgraph's own :class:`~seqgen.runtime.state.SubgraphState`. After
+:func:`record`, ``CalibrationState`` is all the next subgraph needs: that is where a checkpoint for resuming goes.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def calibrate_subgraph(run: CalibrationRun, state: CalibrationState) -> None:
             with _phase(sub, "propagate"):
                 propagate(run, state, sub)
     with _phase(sub, "offload"):
-        offload(run, state, sub)
+        offload(run, sub)
     record(run, state, sub)
 
 
@@ -229,7 +230,7 @@ def propagate(run: CalibrationRun, state: CalibrationState, sub: SubgraphState) 
         state.cache.run(run.model, sub.subgraph, commit=True, progress=lambda: sub.bar.update())
 
 
-def offload(run: CalibrationRun, state: CalibrationState, sub: SubgraphState) -> None:
+def offload(run: CalibrationRun, sub: SubgraphState) -> None:
     """Hand the quantized weights to ``on_subgraph_done`` while they are still on the device, then move the
     subgraph's modules back (disk offload: their memory goes back to the OS)."""
     if run.on_subgraph_done is not None:
