@@ -149,7 +149,7 @@ def run_job(job: CalibrationJob) -> JobSummary:
     from .emitter import EmitOptions
     from .models import checkpoint_dir, load_config, load_model, meta_model
     from .package import load
-    from .runtime.loop import quantizable_linears
+    from .runtime.selection import quantizable_linears
 
     start = time.perf_counter()
     tokenizer = load_tokenizer(job.model_id, job.revision)

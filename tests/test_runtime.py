@@ -16,7 +16,8 @@ from seqgen.checkpoint import SafetensorsWeights
 from seqgen.emitter import emit_model
 from seqgen.models import meta_model, tiny_model
 from seqgen.runtime import CalibrationOptions, calibrate
-from seqgen.runtime.loop import _Collector, quantizable_linears
+from seqgen.runtime.collector import Collector
+from seqgen.runtime.selection import quantizable_linears
 from seqgen.verify import random_batch
 
 SIZES = {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16}  # divisible by the group size 32
@@ -40,7 +41,7 @@ def test_linears_reading_one_input_share_statistics(package: seqgen.Package) -> 
     m = model()
     layer = package.subgraphs[1]
     linears = quantizable_linears(m, layer, ())
-    collector = _Collector(get_algorithm("gptq", SCHEME), linears, observe=False)
+    collector = Collector(get_algorithm("gptq", SCHEME), linears, observe=False)
     values = dict(package.subgraphs[0].forward(m, **random_batch(99, 2, 8)))
     with torch.no_grad(), collector:
         collector.new_batch(None)
@@ -141,6 +142,106 @@ def test_stacked_quantization_equals_one_linear_at_a_time(
     for name, quantized in alone.quantized.items():
         for field in ("codes", "scale", "g_idx"):
             assert torch.equal(getattr(stacked.quantized[name], field), getattr(quantized, field)), (name, field)
+
+
+def test_the_steps_run_one_by_one_give_what_calibrate_gives(package: seqgen.Package) -> None:
+    """calibrate() is its steps in order: run by hand, they quantize bitwise alike. Between subgraphs the state holds
+    what the next one needs (a checkpoint's content): the quantized weights so far and each batch's live values."""
+    from contextlib import closing
+
+    from seqgen.runtime import steps
+    from seqgen.runtime.loop import finish, prepare
+
+    options = CalibrationOptions(
+        scheme=QuantScheme(bits=4, group_size=32, symmetric=False, act_order=True), observe=True
+    )
+    expected = calibrate(model(), package, batches(2), options)
+    run, state = prepare(model(), package, batches(2), options)
+    live = set(batches(1)[0])
+    with closing(state.cache):
+        for index in range(len(run.subgraphs)):
+            sub = steps.start_subgraph(run, state)
+            steps.onload(run, sub)
+            for active in sub.passes:
+                steps.calibration_pass(run, state, sub, active)
+                steps.reduce_statistics(sub.collected())
+                steps.compress(run, state, sub)
+            if sub.propagation_pass:
+                steps.propagate(run, state, sub)
+            sub.bar.close()
+            steps.offload(run, sub)
+            steps.record(run, state, sub)
+            assert state.next_subgraph == index + 1
+            assert list(state.result.quantized) == [
+                name for done in run.plan.subgraphs[: index + 1] for name in done.linears
+            ]
+            if sub.propagation_pass:
+                live = (live - set(sub.subgraph.consumed)) | set(sub.subgraph.outputs)
+                assert all(set(values) == live for values in state.cache.values), index
+    result = finish(run, state)
+    assert (
+        [r.name for r in result.reports]
+        == [r.name for r in expected.reports]
+        == [sg.name for sg in package.subgraphs[:3]]
+    )
+    assert list(result.quantized) == list(expected.quantized) and result.linears == expected.linears == 14
+    for name, quantized in expected.quantized.items():
+        for field in ("codes", "scale", "zero_point", "g_idx"):
+            assert torch.equal(getattr(result.quantized[name], field), getattr(quantized, field)), (name, field)
+    assert list(result.activation_stats) == list(expected.activation_stats)
+    for name, stats in expected.activation_stats.items():
+        assert all(torch.equal(result.activation_stats[name][key], value) for key, value in stats.items()), name
+
+
+def test_statistics_are_reduced_once_each_in_the_reduce_step_before_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reduce step is where torch.distributed will sum statistics over processes: every statistics object that
+    quantizes a weight (linears shared or not, experts in several passes) or fills a report (observers) has been
+    reduced there exactly once before, and nothing reduces statistics anywhere else."""
+    from seqgen.algorithms import GPTQ, ActivationObserver, HessianStatistics
+    from seqgen.runtime import steps
+
+    in_step: list[bool] = []
+    outside: list[str] = []
+    used: list[tuple[str, int]] = []  # (kind, times reduced) at each use
+
+    def reduce_step(statistics: list) -> None:
+        in_step.append(True)
+        real_step(statistics)
+        in_step.pop()
+
+    def counting(real: Callable) -> Callable:
+        def reduce_(self: object) -> None:
+            if not in_step:
+                outside.append(type(self).__name__)
+            self.times_reduced = getattr(self, "times_reduced", 0) + 1
+            real(self)
+
+        return reduce_
+
+    def quantize(self: GPTQ, weight: torch.Tensor, stats: HessianStatistics | None) -> object:
+        used.append(("hessian", getattr(stats, "times_reduced", 0)))
+        return real_quantize(self, weight, stats)
+
+    def summary(self: ActivationObserver) -> dict:
+        used.append(("observer", getattr(self, "times_reduced", 0)))
+        return real_summary(self)
+
+    real_step, real_quantize, real_summary = steps.reduce_statistics, GPTQ.quantize, ActivationObserver.summary
+    monkeypatch.setattr(steps, "reduce_statistics", reduce_step)
+    monkeypatch.setattr(GPTQ, "quantize", quantize)
+    monkeypatch.setattr(ActivationObserver, "summary", summary)
+    for cls in (HessianStatistics, ActivationObserver):
+        monkeypatch.setattr(cls, "reduce_", counting(cls.reduce_))
+    moe = tiny_model("qwen3_moe")  # 4 experts per layer, calibrated in two passes
+    package = seqgen.load(emit_model(meta_model(moe.config), tmp_path / "p").path)
+    options = CalibrationOptions(scheme=QuantScheme(group_size=None), observe=True, experts_per_pass=3)
+    calibrate(moe, package, batches(2), options)
+    assert not outside
+    # per layer: q/k/v, o, 4 experts x 2 projections quantize from a Hessian; 4 linears are observed
+    assert sorted(set(used)) == [("hessian", 1), ("observer", 1)]
+    assert used.count(("hessian", 1)) == 2 * (2 + 4 * 2) and used.count(("observer", 1)) == 2 * 4
 
 
 def test_gptq_beats_rtn_and_propagation_helps(package: seqgen.Package) -> None:
@@ -318,13 +419,13 @@ def test_experts_no_token_reached_are_quantized_round_to_nearest(caplog: pytest.
     """GPTQ has no Hessian for an expert that no calibration token reached: it is quantized round-to-nearest in the
     same scheme (a layer of quantized and unquantized experts could not be served), with a warning."""
     from seqgen.algorithms import quantize_rtn
+    from seqgen.runtime.compress import never_ran
     from seqgen.runtime.experts import FusedExperts
-    from seqgen.runtime.loop import _never_ran
 
     linears = {f"model.layers.0.mlp.experts.{e}.{p}": torch.nn.Linear(2, 2) for e in range(2) for p in ("w1", "w2")}
     linears["model.layers.0.self_attn.q_proj"] = torch.nn.Linear(2, 2)
     stats = {name: None for name in linears if ".experts.0." in name}
-    assert _never_ran(linears, stats) == (
+    assert never_ran(linears, stats) == (
         ["model.layers.0.self_attn.q_proj"],
         ["model.layers.0.mlp.experts.1.w1", "model.layers.0.mlp.experts.1.w2"],
     )
@@ -482,7 +583,7 @@ def test_ungated_experts_are_calibrated_and_saved_per_expert(tmp_path: Path) -> 
 def test_moe_routers_and_shared_expert_gates_stay_unquantized(tmp_path: Path) -> None:
     """Routing linears (one logit per expert, or a shared expert's one-output gate) keep full precision, as vLLM
     builds them and as llm-compressor's MoE recipes leave them; shared experts themselves are quantized."""
-    from seqgen.runtime.loop import routing_linears
+    from seqgen.runtime.selection import routing_linears
 
     assert routing_linears(tiny_model("phimoe")) == {f"model.layers.{i}.mlp.router" for i in range(2)}
     assert routing_linears(tiny_model("llama4_text")) == {"model.layers.0.feed_forward.router"}
@@ -532,10 +633,13 @@ def test_disk_weights_follow_transformers_conversions(tmp_path: Path) -> None:
         weights.check(["model.layers.0.mlp.gate.weight", experts])
 
 
-@pytest.mark.parametrize("all_experts", [False, True])
-def test_experts_calibrated_a_few_per_pass_give_bitwise_the_same_result(tmp_path: Path, all_experts: bool) -> None:
+@pytest.mark.parametrize("all_experts, propagate", [(False, True), (True, True), (False, False)])
+def test_experts_calibrated_a_few_per_pass_give_bitwise_the_same_result(
+    tmp_path: Path, all_experts: bool, propagate: bool
+) -> None:
     """experts_per_pass bounds the memory of the experts' statistics with more calibration passes; what each expert
-    sees is unchanged (the experts compressed between passes feed no expert's input), so the result is the same."""
+    sees is unchanged (the experts compressed between passes feed no expert's input), so the result is the same.
+    Without propagation the next layer reads the calibration passes' outputs, kept after the last pass."""
     calls = []
     package = seqgen.load(emit_model(meta_model(tiny_model("qwen3_moe").config), tmp_path / "p").path)
 
@@ -543,13 +647,17 @@ def test_experts_calibrated_a_few_per_pass_give_bitwise_the_same_result(tmp_path
         moe = tiny_model("qwen3_moe")
         moe.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda *_: calls.append(per_pass))
         options = CalibrationOptions(
-            scheme=QuantScheme(group_size=None), all_experts=all_experts, experts_per_pass=per_pass
+            scheme=QuantScheme(group_size=None),
+            all_experts=all_experts,
+            experts_per_pass=per_pass,
+            propagate_error=propagate,
         )
         return moe, calibrate(moe, package, batches(2), options)
 
     _, whole = run(None)
     moe, grouped = run(3)  # 4 experts: passes over experts 0-2, then 3
-    assert calls.count(None) == 2 + 2 and calls.count(3) == 2 * 2 + 2  # (calibration passes + propagation) x batches
+    # layer 0 runs (calibration passes + a propagation pass, if any) x batches
+    assert calls.count(None) == (1 + propagate) * 2 and calls.count(3) == (2 + propagate) * 2
     assert sorted(grouped.experts) == sorted(whole.experts) and sorted(grouped.quantized) == sorted(whole.quantized)
     for key in whole.experts:
         assert torch.equal(grouped.experts[key].codes, whole.experts[key].codes), key

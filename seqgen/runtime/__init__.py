@@ -1,4 +1,6 @@
-"""Run time: what generated code calls (guards) and sequential calibration (dispatch, intermediates, the loop)."""
+"""Run time: what generated code calls (guards) and sequential calibration (dispatch, intermediates, the steps)."""
+
+import importlib
 
 from .guards import guard
 
@@ -8,19 +10,28 @@ __all__ = [
     "CalibrationResult",
     "SubgraphReport",
     "calibrate",
+    "QuantizationPlan",
+    "plan_quantization",
     "Dispatcher",
     "execution_device",
     "IntermediatesCache",
 ]
 
+# generated code imports guards only; the rest loads on first use
+_LAZY = {
+    "CalibrationOptions": "options",
+    "CalibrationResult": "state",
+    "SubgraphReport": "state",
+    "calibrate": "loop",
+    "QuantizationPlan": "selection",
+    "plan_quantization": "selection",
+    "Dispatcher": "dispatch",
+    "execution_device": "dispatch",
+    "IntermediatesCache": "intermediates",
+}
 
-def __getattr__(name: str):  # noqa: ANN202 - generated code imports guards only; the rest loads on first use
-    if name in ("CalibrationOptions", "CalibrationResult", "SubgraphReport", "calibrate"):
-        from . import loop as module
-    elif name in ("Dispatcher", "execution_device"):
-        from . import dispatch as module
-    elif name == "IntermediatesCache":
-        from . import intermediates as module
-    else:
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
         raise AttributeError(f"module 'seqgen.runtime' has no attribute {name!r}")
-    return getattr(module, name)
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

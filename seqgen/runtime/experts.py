@@ -284,8 +284,7 @@ class FusedExperts:
             param = getattr(self.module, param_name)
             for e in self.active:
                 expert_stats = stats[e] if stats else None
-                if expert_stats is not None:
-                    expert_stats.reduce_()
+                if expert_stats is not None:  # reduced already (the calibration's reduce step)
                     expert_stats.single_use = True
                 weight = expert_weight(self.module, param_name, e)  # [out, in]
                 if e in self.unrouted:  # the same scheme, so the layer's experts stay one format

@@ -1,0 +1,32 @@
+"""The options of a calibration (:func:`seqgen.runtime.calibrate`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..algorithms import QuantScheme
+
+__all__ = ["DEFAULT_OPTIONS", "CalibrationOptions"]
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    algorithm: str = "gptq"
+    scheme: QuantScheme = QuantScheme()
+    ignore: tuple[str, ...] = ()  # regexes over module names, in addition to lm_head
+    propagate_error: bool = True
+    observe: bool = False  # keep per-channel activation statistics of every quantized linear's input
+    device: str | None = None  # default: cuda:0 when available, else cpu
+    prefetch: bool = True  # next subgraph's weights: disk reads ahead (page cache); CUDA copies on a side stream
+    quantize_experts: bool = True  # fused MoE experts (3D parameters), per expert
+    all_experts: bool = False  # route every calibration token through every expert's statistics
+    reuse_allocations: bool = True  # on the CPU: glibc keeps large freed buffers for reuse (see runtime.memory)
+    spill_dir: str | Path | None = None  # activations between subgraphs wait in files here, not in RAM
+    # fused MoE experts whose statistics are collected at once; more experts take more calibration passes over the
+    # subgraph (None: all in one pass). Bounds the statistics' memory: e.g. DeepSeek-V3's 256 experts hold 57 GB of
+    # fp32 Hessians at once, 64 per pass 14 GB.
+    experts_per_pass: int | None = None
+
+
+DEFAULT_OPTIONS = CalibrationOptions()
