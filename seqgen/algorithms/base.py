@@ -57,7 +57,10 @@ class QuantScheme:
         if self.group_size is not None and (
             isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
         ):
-            raise ValueError(f"QuantScheme.group_size must be a positive integer or None, got {self.group_size!r}")
+            raise ValueError(
+                f"QuantScheme.group_size={self.group_size!r} is not a group size: use a positive number of columns "
+                "per scale, or None for one scale per output channel."
+            )
         if not isinstance(self.dampening, (int, float)) or not self.dampening >= 0:
             raise ValueError(f"QuantScheme.dampening must be a float >= 0, got {self.dampening!r}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..emitter import EmitOptions
 from .output import out
 
 
@@ -46,6 +45,7 @@ def emit(
 
     MODEL is a local directory, `smollm2-135m`, or `tiny:<model_type>`.
     """
+    from ..emitter import EmitOptions
     from ..emitter import emit as emit_package
 
     options = EmitOptions(
