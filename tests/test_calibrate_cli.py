@@ -17,7 +17,7 @@ from seqgen.algorithms import QuantScheme
 from seqgen.cli import cli
 from seqgen.evaluate import perplexity
 from seqgen.job import CalibrationJob, heldout_samples, run_job
-from seqgen.models import smollm2_dir, tiny_model
+from seqgen.models import tiny_model
 from seqgen.runtime import CalibrationOptions
 
 ARGS = [
@@ -37,11 +37,11 @@ ARGS = [
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Path) -> Path:
     """A tiny Llama with SmolLM2's vocabulary and tokenizer, saved as a checkpoint directory."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny-llama"
     tiny_model("llama", vocab_size=49152, hidden_size=64, intermediate_size=128, head_dim=16).save_pretrained(path)
-    AutoTokenizer.from_pretrained(smollm2_dir()).save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2_tokenizer).save_pretrained(path)
     return path
 
 
@@ -222,11 +222,11 @@ def test_gptq_act_order_saves_compressed(checkpoint: Path, tmp_path: Path) -> No
 
 
 @pytest.fixture(scope="module")
-def moe_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def moe_checkpoint(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Path) -> Path:
     """A tiny Mixtral (4 experts, 2 per token) with SmolLM2's vocabulary and tokenizer."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny-mixtral"
     tiny_model("mixtral", vocab_size=49152, hidden_size=64, intermediate_size=64).save_pretrained(path)
-    AutoTokenizer.from_pretrained(smollm2_dir()).save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2_tokenizer).save_pretrained(path)
     return path
 
 
