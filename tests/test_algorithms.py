@@ -425,6 +425,7 @@ print(json.dumps(rows))
 """
 
 
+@pytest.mark.slow  # 50 s measured (8m50s CPU suite, 2 shared cores): Triton interprets the CUDA kernel on the CPU
 def test_triton_column_kernel_matches_the_torch_loop() -> None:
     """The Triton kernel that runs GPTQ's column loop on CUDA, run here in Triton's interpreter on the CPU: the same
     codes and parameters as the torch loop (up to float rounding in the error feedback), on every path through it."""
