@@ -2,6 +2,8 @@
 
 The package comes from the path given or from the partition cache (emitted on a miss, once). Weights wait in RAM
 (``offload="memory"``) or stay in the checkpoint's safetensors files (``offload="disk"``) until their subgraph runs.
+The string options take the values of the enums in :mod:`seqgen.choices`; any other value is refused when the job
+is created, before anything loads.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from .checkpoint import SafetensorsWeights
+from .choices import DType, Offload, SaveFormat
 from .errors import SeqgenError
 from .runtime import CalibrationOptions, CalibrationResult, calibrate, execution_device
 
@@ -34,7 +37,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # What the model computes in while it is calibrated; GPTQ's statistics and solve are fp32 whatever this is.
-DTYPES = ("float32", "bfloat16", "float16", "auto")
+DTYPES = tuple(DType.values())
 
 
 @dataclass(frozen=True)
@@ -47,11 +50,23 @@ class CalibrationJob:
     num_samples: int = 64
     seq_len: int = 512
     batch_size: int = 8
-    offload: str = "memory"  # or "disk"
+    offload: Offload = Offload.MEMORY  # or the plain string, "memory" or "disk"
     reemit: bool = False
-    save_format: str = "compressed"  # or "fake"
-    dtype: str | None = None  # weights and activations while calibrating: one of DTYPES (see model_dtype)
+    save_format: SaveFormat = SaveFormat.COMPRESSED  # or "compressed" or "fake"
+    dtype: DType | None = None  # weights and activations while calibrating (see model_dtype)
     options: CalibrationOptions = field(default_factory=CalibrationOptions)
+
+    def __post_init__(self) -> None:
+        """Plain strings become enum members; a value that is not a choice, or an unregistered algorithm, raises
+        SeqgenError here rather than after the model has loaded."""
+        from .algorithms import ALGORITHMS, get_algorithm
+
+        object.__setattr__(self, "offload", Offload.parse(self.offload, "CalibrationJob.offload"))
+        object.__setattr__(self, "save_format", SaveFormat.parse(self.save_format, "CalibrationJob.save_format"))
+        if self.dtype is not None:
+            object.__setattr__(self, "dtype", DType.parse(self.dtype, "CalibrationJob.dtype"))
+        if self.options.algorithm not in ALGORITHMS:
+            get_algorithm(self.options.algorithm, self.options.scheme)  # raises, naming the registered algorithms
 
 
 @dataclass
@@ -108,18 +123,19 @@ def heldout_samples(tokenizer: Any, dataset: str | Path | None, seq_len: int, nu
     return _samples(tokenizer, dataset, "heldout", seq_len, num_samples)
 
 
-def model_dtype(name: str | None, model_id: str, device: torch.device, revision: str | None = None) -> torch.dtype:
+def model_dtype(
+    name: DType | str | None, model_id: str, device: torch.device, revision: str | None = None
+) -> torch.dtype:
     """The torch dtype for ``--dtype NAME``; ``auto`` is the checkpoint's own (its config's ``dtype``), else fp32.
 
     Without a name: ``auto`` on CUDA (a 70B bf16 checkpoint would need twice the memory in fp32), float32 on the CPU,
     where bf16 matmuls are slower and fp32 is what the eager model is checked against.
     """
     if name is None:
-        name = "auto" if device.type == "cuda" else "float32"
-    if name not in DTYPES:
-        raise SeqgenError(f"unknown dtype {name!r}; use one of {list(DTYPES)}.")
-    if name != "auto":
-        return getattr(torch, name)
+        name = DType.AUTO if device.type == "cuda" else DType.FLOAT32
+    name = DType.parse(name, "dtype")
+    if name != DType.AUTO:
+        return getattr(torch, name.value)
     from .models import load_config
 
     stored = getattr(load_config(model_id, revision), "dtype", None)

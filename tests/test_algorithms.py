@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -57,10 +58,24 @@ def gptq_quantize(w: torch.Tensor, x: torch.Tensor, scheme: QuantScheme) -> tupl
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"bits": 1}, {"bits": 9}, {"group_size": 0}, {"dampening": -0.1}, {"block_size": 0}]
+    "kwargs, message",
+    [
+        ({"bits": 1}, "QuantScheme.bits must be an integer in 2..8, got 1"),
+        ({"bits": 9}, "QuantScheme.bits must be an integer in 2..8, got 9"),
+        ({"bits": 4.0}, "QuantScheme.bits must be an integer in 2..8, got 4.0"),
+        (
+            {"group_size": 0},
+            "QuantScheme.group_size=0 is not a group size: use a positive number of columns per scale, or None for "
+            "one scale per output channel.",
+        ),
+        ({"group_size": -1}, "QuantScheme.group_size=-1 is not a group size"),
+        ({"group_size": True}, "QuantScheme.group_size=True is not a group size"),
+        ({"dampening": -0.1}, "QuantScheme.dampening must be a float >= 0, got -0.1"),
+        ({"block_size": 0}, "QuantScheme.block_size must be a positive integer, got 0"),
+    ],
 )
-def test_scheme_validation(kwargs: dict) -> None:
-    with pytest.raises(ValueError):
+def test_scheme_validation(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
         QuantScheme(**kwargs)
 
 
@@ -469,6 +484,7 @@ print(json.dumps(rows))
 """
 
 
+@pytest.mark.slow  # 50 s measured (8m50s CPU suite, 2 shared cores): Triton interprets the CUDA kernel on the CPU
 def test_triton_column_kernel_matches_the_torch_loop() -> None:
     """The Triton kernel that runs GPTQ's column loop on CUDA, run here in Triton's interpreter on the CPU: the same
     codes and parameters as the torch loop (up to float rounding in the error feedback), on every path through it."""

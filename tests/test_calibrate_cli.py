@@ -17,7 +17,7 @@ from seqgen.algorithms import QuantScheme
 from seqgen.cli import cli
 from seqgen.evaluate import perplexity
 from seqgen.job import CalibrationJob, heldout_samples, run_job
-from seqgen.models import smollm2_dir, tiny_model
+from seqgen.models import tiny_model
 from seqgen.runtime import CalibrationOptions
 
 ARGS = [
@@ -37,11 +37,11 @@ ARGS = [
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Path) -> Path:
     """A tiny Llama with SmolLM2's vocabulary and tokenizer, saved as a checkpoint directory."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny-llama"
     tiny_model("llama", vocab_size=49152, hidden_size=64, intermediate_size=128, head_dim=16).save_pretrained(path)
-    AutoTokenizer.from_pretrained(smollm2_dir()).save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2_tokenizer).save_pretrained(path)
     return path
 
 
@@ -222,11 +222,11 @@ def test_gptq_act_order_saves_compressed(checkpoint: Path, tmp_path: Path) -> No
 
 
 @pytest.fixture(scope="module")
-def moe_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def moe_checkpoint(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Path) -> Path:
     """A tiny Mixtral (4 experts, 2 per token) with SmolLM2's vocabulary and tokenizer."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny-mixtral"
     tiny_model("mixtral", vocab_size=49152, hidden_size=64, intermediate_size=64).save_pretrained(path)
-    AutoTokenizer.from_pretrained(smollm2_dir()).save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2_tokenizer).save_pretrained(path)
     return path
 
 
@@ -386,8 +386,29 @@ def test_default_dtype_is_the_checkpoints_on_cuda_fp32_on_cpu(tmp_path: Path) ->
     assert model_dtype(None, str(tmp_path), cuda) == model_dtype("auto", str(tmp_path), cpu) == torch.bfloat16
     assert model_dtype(None, str(tmp_path), cpu) == torch.float32
     assert model_dtype("float16", str(tmp_path), cuda) == torch.float16
-    with pytest.raises(SeqgenError, match="unknown dtype 'fp8'"):
+    with pytest.raises(
+        SeqgenError, match=r"^dtype='fp8' is not a choice: use one of float32, bfloat16, float16, auto\.$"
+    ):
         model_dtype("fp8", str(tmp_path), cpu)
+
+
+def test_job_options_take_plain_strings_and_refuse_typos(tmp_path: Path) -> None:
+    from seqgen.choices import DType, Offload, SaveFormat
+    from seqgen.errors import SeqgenError
+
+    job = CalibrationJob("m", tmp_path, offload="disk", save_format="fake", dtype="bfloat16")
+    assert (job.offload, job.save_format, job.dtype) == (Offload.DISK, SaveFormat.FAKE, DType.BFLOAT16)
+    assert CalibrationJob("m", tmp_path).dtype is None
+    for field, value, choices in [
+        ("offload", "dsik", "memory, disk"),
+        ("save_format", "compresed", "compressed, fake"),
+        ("dtype", "fp16", "float32, bfloat16, float16, auto"),
+    ]:
+        message = f"CalibrationJob.{field}='{value}' is not a choice: use one of {choices}."
+        with pytest.raises(SeqgenError, match=f"^{re.escape(message)}$"):
+            CalibrationJob("m", tmp_path, **{field: value})
+    with pytest.raises(SeqgenError, match=r"^unknown quantization algorithm 'gtpq'; known algorithms: gptq, rtn\."):
+        CalibrationJob("m", tmp_path, options=CalibrationOptions(algorithm="gtpq"))
 
 
 CLI_DEFAULTS_G16 = QuantScheme(bits=4, group_size=16, symmetric=True, act_order=True, dampening=0.01)

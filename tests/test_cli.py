@@ -1,4 +1,5 @@
-"""The CLI: user errors exit non-zero with one message and no traceback; nothing is half written."""
+"""The CLI: user errors exit non-zero with one message and no traceback; nothing is half written; help and version
+import no torch; options are the library's choices."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from click.testing import CliRunner
+import pytest
+from click.testing import CliRunner, Result
 from conftest import REPO
 
+import seqgen
+from seqgen.choices import DType, Offload, SaveFormat
 from seqgen.cli import cli
+from seqgen.errors import SeqgenError
+from seqgen.job import CalibrationJob
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -99,3 +105,94 @@ def test_multimodal_checkpoint_of_a_causal_lm_type_keeps_its_vision_tower(tmp_pa
     loaded = load_model(str(tmp_path))
     assert any(name.startswith("model.visual.") for name, _ in loaded.named_parameters())
     assert auto_class(tiny_config("qwen3_5")).__name__ == "AutoModelForCausalLM"  # no architectures: the mapping
+
+
+# ----------------------------------------------------------------------------------------------- start-up and options
+
+_IMPORTS_AFTER = """
+import sys
+from click.testing import CliRunner
+from seqgen.cli import cli
+result = CliRunner().invoke(cli, sys.argv[1:])
+assert result.exit_code == 0, result.output
+print(sorted(name for name in ("torch", "transformers") if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["emit", "--help"], ["cache", "--help"]])
+def test_help_and_version_import_no_torch(args: list[str]) -> None:
+    """In a fresh interpreter (this one has imported torch already): each command imports what it needs when it
+    runs, so help and version stay light."""
+    proc = subprocess.run([sys.executable, "-c", _IMPORTS_AFTER, *args], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", args
+
+
+def test_lazy_public_api_resolves_on_first_use() -> None:
+    code = (
+        "import sys, seqgen\n"
+        "assert 'torch' not in sys.modules\n"
+        "from seqgen import *\n"
+        "from seqgen.package import load\n"
+        "from seqgen.emitter import emit\n"
+        "assert seqgen.load is load and seqgen.emit is emit and set(seqgen.__all__) <= set(dir(seqgen))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    with pytest.raises(AttributeError, match="module 'seqgen' has no attribute 'emitt'"):
+        seqgen.emitt  # noqa: B018
+
+
+def calibrate_job(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[Result, CalibrationJob | None]:
+    """Run `seqgen calibrate ARGS` up to the job it builds (run_job records it and stops)."""
+    import seqgen.job
+
+    jobs: list[CalibrationJob] = []
+
+    def record(job: CalibrationJob) -> None:
+        jobs.append(job)
+        raise SeqgenError("stopped by the test")
+
+    monkeypatch.setattr(seqgen.job, "run_job", record)
+    result = CliRunner().invoke(cli, ["calibrate", "--model", "m", "--save", "out", *args])
+    return result, jobs[0] if jobs else None
+
+
+def test_calibrate_options_reach_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    result, job = calibrate_job(
+        monkeypatch, "--group-size", "-1", "--offload", "disk", "--save-format", "fake", "--dtype", "bfloat16"
+    )
+    assert result.exit_code == 1 and "stopped by the test" in result.output
+    assert job.options.scheme.group_size is None
+    assert (job.offload, job.save_format, job.dtype) == (Offload.DISK, SaveFormat.FAKE, DType.BFLOAT16)
+
+
+def test_group_size_zero_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    result, job = calibrate_job(monkeypatch, "--group-size", "0")
+    assert result.exit_code == 2 and job is None
+    assert "Invalid value for '--group-size': 0 is not a group size: use a positive number of columns, or -1" in (
+        result.output
+    )
+
+
+def test_choices_come_from_the_library() -> None:
+    help_text = CliRunner().invoke(cli, ["calibrate", "--help"], terminal_width=200).output
+    assert f"--offload [{'|'.join(Offload.values())}]" in help_text
+    assert f"--save-format [{'|'.join(SaveFormat.values())}]" in help_text
+    assert f"--dtype [{'|'.join(DType.values())}]" in help_text
+
+
+def test_algorithm_choices_include_user_registered_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    from seqgen.algorithms import ALGORITHMS, RTN
+
+    class Mine(RTN):
+        name = "test-mine"
+
+    monkeypatch.setitem(ALGORITHMS, Mine.name, Mine)  # as register_algorithm does, for this test only
+    help_text = CliRunner().invoke(cli, ["calibrate", "--help"], terminal_width=200).output
+    assert "--algorithm [gptq|rtn|test-mine]" in help_text
+    result, job = calibrate_job(monkeypatch, "--algorithm", "test-mine")
+    assert job.options.algorithm == "test-mine"
+    result, job = calibrate_job(monkeypatch, "--algorithm", "awq")
+    assert result.exit_code == 2 and job is None
+    assert "Invalid value for '--algorithm': 'awq' is not one of 'gptq', 'rtn', 'test-mine'." in result.output

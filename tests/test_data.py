@@ -24,12 +24,10 @@ from seqgen.errors import SeqgenError
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
+def tokenizer(smollm2_tokenizer: Path):
     from transformers import AutoTokenizer
 
-    from seqgen.models import smollm2_dir
-
-    return AutoTokenizer.from_pretrained(smollm2_dir())
+    return AutoTokenizer.from_pretrained(smollm2_tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -244,21 +244,30 @@ def test_statistics_are_reduced_once_each_in_the_reduce_step_before_use(
     assert used.count(("hessian", 1)) == 2 * (2 + 4 * 2) and used.count(("observer", 1)) == 2 * 4
 
 
-def test_gptq_beats_rtn_and_propagation_helps(package: seqgen.Package) -> None:
-    reference = model()
+def test_gptq_beats_rtn_and_propagation_helps(tmp_path: Path) -> None:
+    """Output error against eager on held-out data: GPTQ's is below RTN's, and GPTQ's is lower again when each layer
+    is calibrated on the quantized outputs of the layers before it (propagate_error). Measured on 4 layers at 3 bits
+    (mean squared logits error 1.9e-3 with propagation, 2.2e-3 without, 2.7e-3 RTN); on 2 layers at 4 bits the
+    error to propagate is too small: the two GPTQ runs are within 1%."""
+    overrides = {**SIZES, "num_hidden_layers": 4}
+    reference = tiny_model("llama", **overrides)
+    deep = seqgen.load(emit_model(meta_model(reference.config), tmp_path / "p").path)
+    scheme = QuantScheme(bits=3, group_size=32)
     heldout = random_batch(99, 4, 24, seed=100)
     with torch.no_grad():
         expected = reference(**heldout).logits
     errors = {}
     for name, options in {
-        "rtn": CalibrationOptions(algorithm="rtn", scheme=SCHEME),
-        "gptq": CalibrationOptions(algorithm="gptq", scheme=SCHEME),
+        "rtn": CalibrationOptions(algorithm="rtn", scheme=scheme),
+        "gptq, eager inputs": CalibrationOptions(algorithm="gptq", scheme=scheme, propagate_error=False),
+        "gptq": CalibrationOptions(algorithm="gptq", scheme=scheme),
     }.items():
-        m = model()
-        calibrate(m, package, batches(4), options)
+        m = tiny_model("llama", **overrides)
+        calibrate(m, deep, batches(4), options)
         with torch.no_grad():
             errors[name] = (m(**heldout).logits - expected).pow(2).mean().item()
-    assert errors["gptq"] < errors["rtn"], errors
+    assert errors["gptq, eager inputs"] < 0.9 * errors["rtn"], errors
+    assert errors["gptq"] < 0.9 * errors["gptq, eager inputs"], errors
 
 
 def test_disk_offload_gives_bitwise_the_same_result(package: seqgen.Package, tmp_path: Path) -> None:
@@ -316,9 +325,36 @@ def test_spilled_intermediates_give_bitwise_the_same_result(package: seqgen.Pack
 
 
 def test_observer_statistics(package: seqgen.Package) -> None:
-    result = calibrate(model(), package, batches(1), CalibrationOptions(algorithm="rtn", scheme=SCHEME, observe=True))
-    stats = result.activation_stats["model.layers.0.mlp.down_proj"]
-    assert all(v.shape[-1] == 128 for v in stats.values() if v.dim() > 0)
+    """The statistics of layer 0's linears equal those computed directly from their inputs in the eager model (the
+    calibration pass of layer 0 runs on unquantized weights), over the unpadded tokens of two batches."""
+    data = batches(2)
+    result = calibrate(model(), package, data, CalibrationOptions(algorithm="rtn", scheme=SCHEME, observe=True))
+    eager = model()
+    inputs: dict[str, list[torch.Tensor]] = {}
+    for name, module in eager.model.layers[0].named_modules(prefix="model.layers.0"):
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, []).append(args[0]))
+    kept = []
+    with torch.no_grad():
+        for batch in data:
+            eager(**batch)
+            kept.append(batch["attention_mask"].reshape(-1).bool())
+    mask = torch.cat(kept)
+    assert sorted(inputs) == sorted(n for n in result.activation_stats if n.startswith("model.layers.0."))
+    for name, seen in inputs.items():
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen])[mask]
+        stats = result.activation_stats[name]
+        assert int(stats["count"]) == x.shape[0] == 2 * (4 * 24 - 24 // 4), name
+        direct = {"min": x.amin(0), "max": x.amax(0), "absmax": x.abs().amax(0), "mean_sq": x.square().mean(0)}
+        for key, value in direct.items():
+            exact = key != "mean_sq"  # a running mean over batches rounds differently from one mean
+            torch.testing.assert_close(
+                stats[key],
+                value,
+                rtol=0 if exact else 1e-5,
+                atol=0 if exact else 1e-7,
+                msg=lambda m, where=f"{name}.{key}": f"{where}: {m}",
+            )
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])

@@ -118,7 +118,7 @@ def test_compressed_round_trip(tmp_path: Path, label: str) -> None:
     reason="compressed-tensors 0.20 leaves weight_zero_point unpacked when it prepares the model on the meta device, "
     "so transformers' default (lazy) load rejects the packed zero point that the decompressor and vLLM read",
     raises=RuntimeError,
-    strict=False,
+    strict=True,
 )
 def test_asymmetric_loads_lazily(tmp_path: Path) -> None:
     model = _model()

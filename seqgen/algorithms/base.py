@@ -21,6 +21,7 @@ from typing import ClassVar, TypeVar
 
 import torch
 
+from ..choices import Grid, Observer
 from ..errors import SeqgenError
 
 __all__ = [
@@ -44,11 +45,11 @@ logger = logging.getLogger(__name__)
 #: How a symmetric integer scale is chosen from a group's weights (see :func:`compute_qparams`): ``full`` maps the
 #: larger-magnitude extreme exactly onto the most negative code, so all ``2^b`` levels are used; ``minmax`` is
 #: compressed-tensors' and llm-compressor's ``max|w| / ((qmax - qmin) / 2)``, bitwise what they compute.
-GRIDS = ("full", "minmax")
+GRIDS = tuple(Grid.values())
 #: How far a group's range reaches: ``minmax`` to its extremes; ``mse`` to the fraction of them (1.00, 0.99, ...,
 #: 0.81) whose quantized group has the least error, summed as ``|w - q(w)|^2.4`` (the exponent of llm-compressor's
 #: MSE observer: between the squared error and the largest one).
-OBSERVERS = ("minmax", "mse")
+OBSERVERS = tuple(Observer.values())
 _MSE_SHRINKS = tuple(1 - i / 100 for i in range(20))
 _MSE_NORM = 2.4
 
@@ -72,7 +73,10 @@ class QuantScheme:
         if self.group_size is not None and (
             isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
         ):
-            raise ValueError(f"QuantScheme.group_size must be a positive integer or None, got {self.group_size!r}")
+            raise ValueError(
+                f"QuantScheme.group_size={self.group_size!r} is not a group size: use a positive number of columns "
+                "per scale, or None for one scale per output channel."
+            )
         if not isinstance(self.dampening, (int, float)) or not self.dampening >= 0:
             raise ValueError(f"QuantScheme.dampening must be a float >= 0, got {self.dampening!r}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:

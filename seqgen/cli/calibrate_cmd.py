@@ -6,14 +6,31 @@ from pathlib import Path
 
 import click
 
+from ..choices import DType, Grid, Observer, Offload, SaveFormat
 from .options import revision_option
 from .output import out
 
-_GROUP = click.IntRange(min=-1)
+
+class _RegisteredAlgorithm(click.Choice):
+    """The algorithms registered when the command line is parsed: seqgen's, and any that the calling program
+    registered with ``seqgen.algorithms.register_algorithm``. Read on use, so torch loads only when a command that
+    needs it runs (or shows its help)."""
+
+    def __init__(self) -> None:  # no fixed list: see ``choices``
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        from ..algorithms import ALGORITHMS
+
+        return tuple(sorted(ALGORITHMS))
 
 
-def _group_size(value: int) -> int | None:
-    return None if value in (-1, 0) else value
+def _group_size(ctx: click.Context, param: click.Parameter, value: int) -> int | None:
+    """Columns per scale; -1 is one scale per output channel (None in QuantScheme)."""
+    if value == 0:
+        raise click.BadParameter("0 is not a group size: use a positive number of columns, or -1 for per-channel.")
+    return None if value == -1 else value
 
 
 @click.command()
@@ -26,13 +43,24 @@ def _group_size(value: int) -> int | None:
     help="A .txt or .jsonl file, or a Hugging Face dataset NAME[:CONFIG][@SPLIT] (online, needs the datasets "
     "package). Default: the built-in corpus.",
 )
-@click.option("--algorithm", type=click.Choice(["gptq", "rtn"]), default="gptq")
+@click.option(
+    "--algorithm",
+    type=_RegisteredAlgorithm(),
+    default="gptq",
+    help="A registered algorithm (seqgen.algorithms.register_algorithm).",
+)
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4")
-@click.option("--group-size", type=_GROUP, default=64, help="Columns per scale; -1 for one scale per channel.")
+@click.option(
+    "--group-size",
+    type=click.IntRange(min=-1),
+    default=64,
+    callback=_group_size,
+    help="Columns per scale; -1 for one scale per output channel.",
+)
 @click.option("--asym", is_flag=True, help="Asymmetric quantization (zero points).")
 @click.option(
     "--grid",
-    type=click.Choice(["full", "minmax"]),
+    type=click.Choice(Grid.values()),
     default="full",
     show_default=True,
     help="Symmetric scales: full maps each group's larger-magnitude weight exactly onto the lowest code (all 2^b "
@@ -40,7 +68,7 @@ def _group_size(value: int) -> int | None:
 )
 @click.option(
     "--observer",
-    type=click.Choice(["minmax", "mse"]),
+    type=click.Choice(Observer.values()),
     default="minmax",
     show_default=True,
     help="Each group's range: its extremes, or (mse) the shrunk range, down to 0.81 of them, that quantizes the "
@@ -77,8 +105,8 @@ def _group_size(value: int) -> int | None:
 )
 @click.option(
     "--offload",
-    type=click.Choice(["memory", "disk"]),
-    default="memory",
+    type=click.Choice(Offload.values()),
+    default=Offload.MEMORY.value,
     help="Where weights wait between subgraphs: CPU RAM, or the checkpoint's safetensors files.",
 )
 @click.option(
@@ -90,7 +118,7 @@ def _group_size(value: int) -> int | None:
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16", "auto"]),
+    type=click.Choice(DType.values()),
     default=None,
     help="Weights and activations while calibrating (GPTQ's Hessian and solve stay fp32); auto: the "
     "checkpoint's own. Default: auto on CUDA, float32 on the CPU.",
@@ -100,8 +128,8 @@ def _group_size(value: int) -> int | None:
 @click.option("--save", "save_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option(
     "--save-format",
-    type=click.Choice(["compressed", "fake"]),
-    default="compressed",
+    type=click.Choice(SaveFormat.values()),
+    default=SaveFormat.COMPRESSED.value,
     help="compressed: compressed-tensors (packed ints + scales) for vLLM; fake: dequantized weights.",
 )
 def calibrate(
@@ -111,7 +139,7 @@ def calibrate(
     dataset: str | None,
     algorithm: str,
     bits: str,
-    group_size: int,
+    group_size: int | None,
     asym: bool,
     grid: str,
     observer: str,
@@ -140,7 +168,7 @@ def calibrate(
 
     scheme = QuantScheme(
         bits=int(bits),
-        group_size=_group_size(group_size),
+        group_size=group_size,
         symmetric=not asym,
         grid=grid,
         observer=observer,
@@ -177,7 +205,7 @@ def calibrate(
     out(f"package: {summary.package_path} ({source})")
     experts = f" and {len(summary.result.experts)} expert projections" if summary.result.experts else ""
     out(
-        f"quantized {summary.linears} linears{experts} with {algorithm} W{bits} group {group_size} in "
+        f"quantized {summary.linears} linears{experts} with {algorithm} W{bits} group {group_size or 'per-channel'} in "
         f"{summary.calibration_seconds:.1f}s (total {summary.total_seconds:.1f}s)"
     )
     if summary.result.unquantized:
@@ -208,7 +236,7 @@ def calibrate(
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16", "auto"]),
+    type=click.Choice(DType.values()),
     default=None,
     help="auto: the checkpoint's own. Default: auto on CUDA, float32 on the CPU.",
 )

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..emitter import EmitOptions
 from .options import revision_option
 from .output import out
 
@@ -49,6 +48,7 @@ def emit(
 
     MODEL is a local directory, a hub id `org/name`, `smollm2-135m`, or `tiny:<model_type>`.
     """
+    from ..emitter import EmitOptions
     from ..emitter import emit as emit_package
     from ..models import load_config, meta_model
 
