@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from seqgen.models import smollm2_dir, tiny_model
+from seqgen.models import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -21,7 +21,7 @@ CALIBRATE = ["--bits", "4", "--group-size", "32", "--num-samples", "2", "--seq-l
 
 
 @pytest.fixture(scope="module")
-def hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def hub_cache(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Path) -> Path:
     """A cache holding ``org/tiny-llama`` at one commit (``main`` points at it), and ``org/config-only`` with its
     tokenizer but no weights, laid out as huggingface_hub keeps them (``models--org--name/refs`` and
     ``snapshots/<commit>``)."""
@@ -34,7 +34,7 @@ def hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
             model.save_pretrained(snapshot)
         else:
             model.config.save_pretrained(snapshot)
-        AutoTokenizer.from_pretrained(smollm2_dir()).save_pretrained(snapshot)
+        AutoTokenizer.from_pretrained(smollm2_tokenizer).save_pretrained(snapshot)
         (repo / "refs").mkdir()
         (repo / "refs" / "main").write_text(COMMIT)
     return cache
