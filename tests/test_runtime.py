@@ -244,11 +244,13 @@ def test_statistics_are_reduced_once_each_in_the_reduce_step_before_use(
     assert used.count(("hessian", 1)) == 2 * (2 + 4 * 2) and used.count(("observer", 1)) == 2 * 4
 
 
-def test_gptq_beats_rtn_and_propagation_helps(tmp_path: Path) -> None:
-    """Output error against eager on held-out data: GPTQ's is below RTN's, and GPTQ's is lower again when each layer
-    is calibrated on the quantized outputs of the layers before it (propagate_error). Measured on 4 layers at 3 bits
-    (mean squared logits error 1.9e-3 with propagation, 2.2e-3 without, 2.7e-3 RTN); on 2 layers at 4 bits the
-    error to propagate is too small: the two GPTQ runs are within 1%."""
+def test_gptq_beats_rtn(tmp_path: Path) -> None:
+    """Output error against eager on held-out data: GPTQ's is below RTN's, with and without propagation.
+
+    Whether propagation (calibrating each layer on the quantized outputs of the layers before it) lowers the error of
+    a tiny random model is a matter of its seed and grid: on this 4-layer model at 3 bits it did on the min-max grid
+    (mean squared logits error 1.9e-3 with, 2.2e-3 without) and did not on the full-range grid (2.1e-3 with, 1.9e-3
+    without). What propagation does is tested below, against the inputs each layer sees."""
     overrides = {**SIZES, "num_hidden_layers": 4}
     reference = tiny_model("llama", **overrides)
     deep = seqgen.load(emit_model(meta_model(reference.config), tmp_path / "p").path)
@@ -267,7 +269,36 @@ def test_gptq_beats_rtn_and_propagation_helps(tmp_path: Path) -> None:
         with torch.no_grad():
             errors[name] = (m(**heldout).logits - expected).pow(2).mean().item()
     assert errors["gptq, eager inputs"] < 0.9 * errors["rtn"], errors
-    assert errors["gptq"] < 0.9 * errors["gptq, eager inputs"], errors
+    assert errors["gptq"] < 0.9 * errors["rtn"], errors
+
+
+@pytest.mark.parametrize("propagate", [True, False])
+def test_propagation_calibrates_each_layer_on_the_quantized_outputs_before_it(
+    package: seqgen.Package, propagate: bool
+) -> None:
+    """With propagate_error, layer 1's linears are calibrated on what layer 1 receives once layer 0 is quantized;
+    without it, on what it receives in the eager model: the statistics its q_proj observed equal those of the inputs
+    computed independently, in the quantized model (where they depend on layer 0's quantized weights only) or in the
+    eager model, and differ from the other's."""
+    quantized = model()
+    options = CalibrationOptions(scheme=SCHEME, observe=True, propagate_error=propagate)
+    stats = calibrate(quantized, package, batches(2), options).activation_stats["model.layers.1.self_attn.q_proj"]
+
+    def observed(source: torch.nn.Module) -> torch.Tensor:
+        seen: list[torch.Tensor] = []
+        linear = source.model.layers[1].self_attn.q_proj
+        handle = linear.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        with torch.no_grad():
+            for batch in batches(2):
+                source(**batch)
+        handle.remove()
+        return torch.cat([x[batch["attention_mask"].bool()] for x, batch in zip(seen, batches(2), strict=True)])
+
+    mine, other = (observed(quantized), observed(model()))[:: 1 if propagate else -1]
+    assert stats["count"].item() == mine.shape[0]
+    assert torch.equal(stats["absmax"], mine.abs().amax(0))
+    torch.testing.assert_close(stats["mean_sq"], mine.pow(2).mean(0), rtol=1e-5, atol=1e-8)
+    assert not torch.equal(stats["absmax"], other.abs().amax(0))
 
 
 def test_disk_offload_gives_bitwise_the_same_result(package: seqgen.Package, tmp_path: Path) -> None:
