@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -144,6 +145,7 @@ def main() -> None:
             plan["llm-compressor gptq"] = (args.vs_llmcompressor, _LLMCOMPRESSOR_CHILD, str(smollm2_dir()), data_file)
         # Round by round, every row once per round: a slow spell of the machine hits the rows of a round alike.
         rows: dict[str, list[dict[str, float]]] = {}
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still removes the worktree (finally)
         try:
             for _ in range(args.runs):
                 for label, (python, code, *child_args) in plan.items():
