@@ -99,7 +99,9 @@ print(json.dumps({"seconds": seconds, "rss_mb": rss, "ppl": heldout_perplexity(m
 
 
 def _child(python: str, code: str, *args: str, env: dict[str, str] | None = None) -> dict[str, float]:
-    proc = subprocess.run([python, "-c", code, *args], capture_output=True, text=True, env=env)
+    # `python -c` puts the working directory first on sys.path: run in the tree the child is to import seqgen from
+    cwd = None if env is None else env.get("SEQGEN_BENCH_TREE")
+    proc = subprocess.run([python, "-c", code, *args], capture_output=True, text=True, env=env, cwd=cwd)
     if proc.returncode != 0:
         raise SystemExit(f"benchmark child failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -192,7 +194,7 @@ def _tree_env(tree: Path, cache: Path) -> dict[str, str]:
     link = cache / "models" / smollm2_dir().name
     if not link.exists():
         link.symlink_to(smollm2_dir(), target_is_directory=True)
-    return {**os.environ, "PYTHONPATH": str(tree), "SEQGEN_CACHE": str(cache)}
+    return {**os.environ, "PYTHONPATH": str(tree), "SEQGEN_CACHE": str(cache), "SEQGEN_BENCH_TREE": str(tree)}
 
 
 if __name__ == "__main__":
