@@ -36,14 +36,13 @@ _STALE_TEMP_SECONDS = 3600.0
 
 def expected_fingerprint(model: torch.nn.Module, options: Any) -> dict[str, Any]:
     """The fingerprint a package emitted for ``model`` with ``options`` (an ``EmitOptions``) will have."""
-    from .emitter import sample_inputs
     from .trace.leaves import resolve_leaf_functions
 
     leaves = resolve_leaf_functions(model, list(options.ignore))
     return compute_fingerprint(
         model,
         options=options.fingerprint_fields(),
-        inputs=input_signature(sample_inputs(options.sample_shape)),
+        inputs=input_signature(options.inputs()),
         source_modules=sorted({fn.__module__ for fn in leaves}),
     )
 

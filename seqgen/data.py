@@ -29,6 +29,7 @@ __all__ = [
     "HELDOUT_MODULES",
     "SPLITS",
     "load_texts",
+    "read_jsonl",
     "hub_texts",
     "resolve_texts",
     "default_texts",
@@ -167,16 +168,13 @@ def load_texts(path: str | Path, tokenizer: Any = None) -> list[str]:
         raise SeqgenError(f"cannot read texts from {path}: unknown suffix {path.suffix!r}. Pass {accepted}.")
     if not path.is_file():
         raise SeqgenError(f"cannot read texts from {path}: no such file. Pass an existing path to {accepted}.")
-    content = _read_text(path, accepted)
     if suffix == ".txt":
-        texts = [block.strip() for block in re.split(r"\n\s*\n", content)]
+        texts = [block.strip() for block in re.split(r"\n\s*\n", _read_text(path, accepted))]
     else:
         texts, chats = [], 0
-        for number, line in enumerate(content.splitlines(), 1):
-            record = _jsonl_record(path, number, line)
-            if record is not None:
-                texts.append(_record_text(record, f"{path}:{number}", "give each line one of the two", tokenizer))
-                chats += _is_chat(record)
+        for where, record in read_jsonl(path, accepted):
+            texts.append(_record_text(record, where, "give each line one of the two", tokenizer))
+            chats += _is_chat(record)
         _warn_if_untemplated(chats, tokenizer)
     texts = [text for text in texts if text and text.strip()]
     if not texts:
@@ -201,6 +199,15 @@ def _read_text(path: Path, accepted: str) -> str:
         line = content.count("\n", 0, content.index("\x00")) + 1
         raise SeqgenError(f"{path}:{line} holds a NUL character: a binary file, not text. Pass {accepted}.")
     return content
+
+
+def read_jsonl(path: Path, accepted: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The objects of a ``.jsonl`` file, each with where it is (``path:line``); blank lines are skipped, and a line
+    that is not a JSON object is refused with its place (``accepted`` says what the file should be)."""
+    for number, line in enumerate(_read_text(path, accepted).splitlines(), 1):
+        record = _jsonl_record(path, number, line)
+        if record is not None:
+            yield f"{path}:{number}", record
 
 
 def _jsonl_record(path: Path, number: int, line: str) -> dict[str, Any] | None:

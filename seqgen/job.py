@@ -54,12 +54,14 @@ class CalibrationJob:
     reemit: bool = False
     save_format: SaveFormat = SaveFormat.COMPRESSED  # or "compressed" or "fake"
     dtype: DType | None = None  # weights and activations while calibrating (see model_dtype)
+    quantize_vision: bool = False  # image data: calibrate the vision towers' blocks too (default: left unquantized)
     options: CalibrationOptions = field(default_factory=CalibrationOptions)
 
     def __post_init__(self) -> None:
         """Plain strings become enum members; a value that is not a choice, or an unregistered algorithm, raises
         SeqgenError here rather than after the model has loaded."""
         from .algorithms import ALGORITHMS, get_algorithm
+        from .images import has_images
 
         object.__setattr__(self, "offload", Offload.parse(self.offload, "CalibrationJob.offload"))
         object.__setattr__(self, "save_format", SaveFormat.parse(self.save_format, "CalibrationJob.save_format"))
@@ -67,6 +69,11 @@ class CalibrationJob:
             object.__setattr__(self, "dtype", DType.parse(self.dtype, "CalibrationJob.dtype"))
         if self.options.algorithm not in ALGORITHMS:
             get_algorithm(self.options.algorithm, self.options.scheme)  # raises, naming the registered algorithms
+        if self.quantize_vision and not has_images(self.dataset):
+            raise SeqgenError(
+                "--quantize-vision calibrates the vision tower, which only image data runs; pass a .jsonl of chats "
+                "with images as --dataset (see the README's vision-language section)."
+            )
 
 
 @dataclass
@@ -158,11 +165,30 @@ def _disk_model(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
     return model.eval()
 
 
+def _calibration_data(job: CalibrationJob, tokenizer: Any, traced: torch.nn.Module) -> tuple[list[dict], Any]:
+    """The calibration batches, and the options of the package that runs them: text packed into ``seq_len`` windows
+    for the default package, or chats with images (:mod:`seqgen.images`), one a batch, for a package traced with
+    image inputs."""
+    from .data import batches
+    from .emitter import EmitOptions
+    from .images import emit_options, has_images, image_batches, load_image_chats, load_processor
+    from .models import checkpoint_dir
+    from .trace.targets import find_targets, tower_targets
+
+    if not has_images(job.dataset):
+        samples = calibration_samples(tokenizer, job.dataset, job.seq_len, job.num_samples)
+        return batches(samples, job.batch_size), EmitOptions()
+    chats = load_image_chats(job.dataset)
+    processor = load_processor(checkpoint_dir(job.model_id, job.revision, weights=False))
+    image_data = image_batches(chats, processor, job.num_samples)
+    targets = [*tower_targets(traced), *find_targets(traced)] if job.quantize_vision else None
+    logger.info("calibration data: %d chats with %d images, one a batch", len(image_data), chats.images)
+    return image_data, emit_options(traced, image_data, targets)
+
+
 def run_job(job: CalibrationJob) -> JobSummary:
     from .cache import PartitionCache
     from .checkpoint import check_compressed_experts, check_compressed_linears, experts_saved_dense, save_quantized
-    from .data import batches as make_batches
-    from .emitter import EmitOptions
     from .models import checkpoint_dir, load_config, load_model, meta_model
     from .package import load
     from .runtime.selection import quantizable_linears
@@ -197,17 +223,16 @@ def run_job(job: CalibrationJob) -> JobSummary:
                 transformers.__version__,
             )
             options = dataclasses.replace(options, ignore=(*options.ignore, *(f"^{re.escape(o)}$" for o in dense)))
+    batches, emit_options = _calibration_data(job, tokenizer, traced)
     if job.package is not None:
         package, hit = load(job.package), False
         package.check_model(skeleton)  # a package of another model is refused before the weights load
     else:
-        package, hit = PartitionCache().get_or_emit(traced, EmitOptions(), reemit=job.reemit)
+        package, hit = PartitionCache().get_or_emit(traced, emit_options, reemit=job.reemit)
     if job.save_format == "compressed":  # fail before the calibration, not after it
         check_compressed_linears(
             skeleton, [name for sg in package.subgraphs for name in quantizable_linears(skeleton, sg, options.ignore)]
         )
-    samples = calibration_samples(tokenizer, job.dataset, job.seq_len, job.num_samples)
-    batches = make_batches(samples, job.batch_size)
     model = skeleton if weights is not None else load_model(job.model_id, dtype, job.revision)
     if weights is not None:
         from .checkpoint import StreamingSaver

@@ -41,7 +41,14 @@ def _group_size(ctx: click.Context, param: click.Parameter, value: int) -> int |
     "--dataset",
     default=None,
     help="A .txt or .jsonl file, or a Hugging Face dataset NAME[:CONFIG][@SPLIT] (online, needs the datasets "
-    "package). Default: the built-in corpus.",
+    "package). Default: the built-in corpus. A .jsonl of chats with images calibrates a vision-language model on "
+    "them (one chat a batch, rendered by the model's processor; the package is traced with image inputs).",
+)
+@click.option(
+    "--quantize-vision",
+    is_flag=True,
+    help="With image data: calibrate the vision tower's blocks too. Default: they stay in full precision, as vLLM "
+    "recipes leave them.",
 )
 @click.option(
     "--algorithm",
@@ -137,6 +144,7 @@ def calibrate(
     package: Path | None,
     model_id: str,
     dataset: str | None,
+    quantize_vision: bool,
     algorithm: str,
     bits: str,
     group_size: int | None,
@@ -188,6 +196,7 @@ def calibrate(
         save_dir=save_dir,
         save_format=save_format,
         dtype=dtype,
+        quantize_vision=quantize_vision,
         options=CalibrationOptions(
             algorithm=algorithm,
             scheme=scheme,

@@ -76,6 +76,10 @@ class EmitOptions:
             ),
         )
 
+    def inputs(self) -> list[InputSpec]:
+        """The package's inputs: token ids and attention mask of ``sample_shape``, then ``extra_inputs``."""
+        return sample_inputs(self.sample_shape) + list(self.extra_inputs)
+
     def fingerprint_fields(self) -> dict[str, Any]:
         return {
             "targets": list(self.targets) if self.targets else None,
@@ -243,7 +247,7 @@ def emit_model(
     _check_out_dir(out, force)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    inputs = sample_inputs(options.sample_shape) + list(options.extra_inputs)
+    inputs = options.inputs()
     trace = trace_model(
         model, inputs, targets=list(options.targets) if options.targets else None, ignore=list(options.ignore)
     )

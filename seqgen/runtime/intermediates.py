@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ def move(value: Any, device: torch.device, pin: bool = False) -> Any:
     if isinstance(value, list):
         return [move(v, device, pin) for v in value]
     if isinstance(value, dict):
-        return {k: move(v, device, pin) for k, v in value.items()}
+        return _rebuild_mapping(value, {k: move(v, device, pin) for k, v in value.items()})
     return value
 
 
@@ -68,6 +68,14 @@ def _rebuild(like: Any, items: list[Any]) -> Any:
     return type(like)(*items) if hasattr(like, "_fields") else type(like)(items)
 
 
+def _rebuild_mapping(like: dict, items: dict[str, Any]) -> dict:
+    """A dict of ``like``'s type holding ``items``: a model output (a dataclass dict, such as a vision tower's output
+    handed to the next subgraph) stays one, so the code after it can read its fields as attributes."""
+    if type(like) is dict:
+        return items
+    return type(like)(**items) if is_dataclass(like) else type(like)(items)
+
+
 def _flatten(value: Any, tensors: list[torch.Tensor]) -> Any:
     if isinstance(value, torch.Tensor):
         tensors.append(value)
@@ -75,7 +83,7 @@ def _flatten(value: Any, tensors: list[torch.Tensor]) -> Any:
     if isinstance(value, (tuple, list)):
         return _rebuild(value, [_flatten(v, tensors) for v in value])
     if isinstance(value, dict):
-        return {k: _flatten(v, tensors) for k, v in value.items()}
+        return _rebuild_mapping(value, {k: _flatten(v, tensors) for k, v in value.items()})
     return value
 
 
@@ -85,7 +93,7 @@ def _unflatten(template: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     if isinstance(template, (tuple, list)):
         return _rebuild(template, [_unflatten(v, tensors) for v in template])
     if isinstance(template, dict):
-        return {k: _unflatten(v, tensors) for k, v in template.items()}
+        return _rebuild_mapping(template, {k: _unflatten(v, tensors) for k, v in template.items()})
     return template
 
 

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import TraceFailure
 
-__all__ = ["find_targets", "find_target_units"]
+__all__ = ["find_targets", "find_target_units", "tower_targets"]
 
 logger = logging.getLogger(__name__)
 
@@ -172,3 +172,10 @@ def find_target_units(model: torch.nn.Module, targets: Sequence[str] | None = No
         f"{type(model).__name__}: found no sequential targets: it has no _no_split_modules and no list of "
         "repeated blocks. Pass --targets with the decoder layer class name or a module-name regex."
     )
+
+
+def tower_targets(model: torch.nn.Module) -> list[str]:
+    """The model's vision or audio towers, in module order: targets to add to the text decoder's when the towers'
+    linears are to be calibrated too. Each tower is one target, called as a whole: towers compute positions and
+    windows from their inputs' values (image grid sizes), which a trace on the meta device cannot follow."""
+    return _towers(model)
