@@ -244,6 +244,7 @@ def run_job(job: CalibrationJob) -> JobSummary:
             for key, value in stats.items()
         }
         save_file(flat, str(job.save_dir / "activation_stats.safetensors"))
+    _write_report(job, package, result)
     return JobSummary(
         package_path=package.path,
         cache_hit=hit,
@@ -253,3 +254,11 @@ def run_job(job: CalibrationJob) -> JobSummary:
         result=result,
         model=model,
     )
+
+
+def _write_report(job: CalibrationJob, package: Any, result: CalibrationResult) -> None:
+    """``seqgen_report.json`` beside the saved model (see :mod:`seqgen.report`)."""
+    from .report import build_report, write_report
+
+    path = write_report(job.save_dir, build_report(job, package, result))
+    logger.info("wrote the calibration report %s (`seqgen report %s` shows it)", path, job.save_dir)
