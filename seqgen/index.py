@@ -115,11 +115,16 @@ def current_versions() -> dict[str, str]:
 
 
 def _source_hashes(model: torch.nn.Module, extra_modules: Iterable[str]) -> dict[str, str]:
+    """The sha256 of the source of every module that defines the model's classes, and of ``extra_modules``. A model's
+    own code (``trust_remote_code``: modules that transformers imports as ``transformers_modules.<repo>.<file>``)
+    counts whole: every module of its repository that is imported, its configuration among them."""
     names: set[str] = set(extra_modules)
     for module in model.modules():
         for cls in type(module).__mro__:
             if cls.__module__ not in ("builtins",) and not cls.__module__.startswith("torch."):
                 names.add(cls.__module__)
+    remote = {name.rpartition(".")[0] for name in names if name.startswith("transformers_modules.")}
+    names.update(name for name in list(sys.modules) if name.rpartition(".")[0] in remote)
     hashes: dict[str, str] = {}
     for name in sorted(names):
         module = sys.modules.get(name)
