@@ -25,6 +25,8 @@ def show(package: Path) -> None:
     digest = index["fingerprint"]["digest"]
     out(f"{package}: {index['model_class']}, {len(entries)} subgraphs, fingerprint {digest[:16]}")
     out("versions: " + ", ".join(f"{k} {v}" for k, v in index["versions"].items()))
+    if "hub" in index["fingerprint"]:
+        out(f"emitted from {index['fingerprint']['hub']['id']} at commit {index['fingerprint']['hub']['commit']}")
     out("inputs: " + ", ".join(f"{s['name']} {s['dtype']}{s['shape']}" for s in index["inputs"]))
     for group in group_subgraphs(text):
         entry = entries[group.first]
