@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The main job on the embedded default model: emit and review its package, check it against eager, quantize it
-# with GPTQ (W4A16, group 64; the package comes from the partition cache), and compare perplexities.
+# with GPTQ (W4A16, group 64; the package comes from the partition cache), compare perplexities, and end with the
+# calibration report's worst modules (its HTML page: out/smollm2-135m-w4g64/seqgen_report.html).
 demo: setup
 	$(PY) cli.py emit smollm2-135m out/smollm2-135m --force
 	$(PY) cli.py show out/smollm2-135m
@@ -30,6 +31,7 @@ demo: setup
 		--num-samples 64 --seq-len 512 --save out/smollm2-135m-w4g64
 	$(PY) cli.py eval --model smollm2-135m --seq-len 512 --max-samples 40
 	$(PY) cli.py eval --model out/smollm2-135m-w4g64 --seq-len 512 --max-samples 40
+	$(PY) cli.py report out/smollm2-135m-w4g64
 
 # The library's code is held to the bar of the code it generates: black- and ruff-clean (settings in pyproject.toml).
 LINTED := seqgen tests bench examples templates cli.py

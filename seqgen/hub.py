@@ -17,7 +17,7 @@ from typing import Literal
 
 from .errors import SeqgenError
 
-__all__ = ["CONFIG_FILES", "CALIBRATION_FILES", "is_hub_id", "snapshot"]
+__all__ = ["CONFIG_FILES", "CALIBRATION_FILES", "is_hub_id", "snapshot", "snapshot_origin"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ CALIBRATION_FILES = (
 _SAFETENSORS = ("*.safetensors", "*.safetensors.index.json")
 _BIN = ("*.bin", "*.bin.index.json")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+_SNAPSHOT = re.compile(r"models--(?P<repo>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})")
 
 
 def is_hub_id(model_id: str) -> bool:
@@ -72,6 +73,15 @@ def snapshot(
             )
     logger.info("%s: commit %s (%s)", _named(model_id, revision), path.name, path)
     return path
+
+
+def snapshot_origin(path: str | Path) -> dict[str, str] | None:
+    """``{"id": "org/name", "commit": ...}`` when ``path`` is a snapshot directory of huggingface_hub's cache (its
+    name is the commit it holds); None for any other path."""
+    match = _SNAPSHOT.search(Path(path).as_posix())
+    if match is None or Path(path).name != match["commit"]:
+        return None
+    return {"id": match["repo"].replace("--", "/"), "commit": match["commit"]}
 
 
 def _named(model_id: str, revision: str | None) -> str:

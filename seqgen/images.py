@@ -93,12 +93,12 @@ def load_image_chats(path: str | Path) -> ImageChats:
     return ImageChats(path, chats)
 
 
-def load_processor(directory: Path) -> Any:
+def load_processor(directory: Path, trust_remote_code: bool = False) -> Any:
     """The checkpoint's processor (image processor, tokenizer and chat template together)."""
     from transformers import AutoProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(directory)
+        processor = AutoProcessor.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, ImportError) as exc:
         raise SeqgenError(
             f"{directory} has no usable processor for image data ({exc}). Save the model's processor with it "

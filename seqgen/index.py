@@ -15,6 +15,10 @@ Fingerprint fields (a change in any of them means the graph may differ, so the p
                        keys packages by the digest)
 =====================  ==================================================================================
 
+A package emitted from a snapshot in huggingface_hub's cache also records ``hub``: the model id and the commit it
+resolved to (shown by ``seqgen show``, compared by ``seqgen diff``). It is not digested: the same config and code at
+another commit is the same package, and the partition cache keeps the one emitted first.
+
 Each fact is stored once. ``model_class``, ``versions``, ``options`` (with the sample's ``sample_shape``, which is
 not fingerprinted) and ``inputs`` (with shapes; the fingerprint takes their ranks) are top-level fields;
 ``fingerprint`` holds the ``config`` and ``source`` hashes and the ``digest`` over all fields, which
@@ -40,6 +44,7 @@ from typing import Any
 import torch
 
 from .errors import IntegrityError, PackageError
+from .hub import snapshot_origin
 
 __all__ = [
     "InputSpec",
@@ -115,11 +120,16 @@ def current_versions() -> dict[str, str]:
 
 
 def _source_hashes(model: torch.nn.Module, extra_modules: Iterable[str]) -> dict[str, str]:
+    """The sha256 of the source of every module that defines the model's classes, and of ``extra_modules``. A model's
+    own code (``trust_remote_code``: modules that transformers imports as ``transformers_modules.<repo>.<file>``)
+    counts whole: every module of its repository that is imported, its configuration among them."""
     names: set[str] = set(extra_modules)
     for module in model.modules():
         for cls in type(module).__mro__:
             if cls.__module__ not in ("builtins",) and not cls.__module__.startswith("torch."):
                 names.add(cls.__module__)
+    remote = {name.rpartition(".")[0] for name in names if name.startswith("transformers_modules.")}
+    names.update(name for name in list(sys.modules) if name.rpartition(".")[0] in remote)
     hashes: dict[str, str] = {}
     for name in sorted(names):
         module = sys.modules.get(name)
@@ -154,7 +164,11 @@ def compute_fingerprint(
         "inputs": inputs,
         "schema_version": SCHEMA_VERSION,
     }
-    return {"digest": sha256_bytes(_canonical(fields).encode()), "fields": fields}
+    digest = sha256_bytes(_canonical(fields).encode())
+    origin = snapshot_origin(getattr(model.config, "name_or_path", "") or "")
+    if origin is not None:  # recorded, not digested: the same config and code at another commit is the same package
+        fields["hub"] = origin
+    return {"digest": digest, "fields": fields}
 
 
 def input_signature(inputs: Iterable[InputSpec]) -> list[dict[str, Any]]:
@@ -171,6 +185,7 @@ def fingerprint_fields(index: dict[str, Any]) -> dict[str, Any]:
         "options": {k: v for k, v in index["options"].items() if k not in UNFINGERPRINTED_OPTIONS},
         "inputs": input_signature(InputSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in index["inputs"]),
         "schema_version": index["schema_version"],
+        **({"hub": index["fingerprint"]["hub"]} if "hub" in index["fingerprint"] else {}),
     }
 
 

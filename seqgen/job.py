@@ -56,6 +56,7 @@ class CalibrationJob:
     dtype: DType | None = None  # weights and activations while calibrating (see model_dtype)
     quantize_vision: bool = False  # image data: calibrate the vision towers' blocks too (default: left unquantized)
     options: CalibrationOptions = field(default_factory=CalibrationOptions)
+    trust_remote_code: bool = False  # run the model's own modeling code (auto_map), as transformers' option
 
     def __post_init__(self) -> None:
         """Plain strings become enum members; a value that is not a choice, or an unregistered algorithm, raises
@@ -87,7 +88,7 @@ class JobSummary:
     model: torch.nn.Module  # quantized in place (in disk mode: the skeleton, weights released)
 
 
-def load_tokenizer(model_id: str, revision: str | None = None) -> Any:
+def load_tokenizer(model_id: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """The checkpoint's tokenizer. A vision-language checkpoint may keep its chat template with the processor
     (``chat_template.jinja``, or ``chat_template.json``) rather than the tokenizer: the tokenizer then gets it, so
     chat-formatted calibration data is rendered as the model was trained."""
@@ -99,7 +100,7 @@ def load_tokenizer(model_id: str, revision: str | None = None) -> Any:
 
     directory = checkpoint_dir(model_id, revision, weights=False)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise SeqgenError(f"{directory} has no usable tokenizer ({exc}); save one with the model.") from exc
     if not getattr(tokenizer, "chat_template", None):
@@ -131,7 +132,11 @@ def heldout_samples(tokenizer: Any, dataset: str | Path | None, seq_len: int, nu
 
 
 def model_dtype(
-    name: DType | str | None, model_id: str, device: torch.device, revision: str | None = None
+    name: DType | str | None,
+    model_id: str,
+    device: torch.device,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> torch.dtype:
     """The torch dtype for ``--dtype NAME``; ``auto`` is the checkpoint's own (its config's ``dtype``), else fp32.
 
@@ -145,20 +150,19 @@ def model_dtype(
         return getattr(torch, name.value)
     from .models import load_config
 
-    stored = getattr(load_config(model_id, revision), "dtype", None)
+    stored = getattr(load_config(model_id, revision, trust_remote_code), "dtype", None)
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
     return stored if isinstance(stored, torch.dtype) and stored.is_floating_point else torch.float32
 
 
-def _disk_model(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
+def _disk_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
     """The model skeleton: parameters on meta, buffers real (non-persistent ones such as rotary tables)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig
 
-    from .models import model_from_config
+    from .models import load_config, model_from_config
 
-    config = AutoConfig.from_pretrained(directory)
+    config = load_config(str(directory), trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = model_from_config(config, dtype)
     model.tie_weights()  # as from_pretrained does: tied weights are one parameter, stored under one name
@@ -179,7 +183,7 @@ def _calibration_data(job: CalibrationJob, tokenizer: Any, traced: torch.nn.Modu
         samples = calibration_samples(tokenizer, job.dataset, job.seq_len, job.num_samples)
         return batches(samples, job.batch_size), EmitOptions()
     chats = load_image_chats(job.dataset)
-    processor = load_processor(checkpoint_dir(job.model_id, job.revision, weights=False))
+    processor = load_processor(checkpoint_dir(job.model_id, job.revision, weights=False), job.trust_remote_code)
     image_data = image_batches(chats, processor, job.num_samples)
     targets = [*tower_targets(traced), *find_targets(traced)] if job.quantize_vision else None
     logger.info("calibration data: %d chats with %d images, one a batch", len(image_data), chats.images)
@@ -194,18 +198,19 @@ def run_job(job: CalibrationJob) -> JobSummary:
     from .runtime.selection import quantizable_linears
 
     start = time.perf_counter()
-    tokenizer = load_tokenizer(job.model_id, job.revision)
-    dtype = model_dtype(job.dtype, job.model_id, execution_device(job.options.device), job.revision)
+    trust = job.trust_remote_code
+    tokenizer = load_tokenizer(job.model_id, job.revision, trust)
+    dtype = model_dtype(job.dtype, job.model_id, execution_device(job.options.device), job.revision, trust)
     # Everything that can fail runs on a weightless skeleton first (the package, the format checks, the data):
     # loading a 70B model's weights takes minutes, and a trace failure should not come after them.
     weights = None
     if job.offload == "disk":
         directory = checkpoint_dir(job.model_id, job.revision)
-        skeleton = _disk_model(directory, dtype)
+        skeleton = _disk_model(directory, dtype, trust)
         weights = SafetensorsWeights(directory, skeleton)
         traced = meta_model(skeleton.config)
     else:
-        skeleton = traced = meta_model(load_config(job.model_id, job.revision))
+        skeleton = traced = meta_model(load_config(job.model_id, job.revision, trust))
     options = job.options
     if job.save_format == "compressed" and options.quantize_experts:
         check_compressed_experts(skeleton, options.scheme)  # fail before the calibration, not after it
@@ -233,7 +238,7 @@ def run_job(job: CalibrationJob) -> JobSummary:
         check_compressed_linears(
             skeleton, [name for sg in package.subgraphs for name in quantizable_linears(skeleton, sg, options.ignore)]
         )
-    model = skeleton if weights is not None else load_model(job.model_id, dtype, job.revision)
+    model = skeleton if weights is not None else load_model(job.model_id, dtype, job.revision, trust)
     if weights is not None:
         from .checkpoint import StreamingSaver
 
@@ -269,6 +274,7 @@ def run_job(job: CalibrationJob) -> JobSummary:
             for key, value in stats.items()
         }
         save_file(flat, str(job.save_dir / "activation_stats.safetensors"))
+    _write_report(job, package, result)
     return JobSummary(
         package_path=package.path,
         cache_hit=hit,
@@ -278,3 +284,11 @@ def run_job(job: CalibrationJob) -> JobSummary:
         result=result,
         model=model,
     )
+
+
+def _write_report(job: CalibrationJob, package: Any, result: CalibrationResult) -> None:
+    """``seqgen_report.json`` beside the saved model (see :mod:`seqgen.report`)."""
+    from .report import build_report, write_report
+
+    path = write_report(job.save_dir, build_report(job, package, result))
+    logger.info("wrote the calibration report %s (`seqgen report %s` shows it)", path, job.save_dir)

@@ -29,6 +29,7 @@ __all__ = [
     "cache_dir",
     "checkpoint_dir",
     "model_from_config",
+    "is_remote",
     "load_config",
     "meta_model",
     "load_model",
@@ -590,6 +591,8 @@ def auto_class(config: Any) -> Any:
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
     )
 
+    if is_remote(config) and "AutoModelForCausalLM" in config.auto_map:
+        return transformers.AutoModelForCausalLM
     for name in getattr(config, "architectures", None) or ():
         cls = getattr(transformers, name, None)
         if (
@@ -612,11 +615,19 @@ def auto_class(config: Any) -> Any:
     )
 
 
+def is_remote(config: Any) -> bool:
+    """Whether ``config`` is of a model's own configuration class (``auto_map``), which transformers imports only
+    with ``trust_remote_code``: its modeling code is then the model's own too."""
+    return type(config).__module__.startswith("transformers_modules.")
+
+
 def model_from_config(config: Any, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A new model of ``config`` (on the current default device) through :func:`auto_class`."""
+    """A new model of ``config`` (on the current default device) through :func:`auto_class`. A config of a model's
+    own code (:func:`is_remote`) was loaded with ``trust_remote_code``, which then holds for its modeling code."""
     cls = auto_class(config)
     if hasattr(cls, "from_config"):  # an auto class
-        return cls.from_config(config, dtype=dtype)
+        remote = {"trust_remote_code": True} if is_remote(config) else {}
+        return cls.from_config(config, dtype=dtype, **remote)
     return cls._from_config(config, dtype=dtype)
 
 
@@ -637,8 +648,12 @@ def checkpoint_dir(model_id: str, revision: str | None = None, weights: bool = T
     raise SeqgenError(f"{model_id!r} names no checkpoint (with a tokenizer and weights); MODEL is {_MODEL_IDS}.")
 
 
-def load_config(model_id: str, revision: str | None = None) -> Any:
-    """The config of a model id, without loading weights (of a hub model: its config and modeling code only)."""
+def load_config(model_id: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The config of a model id, without loading weights (of a hub model: its config and modeling code only).
+
+    ``trust_remote_code`` lets transformers import the model's own configuration and modeling code (``auto_map`` in
+    its config.json), as transformers' option of that name; without it such a model is refused, naming the option.
+    """
     from transformers import AutoConfig
 
     from .hub import is_hub_id, snapshot
@@ -650,29 +665,44 @@ def load_config(model_id: str, revision: str | None = None) -> Any:
         return AutoConfig.for_model(data.pop("model_type"), **data)
     source: str | Path = snapshot(model_id, revision=revision) if is_hub_id(model_id) else model_id
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        if not trust_remote_code and "trust_remote_code" in str(exc):
+            raise SeqgenError(
+                f"{model_id} comes with its own modeling code (auto_map in its config.json), which runs only when "
+                "you trust it: read its *.py files, then pass --trust-remote-code (trust_remote_code=True in Python)."
+            ) from None
         raise SeqgenError(f"cannot load the config of {model_id!r}: {exc}. MODEL is {_MODEL_IDS}.") from exc
 
 
-def meta_model(model_id_or_config: str | Any) -> torch.nn.Module:
+def meta_model(model_id_or_config: str | Any, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model on the meta device: structure and config only, no weights and no RAM for them."""
-    config = load_config(model_id_or_config) if isinstance(model_id_or_config, str) else model_id_or_config
+    if isinstance(model_id_or_config, str):
+        config = load_config(model_id_or_config, trust_remote_code=trust_remote_code)
+    else:
+        config = model_id_or_config
     with torch.device("meta"):
         model = model_from_config(config)
     return model.eval()
 
 
 def load_model(
-    model_id: str, dtype: torch.dtype = torch.float32, revision: str | None = None, **kwargs: Any
+    model_id: str,
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
 ) -> torch.nn.Module:
-    """The model with its weights (on the CPU unless ``device_map`` says otherwise)."""
+    """The model with its weights (on the CPU unless ``device_map`` says otherwise); ``trust_remote_code`` as in
+    :func:`load_config`."""
     if model_id.startswith("tiny:"):
         return tiny_model(model_id.split(":", 1)[1]).to(dtype)
     path = checkpoint_dir(model_id, revision)
-    cls = auto_class(load_config(str(path)))
+    config = load_config(str(path), trust_remote_code=trust_remote_code)
+    if is_remote(config):
+        kwargs["trust_remote_code"] = True
     try:
-        model = cls.from_pretrained(path, dtype=dtype, **kwargs)
+        model = auto_class(config).from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise SeqgenError(f"cannot load model {model_id!r}: {exc}") from exc
     return model.eval()

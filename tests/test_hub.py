@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -10,10 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from seqgen.models import tiny_model
+from seqgen.cli import cli
+from seqgen.index import compute_fingerprint
+from seqgen.models import meta_model, tiny_config, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -57,6 +61,11 @@ def test_emit_and_calibrate_a_hub_id_equal_its_local_snapshot(hub_cache: Path, t
         assert done.returncode == 0, done.stderr
     for file in sorted((tmp_path / "local-package").glob("subgraph_*.py")):
         assert (tmp_path / "hub-package" / file.name).read_bytes() == file.read_bytes(), file.name
+    for name in ("hub", "local"):  # the snapshot directory is the commit's, however it was named
+        index = json.loads((tmp_path / f"{name}-package" / "index.json").read_text())
+        assert index["fingerprint"]["hub"] == {"id": "org/tiny-llama", "commit": COMMIT}
+    shown = CliRunner().invoke(cli, ["show", str(tmp_path / "hub-package")])
+    assert f"emitted from org/tiny-llama at commit {COMMIT}" in shown.output, shown.output
     hub, local = load_file(tmp_path / "hub" / "model.safetensors"), load_file(tmp_path / "local" / "model.safetensors")
     assert hub.keys() == local.keys()
     assert all(torch.equal(hub[name], local[name]) for name in local)
@@ -86,3 +95,15 @@ def test_emit_reads_only_the_config(hub_cache: Path, tmp_path: Path) -> None:
     done = seqgen(hub_cache, "emit", "org/config-only", str(tmp_path / "package"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "package" / "index.json").is_file()
+
+
+def test_the_commit_is_recorded_not_digested(tmp_path: Path) -> None:
+    """The same config and code from a snapshot and from a directory of another name: one package (one digest), and
+    the snapshot's records where it came from."""
+    model = meta_model(tiny_config("llama"))
+    plain = compute_fingerprint(model, options={}, inputs=[])
+    model.config._name_or_path = str(tmp_path / "models--org--tiny-llama" / "snapshots" / COMMIT)
+    recorded = compute_fingerprint(model, options={}, inputs=[])
+    assert recorded["digest"] == plain["digest"]
+    assert "hub" not in plain["fields"]
+    assert recorded["fields"]["hub"] == {"id": "org/tiny-llama", "commit": COMMIT}

@@ -204,6 +204,10 @@ class QuantizedWeight:
     ``scale``/``zero_point`` have one column per group. Column ``j`` of the weight belongs to group ``g_idx[j]``;
     ``g_idx`` is None unless the algorithm reordered columns (GPTQ with ``act_order``), meaning ``j // group_size``
     (or group 0 for per-channel quantization).
+
+    An algorithm that knows the layer's inputs may also give, per output row, ``row_error`` = ``||(w - q) X||^2`` and
+    ``row_output`` = ``||w X||^2`` over the calibration inputs ``X`` (in one norm, e.g. GPTQ's dampened Hessian):
+    :meth:`relative_error` is then the reconstruction error of the layer's output.
     """
 
     codes: torch.Tensor
@@ -211,6 +215,15 @@ class QuantizedWeight:
     zero_point: torch.Tensor | None
     g_idx: torch.Tensor | None
     scheme: QuantScheme
+    row_error: torch.Tensor | None = None
+    row_output: torch.Tensor | None = None
+
+    def relative_error(self) -> float | None:
+        """``||(W - Q) X||^2 / ||W X||^2`` over all rows, or None when the algorithm did not measure it."""
+        if self.row_error is None or self.row_output is None:
+            return None
+        output = float(self.row_output.double().sum())
+        return float(self.row_error.double().sum()) / output if output > 0 else 0.0
 
     @property
     def out_features(self) -> int:
@@ -257,6 +270,8 @@ class QuantizedWeight:
             scale=self.scale.to(device),
             zero_point=move(self.zero_point),
             g_idx=move(self.g_idx),
+            row_error=move(self.row_error),
+            row_output=move(self.row_output),
         )
 
 

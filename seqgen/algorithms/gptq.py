@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 _CHOLESKY_RETRIES = 3
 # Rows per step when a large matrix is copied or reordered, so that the copy needs no full-size temporary.
 _ROWS_PER_COPY = 256
+# Elements per triangular solve of _row_outputs: fewer rows a call are several times slower on the CPU.
+_SOLVE_ELEMENTS = 1 << 24
 
 
 class HessianStatistics(Statistics):
@@ -160,6 +162,25 @@ class HessianStatistics(Statistics):
         self.factors.clear()
 
 
+def _row_outputs(weight: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+    """``||w X||^2`` per row of ``weight`` in the norm GPTQ's error is measured in (the dampened Hessian
+    ``H = (U^T U)^-1``, columns in ``perm``'s order): ``||w U^-1||^2``, one triangular solve a few rows at a time.
+
+    GPTQ's column errors ``E`` satisfy ``W - Q = E U``, so ``||E||^2`` per row (the loss it accumulates) is
+    ``||(w - q) X||^2`` in the same norm, and the ratio of the two is the layer's relative output error.
+    """
+    norms = torch.empty(weight.shape[0], dtype=torch.float32, device=u.device)
+    step = max(_ROWS_PER_COPY, _SOLVE_ELEMENTS // weight.shape[1])
+    for start in range(0, weight.shape[0], step):
+        rows = weight[start : start + step].to(device=u.device, dtype=torch.float32)
+        rows = rows.masked_fill(dead, 0.0)  # as GPTQ zeroes them: inputs that were always zero
+        if perm is not None:
+            rows = rows.index_select(1, perm)
+        solved = torch.linalg.solve_triangular(u, rows, upper=True, left=False)
+        norms[start : start + rows.shape[0]] = solved.square().sum(dim=1)
+    return norms
+
+
 def _all_finite(t: torch.Tensor) -> bool:
     """``torch.isfinite(t).all()`` a few rows at a time (no full-size boolean temporaries)."""
     return all(bool(torch.isfinite(t[i : i + _ROWS_PER_COPY]).all()) for i in range(0, t.shape[0], _ROWS_PER_COPY))
@@ -205,6 +226,7 @@ class GPTQ(Algorithm):
         device = u.device
         if stats.single_use:
             stats.release()  # only U is used from here on: X^T X goes before the copies of the weight are made
+        row_output = _row_outputs(weight, dead, perm, u)  # its temporaries are gone before the copies are made
         # Work on W^T ([cols, rows], contiguous): a weight column is then a contiguous row, which keeps the
         # per-column steps and in-block updates cache friendly. Always a fresh buffer: `weight` is never modified.
         # With activation order its rows are gathered in that order straight away (no second full copy).
@@ -302,6 +324,8 @@ class GPTQ(Algorithm):
             zero_point=None if zeros is None else zeros.T.to(torch.int32).contiguous().to(out_device),
             g_idx=None if g_idx is None else g_idx.to(out_device),
             scheme=scheme,
+            row_error=loss.to(out_device),
+            row_output=row_output.to(out_device),
         )
 
     def _columns(

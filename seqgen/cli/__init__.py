@@ -36,13 +36,14 @@ def cli(verbose: int) -> None:
 
 
 def _register() -> None:
-    from . import cache_cmds, calibrate_cmd, diff_cmd, emit_cmd, package_cmds
+    from . import cache_cmds, calibrate_cmd, diff_cmd, emit_cmd, package_cmds, report_cmd
 
     cli.add_command(emit_cmd.emit)
     cli.add_command(calibrate_cmd.calibrate)
     cli.add_command(calibrate_cmd.evaluate)
     cli.add_command(cache_cmds.cache)
     cli.add_command(diff_cmd.diff)
+    cli.add_command(report_cmd.report)
     for command in package_cmds.COMMANDS:
         cli.add_command(command)
 

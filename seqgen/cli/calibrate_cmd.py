@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..choices import DType, Grid, Observer, Offload, SaveFormat
-from .options import revision_option
+from .options import revision_option, trust_remote_code_option
 from .output import out
 
 
@@ -35,6 +35,7 @@ def _group_size(ctx: click.Context, param: click.Parameter, value: int) -> int |
 
 @click.command()
 @revision_option
+@trust_remote_code_option
 @click.argument("package", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", "model_id", required=True, help="Model id or checkpoint directory (see `seqgen emit`).")
 @click.option(
@@ -141,6 +142,7 @@ def _group_size(ctx: click.Context, param: click.Parameter, value: int) -> int |
 )
 def calibrate(
     revision: str | None,
+    trust_remote_code: bool,
     package: Path | None,
     model_id: str,
     dataset: str | None,
@@ -197,6 +199,7 @@ def calibrate(
         save_format=save_format,
         dtype=dtype,
         quantize_vision=quantize_vision,
+        trust_remote_code=trust_remote_code,
         options=CalibrationOptions(
             algorithm=algorithm,
             scheme=scheme,
@@ -233,6 +236,7 @@ def calibrate(
 
 @click.command(name="eval")
 @revision_option
+@trust_remote_code_option
 @click.option("--model", "model_id", required=True, help="Model id or checkpoint directory (quantized or not).")
 @click.option(
     "--dataset",
@@ -257,6 +261,7 @@ def calibrate(
 )
 def evaluate(
     revision: str | None,
+    trust_remote_code: bool,
     model_id: str,
     dataset: str | None,
     seq_len: int,
@@ -275,7 +280,8 @@ def evaluate(
     placement = {}
     if target.type != "cpu":
         placement = {"device_map": "auto" if device is None else {"": str(target)}}
-    model = load_model(model_id, model_dtype(dtype, model_id, target, revision), revision, **placement)
-    samples = heldout_samples(load_tokenizer(model_id, revision), dataset, seq_len, max_samples)
+    trust = trust_remote_code
+    model = load_model(model_id, model_dtype(dtype, model_id, target, revision, trust), revision, trust, **placement)
+    samples = heldout_samples(load_tokenizer(model_id, revision, trust), dataset, seq_len, max_samples)
     value = perplexity(model, samples, batch_size=batch_size)
     out(f"perplexity: {value:.4f} ({samples.shape[0]} samples x {seq_len} tokens)")

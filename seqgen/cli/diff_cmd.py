@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .options import revision_option
+from .options import revision_option, trust_remote_code_option
 from .output import err, out
 
 _PACKAGE = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -19,7 +19,10 @@ _PACKAGE = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.argument("other", type=_PACKAGE, required=False)
 @click.option("--model", "model_id", default=None, help="Compare PACKAGE with MODEL emitted now, with its options.")
 @revision_option
-def diff(package: Path, other: Path | None, model_id: str | None, revision: str | None) -> None:
+@trust_remote_code_option
+def diff(
+    package: Path, other: Path | None, model_id: str | None, revision: str | None, trust_remote_code: bool
+) -> None:
     """Compare PACKAGE with OTHER, or with what emitting MODEL under the installed versions gives.
 
     Prints the fingerprint fields that differ, the subgraphs added, removed or changed, and a unified diff of each
@@ -32,14 +35,17 @@ def diff(package: Path, other: Path | None, model_id: str | None, revision: str 
         raise click.UsageError("give either OTHER or --model MODEL, not both or neither.")
     try:
         with tempfile.TemporaryDirectory(prefix="seqgen-diff-") as scratch:
-            same = _compare(package, other, model_id, revision, Path(scratch))
+            same = _compare(package, other, model_id, (revision, trust_remote_code), Path(scratch))
     except SeqgenError as exc:
         err(f"error: {exc}", fg="red")
         sys.exit(2)
     sys.exit(0 if same else 1)
 
 
-def _compare(package: Path, other: Path | None, model_id: str | None, revision: str | None, scratch: Path) -> bool:
+def _compare(
+    package: Path, other: Path | None, model_id: str | None, source: tuple[str | None, bool], scratch: Path
+) -> bool:
+    """``source``: the model's revision, and whether to trust its remote code."""
     from ..review import diff_packages, read_package
 
     ours = read_package(package)
@@ -48,7 +54,7 @@ def _compare(package: Path, other: Path | None, model_id: str | None, revision: 
         from ..models import load_config, meta_model
 
         other = scratch / "emitted"
-        emit_model(meta_model(load_config(model_id, revision)), other, EmitOptions.of_package(ours.index))
+        emit_model(meta_model(load_config(model_id, *source)), other, EmitOptions.of_package(ours.index))
         labels = (str(package), f"{model_id} now")
     else:
         labels = (str(package), str(other))

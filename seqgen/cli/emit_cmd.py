@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import revision_option
+from .options import revision_option, trust_remote_code_option
 from .output import out
 
 
@@ -34,6 +34,7 @@ def _sample_shape(ctx: click.Context, param: click.Parameter, value: str) -> tup
 @click.option("--sample-shape", default="2,64", callback=_sample_shape, help="BATCH,SEQ of the trace-time sample.")
 @click.option("--force", is_flag=True, help="Replace an existing package in OUT.")
 @revision_option
+@trust_remote_code_option
 def emit(
     model: str,
     out_dir: Path,
@@ -43,6 +44,7 @@ def emit(
     sample_shape: tuple[int, int],
     force: bool,
     revision: str | None,
+    trust_remote_code: bool,
 ) -> None:
     """Trace MODEL once and write its subgraph package to OUT.
 
@@ -55,7 +57,7 @@ def emit(
     options = EmitOptions(
         targets=targets or None, targets_per_subgraph=targets_per_subgraph, ignore=ignore, sample_shape=sample_shape
     )
-    source = meta_model(load_config(model, revision)) if revision else model
+    source = meta_model(load_config(model, revision, trust_remote_code)) if revision or trust_remote_code else model
     result = emit_package(source, out_dir, options, force=force)
     count = len(result.index["subgraphs"])
     out(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import revision_option
+from .options import revision_option, trust_remote_code_option
 from .output import err, out
 
 _PACKAGE = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -25,6 +25,8 @@ def show(package: Path) -> None:
     digest = index["fingerprint"]["digest"]
     out(f"{package}: {index['model_class']}, {len(entries)} subgraphs, fingerprint {digest[:16]}")
     out("versions: " + ", ".join(f"{k} {v}" for k, v in index["versions"].items()))
+    if "hub" in index["fingerprint"]:
+        out(f"emitted from {index['fingerprint']['hub']['id']} at commit {index['fingerprint']['hub']['commit']}")
     out("inputs: " + ", ".join(f"{s['name']} {s['dtype']}{s['shape']}" for s in index["inputs"]))
     for group in group_subgraphs(text):
         entry = entries[group.first]
@@ -61,12 +63,21 @@ def accept(package: Path) -> None:
 @click.option("--seq-len", type=click.IntRange(min=1), default=32)
 @click.option("--seed", type=int, default=0)
 @revision_option
-def verify(package: Path, model_id: str, batch_size: int, seq_len: int, seed: int, revision: str | None) -> None:
+@trust_remote_code_option
+def verify(
+    package: Path,
+    model_id: str,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    revision: str | None,
+    trust_remote_code: bool,
+) -> None:
     """Check that PACKAGE reproduces the eager model on a random batch (fp32, CPU)."""
     from ..models import load_model
     from ..verify import compare_with_eager
 
-    model = load_model(model_id, revision=revision)
+    model = load_model(model_id, revision=revision, trust_remote_code=trust_remote_code)
     diff = compare_with_eager(package, model, batch_size=batch_size, seq_len=seq_len, seed=seed)
     if diff == 0.0:
         out(f"ok: {package} reproduces {type(model).__name__} exactly (max abs diff 0.0)")

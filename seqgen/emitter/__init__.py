@@ -282,6 +282,7 @@ def emit_model(
             "digest": fingerprint["digest"],
             "config": fingerprint["fields"]["config"],
             "source": fingerprint["fields"]["source"],
+            **({"hub": fingerprint["fields"]["hub"]} if "hub" in fingerprint["fields"] else {}),
         },
         "options": {**options.fingerprint_fields(), "sample_shape": list(options.sample_shape)},
         "inputs": [asdict(spec) | {"shape": list(spec.shape)} for spec in inputs],

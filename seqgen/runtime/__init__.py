@@ -8,6 +8,7 @@ __all__ = [
     "guard",
     "CalibrationOptions",
     "CalibrationResult",
+    "ModuleReport",
     "SubgraphReport",
     "calibrate",
     "QuantizationPlan",
@@ -21,6 +22,7 @@ __all__ = [
 _LAZY = {
     "CalibrationOptions": "options",
     "CalibrationResult": "state",
+    "ModuleReport": "state",
     "SubgraphReport": "state",
     "calibrate": "loop",
     "QuantizationPlan": "selection",

@@ -33,7 +33,9 @@ class Collector:
         self.stop_early = stop_early
         self.stats: dict[str, Statistics | None] = {}
         self.observers: dict[str, ActivationObserver] = {}
+        self.tokens: dict[str, int] = {}  # calibration tokens each linear's input had (padding left out)
         self.mask: torch.Tensor | None = None
+        self._mask_tokens = 0
         self._seen: list[tuple[torch.Tensor, Statistics | None]] = []  # this batch: input tensor -> statistics
         self._updated: set[int] = set()
         self._fired: dict[str, None] = {}  # linears whose hook ran in this batch, in order
@@ -42,6 +44,7 @@ class Collector:
 
     def new_batch(self, mask: torch.Tensor | None) -> None:
         self.mask = None if mask is None or bool(mask.all()) else mask  # no padding: no token selection (no copy)
+        self._mask_tokens = 0 if self.mask is None else int(self.mask.sum())
         if self.stop_early and self._last is None and len(self._fired) == len(self.linears):
             self._last = next(reversed(self._fired))
         self._seen.clear()
@@ -52,6 +55,12 @@ class Collector:
         if self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
             return x[self.mask.to(x.device).bool()]
         return x.reshape(-1, x.shape[-1])
+
+    def _count(self, x: torch.Tensor) -> int:
+        """The number of rows :meth:`_tokens` selects, without selecting them."""
+        if self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
+            return self._mask_tokens
+        return x.numel() // x.shape[-1]
 
     def hook(self, name: str) -> Callable[..., None]:
         def pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
@@ -72,6 +81,7 @@ class Collector:
                 observer = self.observers.setdefault(name, ActivationObserver(module.in_features, x.device))
                 observer.update(self._tokens(x) if tokens is None else tokens)
             self._seen.append((x, stats))
+            self.tokens[name] = self.tokens.get(name, 0) + self._count(x)
             if name in self._fired:  # runs twice per batch: its later calls must not be skipped
                 self.stop_early = False
             self._fired[name] = None

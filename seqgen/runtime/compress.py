@@ -66,7 +66,8 @@ def _split_rows(quantized: QuantizedWeight, rows: list[int]) -> list[QuantizedWe
         return [quantized]
     codes = quantized.codes.split(rows)
     scales = quantized.scale.split(rows)
-    zeros = [None] * len(rows) if quantized.zero_point is None else quantized.zero_point.split(rows)
+    zeros = _split_or_none(quantized.zero_point, rows)
+    errors, outputs = _split_or_none(quantized.row_error, rows), _split_or_none(quantized.row_output, rows)
     return [
         QuantizedWeight(
             codes=c.contiguous(),
@@ -74,9 +75,15 @@ def _split_rows(quantized: QuantizedWeight, rows: list[int]) -> list[QuantizedWe
             zero_point=None if z is None else z.contiguous(),
             g_idx=quantized.g_idx,
             scheme=quantized.scheme,
+            row_error=e,
+            row_output=o,
         )
-        for c, s, z in zip(codes, scales, zeros, strict=True)
+        for c, s, z, e, o in zip(codes, scales, zeros, errors, outputs, strict=True)
     ]
+
+
+def _split_or_none(rows_first: torch.Tensor | None, rows: list[int]) -> list[torch.Tensor | None]:
+    return [None] * len(rows) if rows_first is None else list(rows_first.split(rows))
 
 
 @torch.no_grad()

@@ -120,8 +120,8 @@ def finish(run: CalibrationRun, state: CalibrationState) -> CalibrationResult:
     result = state.result
     result.seconds = time.perf_counter() - run.started
     device = run.dispatcher.device
-    if device.type == "cuda":
-        result.peak_device_bytes = torch.cuda.max_memory_allocated(device)
+    if device.type == "cuda":  # each subgraph measures its own peak (see steps.record)
+        result.peak_device_bytes = max((r.device_peak_bytes or 0 for r in result.reports), default=0)
     logger.info(
         "calibrated %d linears and %d expert projections in %d subgraphs in %.1fs (%s)",
         result.linears,

@@ -14,9 +14,12 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import resource
 import sys
 
-__all__ = ["reuse_large_allocations", "release_free_memory"]
+import torch
+
+__all__ = ["reuse_large_allocations", "release_free_memory", "reset_device_peak", "device_peak", "rss_peak"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,3 +59,20 @@ def release_free_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def reset_device_peak(device: torch.device) -> None:
+    """Start measuring :func:`device_peak` afresh (CUDA; a no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def device_peak(device: torch.device) -> int | None:
+    """Bytes of CUDA memory allocated at most since :func:`reset_device_peak`; None off CUDA."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def rss_peak() -> int:
+    """The process's peak resident set so far, in bytes (``ru_maxrss``: kilobytes on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..algorithms import Algorithm, QuantizedWeight, Statistics
+from ..algorithms import Algorithm, QuantizedWeight, QuantScheme, Statistics
 from ..package import Subgraph
 from .collector import Collector
 from .dispatch import Dispatcher
@@ -29,6 +29,7 @@ __all__ = [
     "CalibrationResult",
     "CalibrationRun",
     "CalibrationState",
+    "ModuleReport",
     "SubgraphDone",
     "SubgraphReport",
     "SubgraphState",
@@ -42,10 +43,22 @@ SubgraphDone = Callable[[Subgraph, dict[str, QuantizedWeight], dict[str, Quantiz
 
 
 @dataclass
+class ModuleReport:
+    """How one weight was quantized (a linear, or ``<module>.<param>.<expert>`` of fused experts)."""
+
+    scheme: QuantScheme
+    tokens: int | None  # calibration tokens its input had; None where not counted (no calibration pass, experts)
+    relative_error: float | None  # ||(W - Q) X||^2 / ||W X||^2, where the algorithm measures it (GPTQ)
+
+
+@dataclass
 class SubgraphReport:
     name: str
     linears: int
     seconds: dict[str, float]
+    modules: dict[str, ModuleReport] = field(default_factory=dict)
+    device_peak_bytes: int | None = None  # CUDA memory allocated at most while this subgraph ran
+    rss_peak_bytes: int | None = None  # the process's peak resident memory so far (a high-water mark)
 
 
 @dataclass
@@ -119,6 +132,7 @@ class SubgraphState:
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     expert_quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # "<module>.<param>.<expert>"
     seconds: dict[str, float] = field(default_factory=dict)  # per phase
+    tokens: dict[str, int] = field(default_factory=dict)  # calibration tokens of each linear's input
 
     def collected(self) -> list[Statistics]:
         """The statistics the latest calibration pass collected: the linears' (first pass only), then the active

@@ -36,8 +36,8 @@ from ..algorithms import QuantizedWeight, Statistics
 from .collector import Collector
 from .compress import compress_linears, never_ran, round_to_nearest, warn_never_ran
 from .experts import FusedExperts, expert_params
-from .memory import release_free_memory
-from .state import CalibrationRun, CalibrationState, SubgraphReport, SubgraphState
+from .memory import device_peak, release_free_memory, reset_device_peak, rss_peak
+from .state import CalibrationRun, CalibrationState, ModuleReport, SubgraphReport, SubgraphState
 
 __all__ = [
     "calibrate_subgraph",
@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 def calibrate_subgraph(run: CalibrationRun, state: CalibrationState) -> None:
     """Calibrate the subgraph ``state.next_subgraph``: its steps, in order, each timed in its phase."""
     sub = start_subgraph(run, state)
+    reset_device_peak(run.dispatcher.device)
     with _phase(sub, "onload"):
         onload(run, sub)
     with sub.bar:
@@ -214,6 +215,7 @@ def _compress_calibrated_linears(run: CalibrationRun, state: CalibrationState, s
     sub.quantized.update(round_to_nearest(run.options.scheme, {name: sub.linears[name] for name in unrouted}))
     for name, observer in collector.observers.items():
         state.result.activation_stats[name] = observer.summary()
+    sub.tokens = dict(collector.tokens)
     sub.collector = None
 
 
@@ -250,5 +252,17 @@ def record(run: CalibrationRun, state: CalibrationState, sub: SubgraphState) -> 
         state.result.quantized.update(sub.quantized)
         state.result.experts.update(sub.expert_quantized)
     state.result.linears += len(sub.quantized)
-    state.result.reports.append(SubgraphReport(sub.subgraph.name, len(sub.linears), sub.seconds))
+    state.result.reports.append(
+        SubgraphReport(
+            sub.subgraph.name,
+            len(sub.linears),
+            sub.seconds,
+            modules={
+                name: ModuleReport(quantized.scheme, sub.tokens.get(name), quantized.relative_error())
+                for name, quantized in {**sub.quantized, **sub.expert_quantized}.items()
+            },
+            device_peak_bytes=device_peak(run.dispatcher.device),
+            rss_peak_bytes=rss_peak(),
+        )
+    )
     state.next_subgraph += 1
