@@ -4,6 +4,7 @@ bitwise as one process does; a rank that fails is named, and the other stops ins
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +185,42 @@ def test_a_failed_rank_is_named_with_its_subgraph_and_the_other_stops(ranks: lis
     assert failed.startswith("rank 1 of 2 stopped in subgraph ") and "injected" in failed
     assert stopped.startswith("rank 0 of 2 stopped in subgraph ")
     assert stopped_after < TIMEOUT_S + 10, "rank 0 stops within the process group's timeout"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("offload", ["memory", "disk"])
+def test_calibrate_nproc_2_saves_the_one_process_checkpoint(
+    offload: str, tmp_path: Path, smollm2_tokenizer: Path
+) -> None:
+    """``seqgen calibrate --nproc 2`` (torchrun, two gloo ranks) writes the checkpoint that one process with
+    ``--exact-hessian`` writes, tensor for tensor, in memory and disk offload; its summary names the ranks."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    checkpoint = tmp_path / "tiny-llama"
+    tiny_model("llama", vocab_size=49152, **SIZES).save_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(smollm2_tokenizer).save_pretrained(checkpoint)
+    args = ["--model", str(checkpoint), "--group-size", "32", "--num-samples", "6", "--seq-len", "24"]
+    args += ["--batch-size", "2", "--offload", offload, "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun gives each rank
+    cli = [sys.executable, str(Path(__file__).resolve().parents[1] / "cli.py"), "calibrate", *args]
+    runs = {
+        "two": subprocess.run(
+            [*cli, "--nproc", "2", "--save", str(tmp_path / "two")], capture_output=True, text=True, env=env
+        ),
+        "one": subprocess.run(
+            [*cli, "--exact-hessian", "--save", str(tmp_path / "one")], capture_output=True, text=True, env=env
+        ),
+    }
+    for name, proc in runs.items():
+        assert proc.returncode == 0, f"{name}:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert "on 2 ranks (2/4 samples)" in runs["two"].stdout  # 3 batches: rank 0 takes 1, rank 1 takes 2
+    one = {k: v for f in sorted((tmp_path / "one").glob("*.safetensors")) for k, v in load_file(f).items()}
+    two = {k: v for f in sorted((tmp_path / "two").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert sorted(two) == sorted(one) and any(name.endswith("weight_packed") for name in one)
+    for name, tensor in one.items():
+        assert torch.equal(two[name], tensor), name

@@ -20,6 +20,7 @@ Rank 0 emits the package (the others wait, then find it in the cache) and writes
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -103,8 +104,10 @@ def join_process_group(device: str | None, timeout_s: float = DEFAULT_TIMEOUT_S)
     dist.init_process_group("nccl" if on_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     atexit.register(_leave)
     rank, world = distributed_rank()
-    if rank:
-        os.environ["TQDM_DISABLE"] = "1"
+    if rank:  # tqdm reads TQDM_DISABLE when it is imported, long before this: its bars are turned off here
+        import tqdm
+
+        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)  # type: ignore[method-assign]
     logger.info("rank %d of %d on %s (%s)", rank, world, device or "cpu", dist.get_backend())
     return Ranks(rank, world, device)
 
