@@ -4,8 +4,10 @@ in one process and under torchrun on 2 (or more) gloo ranks, side by side.
 Each row is its own launch, so each rank's peak RSS is its own. The wall time is each rank's calibration (the
 package lookup plus :func:`seqgen.runtime.calibrate`, model loading and data excluded), the slowest rank's; the
 phases are rank 0's. The last column says whether the quantized codes equal the one-process run's bitwise (they
-should: the Hessians are summed in fp64, so the split of the batches changes nothing). On a machine with fewer cores
-than ranks the ranks share cores, and the speed-up is bounded by that, not by the method.
+should: the Hessians are summed in fp64, so the split of the batches changes nothing). Every process runs one thread
+(torchrun's default): a matmul split over another number of threads may round differently, and one thread per rank
+is what makes one process and N ranks compare as 1 core against N. On a machine with fewer cores than ranks, or
+shared with other work, the ranks compete for cores, and the speed-up is bounded by that, not by the method.
 
     python bench/distributed.py [--ranks 1,2] [--num-samples 16] [--seq-len 512] [--batch-size 4] [--runs 1]
 """
@@ -80,7 +82,7 @@ def launch(world: int, args: argparse.Namespace, out: str) -> list[dict]:
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", script]
         command += common
-    env = {**os.environ, "PYTHONPATH": str(_REPO), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))}
+    env = {**os.environ, "PYTHONPATH": str(_REPO), "OMP_NUM_THREADS": "1"}  # torchrun's default for every rank
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=_REPO)
     if proc.returncode != 0:
         sys.exit(f"{world} rank(s) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -103,7 +105,7 @@ def main() -> None:
     worlds = [int(w) for w in args.ranks.split(",")]
     print(
         f"SmolLM2-135M, GPTQ W4A16 g64 (exact Hessians), {args.num_samples} x {args.seq_len} tokens, batch "
-        f"{args.batch_size}, {os.cpu_count()} CPU cores, median of {args.runs} run(s)"
+        f"{args.batch_size}, one thread per process, {os.cpu_count()} CPU cores, median of {args.runs} run(s)"
     )
     print(
         f"{'ranks':>5} {'samples/rank':>13} {'wall s':>8} {'speed-up':>8} {'peak RSS MB per rank':>22}  phases (rank 0)"
