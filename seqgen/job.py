@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ class JobSummary:
     total_seconds: float
     result: CalibrationResult
     model: torch.nn.Module  # quantized in place (in disk mode: the skeleton, weights released)
+    samples_per_rank: tuple[int, ...] = ()  # under torchrun: the calibration samples of each rank, in rank order
 
 
 def load_tokenizer(model_id: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
@@ -195,9 +197,12 @@ def run_job(job: CalibrationJob) -> JobSummary:
     from .checkpoint import check_compressed_experts, check_compressed_linears, experts_saved_dense, save_quantized
     from .models import checkpoint_dir, load_config, load_model, meta_model
     from .package import load
+    from .runtime.distributed import distributed_rank, local_batches, main_first, share, synchronize
     from .runtime.selection import quantizable_linears
 
     start = time.perf_counter()
+    rank, world = distributed_rank()
+    is_main = rank == 0
     trust = job.trust_remote_code
     tokenizer = load_tokenizer(job.model_id, job.revision, trust)
     dtype = model_dtype(job.dtype, job.model_id, execution_device(job.options.device), job.revision, trust)
@@ -233,29 +238,39 @@ def run_job(job: CalibrationJob) -> JobSummary:
         package, hit = load(job.package), False
         package.check_model(skeleton)  # a package of another model is refused before the weights load
     else:
-        package, hit = PartitionCache().get_or_emit(traced, emit_options, reemit=job.reemit)
+        with main_first():  # under torchrun: rank 0 emits, the others find the package in the cache
+            package, hit = PartitionCache().get_or_emit(traced, emit_options, reemit=job.reemit and is_main)
     if job.save_format == "compressed":  # fail before the calibration, not after it
         check_compressed_linears(
             skeleton, [name for sg in package.subgraphs for name in quantizable_linears(skeleton, sg, options.ignore)]
         )
+    samples_per_rank = tuple(
+        sum(batches[i]["input_ids"].shape[0] for i in share(len(batches), r, world)) for r in range(world)
+    )
+    batches = local_batches(batches)
     model = skeleton if weights is not None else load_model(job.model_id, dtype, job.revision, trust)
     if weights is not None:
         from .checkpoint import StreamingSaver
 
         # Peak RSS is what disk offload is for: freed activations go back to the OS instead of waiting for reuse
         # (measured on a 1.1B Llama: about 90 MB less at the peak, during GPTQ's largest factorization).
-        with StreamingSaver(model, weights, job.save_dir, tokenizer=tokenizer, save_format=job.save_format) as saver:
+        with (
+            StreamingSaver(model, weights, job.save_dir, tokenizer=tokenizer, save_format=job.save_format)
+            if is_main
+            else nullcontext()
+        ) as saver:
             result = calibrate(
                 model,
                 package,
                 batches,
                 dataclasses.replace(options, reuse_allocations=False),
                 weights=weights,
-                on_subgraph_done=saver.add,
+                on_subgraph_done=saver.add if is_main else None,
                 keep_results=False,
             )
     else:
         result = calibrate(model, package, batches, options)
+    if weights is None and is_main:
         save_quantized(
             model,
             result.quantized,
@@ -265,7 +280,7 @@ def run_job(job: CalibrationJob) -> JobSummary:
             source_dir=checkpoint_dir(job.model_id, job.revision, weights=False),
             save_format=job.save_format,
         )
-    if options.observe:
+    if options.observe and is_main:
         from safetensors.torch import save_file
 
         flat = {
@@ -274,7 +289,9 @@ def run_job(job: CalibrationJob) -> JobSummary:
             for key, value in stats.items()
         }
         save_file(flat, str(job.save_dir / "activation_stats.safetensors"))
-    _write_report(job, package, result)
+    if is_main:
+        _write_report(job, package, result)
+    synchronize()  # the ranks finish together, once rank 0 has written the checkpoint
     return JobSummary(
         package_path=package.path,
         cache_hit=hit,
@@ -283,6 +300,7 @@ def run_job(job: CalibrationJob) -> JobSummary:
         total_seconds=time.perf_counter() - start,
         result=result,
         model=model,
+        samples_per_rank=samples_per_rank,
     )
 
 

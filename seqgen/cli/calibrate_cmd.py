@@ -140,6 +140,24 @@ def _group_size(ctx: click.Context, param: click.Parameter, value: int) -> int |
     default=SaveFormat.COMPRESSED.value,
     help="compressed: compressed-tensors (packed ints + scales) for vLLM; fake: dequantized weights.",
 )
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Calibrate data-parallel in this many processes on this machine (torchrun, one per GPU; gloo on the CPU).",
+)
+@click.option(
+    "--exact-hessian",
+    is_flag=True,
+    help="GPTQ: sum Hessians in fp64, so the result does not depend on how batches are split (on with several "
+    "processes: then one process with this flag gives the same checkpoint bitwise).",
+)
+@click.option(
+    "--rank-timeout",
+    type=click.FloatRange(min=1),
+    default=1800,
+    help="Under torchrun: seconds a rank waits for the others before it stops (a rank that failed or hangs).",
+)
 def calibrate(
     revision: str | None,
     trust_remote_code: bool,
@@ -170,11 +188,25 @@ def calibrate(
     reemit: bool,
     save_dir: Path,
     save_format: str,
+    nproc: int,
+    exact_hessian: bool,
+    rank_timeout: float,
 ) -> None:
-    """Quantize MODEL layer by layer with PACKAGE (default: from the partition cache) and save it."""
+    """Quantize MODEL layer by layer with PACKAGE (default: from the partition cache) and save it.
+
+    Also runs under ``torchrun --nproc-per-node N -m seqgen calibrate ...`` (one process per GPU, any number of
+    nodes), or ``--nproc N``, which starts torchrun on this machine."""
+    import sys
+
     from ..algorithms import QuantScheme
     from ..job import CalibrationJob, run_job
     from ..runtime import CalibrationOptions
+    from ..runtime.distributed import join_process_group, launch, launched_by_torchrun
+
+    if nproc > 1 and not launched_by_torchrun():
+        launch(nproc, sys.argv[1:])
+        return
+    ranks = join_process_group(device, rank_timeout)
 
     scheme = QuantScheme(
         bits=int(bits),
@@ -206,19 +238,24 @@ def calibrate(
             ignore=ignore,
             propagate_error=not no_propagate_error,
             observe=observe,
-            device=device,
             all_experts=all_experts,
             experts_per_pass=experts_per_pass,
             spill_dir=spill_dir,
+            device=ranks.device,
+            exact_hessian=exact_hessian or ranks.world > 1,
         ),
     )
     summary = run_job(job)
+    if not ranks.is_main:
+        return
     source = "cache hit" if summary.cache_hit else ("given" if package else "emitted")
     out(f"package: {summary.package_path} ({source})")
     experts = f" and {len(summary.result.experts)} expert projections" if summary.result.experts else ""
+    per_rank = "/".join(str(count) for count in summary.samples_per_rank)
+    on_ranks = f" on {ranks.world} ranks ({per_rank} samples)" if ranks.world > 1 else ""
     out(
-        f"quantized {summary.linears} linears{experts} with {algorithm} W{bits} group {group_size or 'per-channel'} in "
-        f"{summary.calibration_seconds:.1f}s (total {summary.total_seconds:.1f}s)"
+        f"quantized {summary.linears} linears{experts} with {algorithm} W{bits} group {group_size or 'per-channel'}"
+        f"{on_ranks} in {summary.calibration_seconds:.1f}s (total {summary.total_seconds:.1f}s)"
     )
     if summary.result.unquantized:
         out(

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from ..algorithms import get_algorithm
+from ..algorithms import GPTQ, get_algorithm
 from ..errors import SeqgenError
 from ..package import Package
 from .dispatch import Dispatcher, execution_device
+from .distributed import report_failure
 from .intermediates import IntermediatesCache
 from .memory import reuse_large_allocations
 from .options import DEFAULT_OPTIONS, CalibrationOptions
@@ -57,7 +58,8 @@ def calibrate(
     )
     with closing(state.cache), tqdm(total=len(run.subgraphs), desc="subgraphs", unit="sg") as bar:
         while state.next_subgraph < len(run.subgraphs):
-            calibrate_subgraph(run, state)
+            with report_failure(run.subgraphs[state.next_subgraph].name):
+                calibrate_subgraph(run, state)
             bar.update()
     return finish(run, state)
 
@@ -85,6 +87,8 @@ def prepare(
     if device.type == "cpu" and options.reuse_allocations:
         reuse_large_allocations()
     algorithm = get_algorithm(options.algorithm, options.scheme)
+    if options.exact_hessian and isinstance(algorithm, GPTQ):
+        algorithm.hessian_dtype = torch.float64
     dispatcher = Dispatcher(model, device, weights)
     plan = plan_quantization(
         model,

@@ -27,6 +27,10 @@ class CalibrationOptions:
     # subgraph (None: all in one pass). Bounds the statistics' memory: e.g. DeepSeek-V3's 256 experts hold 57 GB of
     # fp32 Hessians at once, 64 per pass 14 GB.
     experts_per_pass: int | None = None
+    # GPTQ: sum each batch's X^T X in fp64, so the Hessian does not depend on the order of the batches: a run split
+    # over torchrun's ranks then quantizes bitwise as one process does (with this option too). Twice the memory of
+    # the statistics.
+    exact_hessian: bool = False
 
 
 DEFAULT_OPTIONS = CalibrationOptions()

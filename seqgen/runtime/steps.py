@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ..algorithms import QuantizedWeight, Statistics
 from .collector import Collector
 from .compress import compress_linears, never_ran, round_to_nearest, warn_never_ran
+from .distributed import align_statistics, compress_owned
 from .experts import FusedExperts, expert_params
 from .memory import device_peak, release_free_memory, reset_device_peak, rss_peak
 from .state import CalibrationRun, CalibrationState, ModuleReport, SubgraphReport, SubgraphState
@@ -159,6 +160,7 @@ def calibration_pass(run: CalibrationRun, state: CalibrationState, sub: Subgraph
             progress=lambda: sub.bar.update(),
         )
     sub.passes_done += 1
+    align_statistics(sub, run.algorithm)  # under torchrun: the same statistics on every rank, ready to reduce
 
 
 def reduce_statistics(statistics: Iterable[Statistics]) -> None:
@@ -211,7 +213,7 @@ def _compress_calibrated_linears(run: CalibrationRun, state: CalibrationState, s
         state.result.round_to_nearest += unrouted
     sub.linears = {name: m for name, m in sub.linears.items() if name not in never}
     calibrated = {name: m for name, m in sub.linears.items() if name not in unrouted}
-    sub.quantized = compress_linears(run.algorithm, calibrated, collector.stats)
+    sub.quantized = compress_owned(run.algorithm, calibrated, collector.stats)  # split over ranks under torchrun
     sub.quantized.update(round_to_nearest(run.options.scheme, {name: sub.linears[name] for name in unrouted}))
     for name, observer in collector.observers.items():
         state.result.activation_stats[name] = observer.summary()
