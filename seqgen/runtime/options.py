@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..algorithms import QuantScheme
+from ..algorithms.blocktune import TuneOptions
 
 __all__ = ["DEFAULT_OPTIONS", "CalibrationOptions"]
 
@@ -27,6 +28,9 @@ class CalibrationOptions:
     # subgraph (None: all in one pass). Bounds the statistics' memory: e.g. DeepSeek-V3's 256 experts hold 57 GB of
     # fp32 Hessians at once, 64 per pass 14 GB.
     experts_per_pass: int | None = None
+    # block tuning after each subgraph's compress step, from the algorithm's result (None: no tuning; see
+    # seqgen.algorithms.blocktune). It always propagates the quantized outputs, whatever propagate_error says.
+    tune: TuneOptions | None = None
 
 
 DEFAULT_OPTIONS = CalibrationOptions()
