@@ -562,6 +562,7 @@ def test_experts_a_compressed_checkpoint_cannot_pack_stay_unquantized(
     assert len(fake.result.experts) == 2 * 2 * 4  # layers x (gate_up, down) x experts
 
 
+@pytest.mark.slow  # two CLI calibrations: test_blocktune.py covers tuning itself
 def test_block_tuning_at_three_bits_saves_the_layout_of_the_algorithm_alone(checkpoint: Path, tmp_path: Path) -> None:
     """``--tune-iterations`` tunes after the algorithm and saves what it saves; ``--bits 3`` is accepted."""
     runner = CliRunner()
