@@ -119,21 +119,11 @@ def main() -> None:
     parser.add_argument("--vs-commit", metavar="REV", help="also run REV's gptq row (a temporary git worktree)")
     args = parser.parse_args()
 
-    from safetensors.torch import save_file
-
-    from seqgen.job import calibration_samples, heldout_samples, load_tokenizer
     from seqgen.models import smollm2_dir
 
-    tokenizer = load_tokenizer("smollm2-135m")
     with tempfile.TemporaryDirectory() as tmp:
         data_file = str(Path(tmp) / "tokens.safetensors")
-        save_file(
-            {
-                "calibration": calibration_samples(tokenizer, None, args.seq_len, args.num_samples),
-                "heldout": heldout_samples(tokenizer, None, args.seq_len, args.eval_samples),
-            },
-            data_file,
-        )
+        write_tokens(data_file, args.num_samples, args.seq_len, args.eval_samples)
         seqgen_args = (sys.executable, _SEQGEN_CHILD)
         plan = {
             f"seqgen {name}": (*seqgen_args, name, data_file, str(args.batch_size)) for name in args.rows.split(",")
@@ -175,6 +165,18 @@ def main() -> None:
                 f"seqgen gptq / {other} wall time per round: {', '.join(f'{r:.2f}x' for r in ratios)} "
                 f"(median {statistics.median(ratios):.2f}x)"
             )
+
+
+def write_tokens(path: str, num_samples: int, seq_len: int, eval_samples: int) -> None:
+    """The token tensors every row of a run reads: ``calibration`` and ``heldout`` samples of the built-in corpora,
+    SmolLM2's tokenizer."""
+    from safetensors.torch import save_file
+
+    from seqgen.job import calibration_samples, heldout_samples, load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    calibration = calibration_samples(tokenizer, None, seq_len, num_samples)
+    save_file({"calibration": calibration, "heldout": heldout_samples(tokenizer, None, seq_len, eval_samples)}, path)
 
 
 def _worktree(rev: str, path: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -559,3 +560,18 @@ def test_experts_a_compressed_checkpoint_cannot_pack_stay_unquantized(
 
     fake = run_job(dataclasses.replace(job, save_dir=tmp_path / "fake", save_format="fake"))
     assert len(fake.result.experts) == 2 * 2 * 4  # layers x (gate_up, down) x experts
+
+
+@pytest.mark.slow  # two CLI calibrations: test_blocktune.py covers tuning itself
+def test_block_tuning_at_three_bits_saves_the_layout_of_the_algorithm_alone(checkpoint: Path, tmp_path: Path) -> None:
+    """``--tune-iterations`` tunes after the algorithm and saves what it saves; ``--bits 3`` is accepted."""
+    runner = CliRunner()
+    args = ["calibrate", "--model", str(checkpoint), *ARGS, "--bits", "3", "--algorithm", "rtn"]
+    plain = runner.invoke(cli, [*args, "--save", str(tmp_path / "rtn")])
+    tuned = runner.invoke(cli, [*args, "--tune-iterations", "3", "--tune-seed", "1", "--save", str(tmp_path / "tuned")])
+    assert plain.exit_code == 0 and tuned.exit_code == 0, tuned.output
+    assert "with rtn + block tuning (3 iterations) W3 group 32" in tuned.output and "tune " in tuned.output
+    assert tensor_names(tmp_path / "tuned") == tensor_names(tmp_path / "rtn")
+    config = json.loads((tmp_path / "tuned" / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["num_bits"] == 3
+    assert torch.isfinite(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "tuned"))).all()

@@ -58,6 +58,8 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 SCHEMES = {
     "w4-sym-g32": QuantScheme(bits=4, group_size=32, symmetric=True),
+    "w3-sym-g32": QuantScheme(bits=3, group_size=32, symmetric=True),  # W3 and W2: research, vLLM serves 4 and 8
+    "w2-sym-g32": QuantScheme(bits=2, group_size=32, symmetric=True),
     "w4-asym-g32": QuantScheme(bits=4, group_size=32, symmetric=False),
     "w8-sym-channel": QuantScheme(bits=8, group_size=None, symmetric=True),
     "w8-asym-channel": QuantScheme(bits=8, group_size=None, symmetric=False),

@@ -169,10 +169,10 @@ class IntermediatesCache:
     ) -> None:
         """Run ``subgraph`` on every batch. ``commit``: replace its consumed inputs by its outputs; otherwise the
         outputs are dropped (a calibration pass whose propagation pass comes later)."""
-        for i, values in enumerate(self.values):
+        for i in range(len(self.values)):
             if before_batch is not None:
                 before_batch(i)
-            inputs = {name: self._load(values[name]) for name in subgraph.inputs}
+            inputs = self.inputs(i, subgraph)
             try:
                 outputs = subgraph.forward(model, **inputs)
             except StopBatch:
@@ -189,6 +189,10 @@ class IntermediatesCache:
                 progress()
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+
+    def inputs(self, i: int, subgraph: Subgraph) -> dict[str, Any]:
+        """Batch ``i``'s values that ``subgraph`` reads, on the device (the cache is unchanged)."""
+        return {name: self._load(self.values[i][name]) for name in subgraph.inputs}
 
     def attention_mask(self, i: int) -> torch.Tensor | None:
         mask = self.batches[i].get("attention_mask")

@@ -21,7 +21,7 @@ from ..algorithms import GPTQ, get_algorithm
 from ..errors import SeqgenError
 from ..package import Package
 from .dispatch import Dispatcher, execution_device
-from .distributed import report_failure
+from .distributed import distributed_rank, report_failure
 from .intermediates import IntermediatesCache
 from .memory import reuse_large_allocations
 from .options import DEFAULT_OPTIONS, CalibrationOptions
@@ -80,6 +80,11 @@ def prepare(
         raise SeqgenError("calibration needs at least one batch; check --num-samples and the dataset.")
     if options.experts_per_pass is not None and options.experts_per_pass < 1:
         raise SeqgenError(f"experts_per_pass must be a positive number of experts, got {options.experts_per_pass}.")
+    if options.tune is not None and distributed_rank()[1] > 1:
+        raise SeqgenError(
+            "block tuning runs in one process only: each rank would tune on its own batches, and the ranks' weights "
+            "would differ. Run it without torchrun or --nproc."
+        )
     package.check_model(model)
     for batch in batches:
         package.check_batch(batch)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..algorithms import QuantScheme
+from ..algorithms.blocktune import TuneOptions
 
 __all__ = ["DEFAULT_OPTIONS", "CalibrationOptions"]
 
@@ -31,6 +32,9 @@ class CalibrationOptions:
     # over torchrun's ranks then quantizes bitwise as one process does (with this option too). Twice the memory of
     # the statistics.
     exact_hessian: bool = False
+    # block tuning after each subgraph's compress step, from the algorithm's result (None: no tuning; see
+    # seqgen.algorithms.blocktune). It always propagates the quantized outputs, whatever propagate_error says.
+    tune: TuneOptions | None = None
 
 
 DEFAULT_OPTIONS = CalibrationOptions()

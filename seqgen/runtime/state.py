@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..algorithms import Algorithm, QuantizedWeight, QuantScheme, Statistics
+from ..algorithms.blocktune import TuneReport
 from ..package import Subgraph
 from .collector import Collector
 from .dispatch import Dispatcher
@@ -33,9 +34,17 @@ __all__ = [
     "SubgraphDone",
     "SubgraphReport",
     "SubgraphState",
+    "TuneReference",
 ]
 
-PHASES = ("onload", "calibrate", "compress", "propagate", "offload")  # a subgraph's timed phases, in the order they run
+PHASES = (
+    "onload",
+    "calibrate",
+    "compress",
+    "tune",
+    "propagate",
+    "offload",
+)  # a subgraph's timed phases, in the order they run
 
 #: ``on_subgraph_done(subgraph, quantized, experts)``: called once per subgraph while its weights are still on the
 #: device (streamed saving; a checkpoint of the run's state comes here later).
@@ -73,6 +82,7 @@ class CalibrationResult:
     round_to_nearest: list[str] = field(default_factory=list)  # experts no calibration token reached (no statistics)
     seconds: float = 0.0
     peak_device_bytes: int | None = None
+    tuned: dict[str, TuneReport] = field(default_factory=dict)  # per subgraph name, with block tuning
 
     def phase_seconds(self) -> dict[str, float]:
         """Seconds per phase, summed over the subgraphs, in the order the phases run (phases that never ran are
@@ -116,6 +126,15 @@ class CalibrationState:
 
 
 @dataclass
+class TuneReference:
+    """What block tuning matches, taken before the compress step: the full-precision weights of the subgraph's
+    linears, and the subgraph's full-precision outputs (``output_tensors``) per batch."""
+
+    weights: dict[str, torch.Tensor]
+    outputs: list[list[torch.Tensor]]
+
+
+@dataclass
 class SubgraphState:
     """What the steps of one subgraph hand each other."""
 
@@ -133,6 +152,7 @@ class SubgraphState:
     expert_quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # "<module>.<param>.<expert>"
     seconds: dict[str, float] = field(default_factory=dict)  # per phase
     tokens: dict[str, int] = field(default_factory=dict)  # calibration tokens of each linear's input
+    reference: TuneReference | None = None  # with block tuning, from before the compress step until tuned
 
     def collected(self) -> list[Statistics]:
         """The statistics the latest calibration pass collected: the linears' (first pass only), then the active

@@ -12,7 +12,9 @@
    batch stops at the last linear's input. With ``experts_per_pass`` steps 2-4 run once per group of experts: each
    group is quantized after its pass, and every weight is written back after the last (each pass sees the same model);
 3. **reduce** the statistics: :func:`reduce_statistics` is the only place statistics are combined across processes;
-4. **compress** every linear and expert: its weight becomes the dequantized quantized weight;
+4. **compress** every linear and expert: its weight becomes the dequantized quantized weight; with block tuning
+   (``options.tune``, :mod:`seqgen.runtime.tuning`) a full-precision pass keeps the subgraph's outputs before the
+   calibration pass, and the **tune** step after compress fits the quantized linears to them;
 5. **propagate**: run again with quantized weights, so the next subgraph sees quantized outputs (skipped with
    ``propagate_error=False``: the calibration pass's outputs are kept instead);
 6. **offload**, after ``on_subgraph_done`` has the subgraph's quantized weights (streamed saving).
@@ -39,6 +41,7 @@ from .distributed import align_statistics, compress_owned
 from .experts import FusedExperts, expert_params
 from .memory import device_peak, release_free_memory, reset_device_peak, rss_peak
 from .state import CalibrationRun, CalibrationState, ModuleReport, SubgraphReport, SubgraphState
+from .tuning import capture_reference, tune
 
 __all__ = [
     "calibrate_subgraph",
@@ -62,6 +65,9 @@ def calibrate_subgraph(run: CalibrationRun, state: CalibrationState) -> None:
     with _phase(sub, "onload"):
         onload(run, sub)
     with sub.bar:
+        if run.options.tune is not None:
+            with _phase(sub, "tune"):
+                capture_reference(run, state, sub)
         for active in sub.passes:  # one pass, or one per group of experts (experts_per_pass)
             with _phase(sub, "calibrate"):
                 calibration_pass(run, state, sub, active)
@@ -70,6 +76,9 @@ def calibrate_subgraph(run: CalibrationRun, state: CalibrationState) -> None:
                 compress(run, state, sub)
         if not sub.passes:  # nothing to collect (RTN): compressed without statistics, outside the timed phases
             compress(run, state, sub)
+        if run.options.tune is not None:
+            with _phase(sub, "tune"):
+                tune(run, state, sub)
         if sub.propagation_pass:
             with _phase(sub, "propagate"):
                 propagate(run, state, sub)
@@ -104,7 +113,9 @@ def start_subgraph(run: CalibrationRun, state: CalibrationState) -> SubgraphStat
     calibration_pass = bool(plan) and run.needs_data
     outputs_needed = index < len(run.subgraphs) - 1
     passes = _expert_passes(experts, run.options.experts_per_pass) if calibration_pass else []
-    propagation_pass = outputs_needed and (run.options.propagate_error or not calibration_pass)
+    # block tuning reads the subgraph's inputs after the calibration pass, so that pass never replaces them
+    propagate = run.options.propagate_error or run.options.tune is not None
+    propagation_pass = outputs_needed and (propagate or not calibration_pass)
     subgraph = run.subgraphs[index]
     return SubgraphState(
         index=index,
@@ -112,7 +123,7 @@ def start_subgraph(run: CalibrationRun, state: CalibrationState) -> SubgraphStat
         linears=dict(plan.linears),
         experts=experts,
         passes=passes,
-        commit_calibration=outputs_needed and not run.options.propagate_error,
+        commit_calibration=outputs_needed and not propagate,
         propagation_pass=propagation_pass,
         bar=tqdm(
             total=len(state.cache) * (len(passes) + propagation_pass), desc=subgraph.name, leave=False, unit="batch"
