@@ -158,7 +158,7 @@ def model_dtype(
     return stored if isinstance(stored, torch.dtype) and stored.is_floating_point else torch.float32
 
 
-def _disk_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
+def _disk_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model skeleton: parameters on meta, buffers real (non-persistent ones such as rotary tables)."""
     from accelerate import init_empty_weights
 
