@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import SafetensorsWeights
 from .choices import DType, Offload, SaveFormat
-from .errors import SeqgenError
+from .errors import BadInput
 from .runtime import CalibrationOptions, CalibrationResult, calibrate, execution_device
 
 __all__ = [
@@ -54,6 +54,7 @@ class CalibrationJob:
     reemit: bool = False
     save_format: SaveFormat = SaveFormat.COMPRESSED  # or "compressed" or "fake"
     dtype: DType | None = None  # weights and activations while calibrating (see model_dtype)
+    overwrite: bool = False  # replace save_dir when it holds a previous seqgen output (see seqgen.outputs)
     options: CalibrationOptions = field(default_factory=CalibrationOptions)
 
     def __post_init__(self) -> None:
@@ -80,6 +81,10 @@ class JobSummary:
     model: torch.nn.Module  # quantized in place (in disk mode: the skeleton, weights released)
 
 
+# Files of which transformers builds a tokenizer (without any, it builds an empty one from the config alone)
+_TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "*.model", "*.tiktoken", "spiece*", "sentencepiece*")
+
+
 def load_tokenizer(model_id: str, revision: str | None = None) -> Any:
     """The checkpoint's tokenizer. A vision-language checkpoint may keep its chat template with the processor
     (``chat_template.jinja``, or ``chat_template.json``) rather than the tokenizer: the tokenizer then gets it, so
@@ -91,10 +96,19 @@ def load_tokenizer(model_id: str, revision: str | None = None) -> Any:
     from .models import checkpoint_dir
 
     directory = checkpoint_dir(model_id, revision, weights=False)
+    fix = f"Copy the model's tokenizer files into {directory}, or save its tokenizer with it (save_pretrained)."
+    if not any(any(directory.glob(pattern)) for pattern in _TOKENIZER_FILES):
+        raise BadInput(
+            f"{directory} has no tokenizer files (tokenizer.json, tokenizer_config.json, a vocabulary), from which "
+            f"transformers would build an empty tokenizer. {fix}"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
-        raise SeqgenError(f"{directory} has no usable tokenizer ({exc}); save one with the model.") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"{directory} has no usable tokenizer ({reason}). {fix}") from None
+    if len(tokenizer) <= 1:
+        raise BadInput(f"the tokenizer of {directory} has an empty vocabulary ({len(tokenizer)} tokens). {fix}")
     if not getattr(tokenizer, "chat_template", None):
         if (directory / "chat_template.jinja").is_file():
             tokenizer.chat_template = (directory / "chat_template.jinja").read_text()
@@ -165,9 +179,11 @@ def run_job(job: CalibrationJob) -> JobSummary:
     from .emitter import EmitOptions
     from .models import checkpoint_dir, load_config, load_model, meta_model
     from .package import load
+    from .preflight import check_job
     from .runtime.selection import quantizable_linears
 
     start = time.perf_counter()
+    check_job(job)  # where it writes, what it reads: before anything loads
     tokenizer = load_tokenizer(job.model_id, job.revision)
     dtype = model_dtype(job.dtype, job.model_id, execution_device(job.options.device), job.revision)
     # Everything that can fail runs on a weightless skeleton first (the package, the format checks, the data):
@@ -214,7 +230,9 @@ def run_job(job: CalibrationJob) -> JobSummary:
 
         # Peak RSS is what disk offload is for: freed activations go back to the OS instead of waiting for reuse
         # (measured on a 1.1B Llama: about 90 MB less at the peak, during GPTQ's largest factorization).
-        with StreamingSaver(model, weights, job.save_dir, tokenizer=tokenizer, save_format=job.save_format) as saver:
+        with StreamingSaver(
+            model, weights, job.save_dir, tokenizer=tokenizer, save_format=job.save_format, overwrite=job.overwrite
+        ) as saver:
             result = calibrate(
                 model,
                 package,
@@ -234,16 +252,22 @@ def run_job(job: CalibrationJob) -> JobSummary:
             tokenizer=tokenizer,
             source_dir=checkpoint_dir(job.model_id, job.revision, weights=False),
             save_format=job.save_format,
+            overwrite=job.overwrite,
         )
     if options.observe:
         from safetensors.torch import save_file
+
+        from .outputs import write_manifest
 
         flat = {
             f"{name}.{key}": value.contiguous()
             for name, stats in result.activation_stats.items()
             for key, value in stats.items()
         }
-        save_file(flat, str(job.save_dir / "activation_stats.safetensors"))
+        partial = job.save_dir / ".activation_stats.safetensors.partial"
+        save_file(flat, str(partial))
+        partial.rename(job.save_dir / "activation_stats.safetensors")
+        write_manifest(job.save_dir)  # the statistics are seqgen's output too
     return JobSummary(
         package_path=package.path,
         cache_hit=hit,

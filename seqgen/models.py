@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import SeqgenError
+from .errors import OutputRefused, SeqgenError
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -45,8 +45,14 @@ TINY_SEED = 0
 
 
 def cache_dir() -> Path:
-    """``$SEQGEN_CACHE``, default ``~/.cache/seqgen``."""
-    return Path(os.environ.get("SEQGEN_CACHE") or Path.home() / ".cache" / "seqgen")
+    """``$SEQGEN_CACHE``, default ``~/.cache/seqgen``; refused when it is a file."""
+    path = Path(os.environ.get("SEQGEN_CACHE") or Path.home() / ".cache" / "seqgen")
+    if path.exists() and not path.is_dir():
+        raise OutputRefused(
+            f"the seqgen cache {path} ($SEQGEN_CACHE) is a file, not a directory. Point SEQGEN_CACHE at a directory "
+            "(default ~/.cache/seqgen)."
+        )
+    return path
 
 
 # ---- tiny random models ------------------------------------------------------------------------------------------
@@ -568,7 +574,7 @@ def smollm2_dir() -> Path:
         with atomic_directory(target, replace=False) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-    except OSError:
+    except (OSError, OutputRefused):
         if not (target / "model.safetensors").exists():  # not another process's conversion, done meanwhile
             raise
     return target
@@ -666,10 +672,14 @@ def meta_model(model_id_or_config: str | Any) -> torch.nn.Module:
 def load_model(
     model_id: str, dtype: torch.dtype = torch.float32, revision: str | None = None, **kwargs: Any
 ) -> torch.nn.Module:
-    """The model with its weights (on the CPU unless ``device_map`` says otherwise)."""
+    """The model with its weights (on the CPU unless ``device_map`` says otherwise). Missing, truncated or corrupt
+    safetensors files are refused before transformers reads them (see :mod:`seqgen.checkpoint.validate`)."""
+    from .checkpoint.validate import check_checkpoint_files
+
     if model_id.startswith("tiny:"):
         return tiny_model(model_id.split(":", 1)[1]).to(dtype)
     path = checkpoint_dir(model_id, revision)
+    check_checkpoint_files(path)
     cls = auto_class(load_config(str(path)))
     try:
         model = cls.from_pretrained(path, dtype=dtype, **kwargs)

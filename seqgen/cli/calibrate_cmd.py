@@ -127,6 +127,11 @@ def _group_size(ctx: click.Context, param: click.Parameter, value: int) -> int |
 @click.option("--reemit", is_flag=True, help="Ignore the partition cache and emit the package again.")
 @click.option("--save", "save_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace --save when it holds an earlier seqgen output (never a directory with other files).",
+)
+@click.option(
     "--save-format",
     type=click.Choice(SaveFormat.values()),
     default=SaveFormat.COMPRESSED.value,
@@ -159,6 +164,7 @@ def calibrate(
     device: str | None,
     reemit: bool,
     save_dir: Path,
+    overwrite: bool,
     save_format: str,
 ) -> None:
     """Quantize MODEL layer by layer with PACKAGE (default: from the partition cache) and save it."""
@@ -188,6 +194,7 @@ def calibrate(
         save_dir=save_dir,
         save_format=save_format,
         dtype=dtype,
+        overwrite=overwrite,
         options=CalibrationOptions(
             algorithm=algorithm,
             scheme=scheme,

@@ -36,6 +36,7 @@ from ..algorithms import QuantizedWeight, Statistics
 from .collector import Collector
 from .compress import compress_linears, never_ran, round_to_nearest, warn_never_ran
 from .experts import FusedExperts, expert_params
+from .faults import names_failures
 from .memory import release_free_memory
 from .state import CalibrationRun, CalibrationState, SubgraphReport, SubgraphState
 
@@ -54,6 +55,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+@names_failures  # CUDA out of memory: which subgraph, and what to change
 def calibrate_subgraph(run: CalibrationRun, state: CalibrationState) -> None:
     """Calibrate the subgraph ``state.next_subgraph``: its steps, in order, each timed in its phase."""
     sub = start_subgraph(run, state)
