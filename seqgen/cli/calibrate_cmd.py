@@ -273,7 +273,8 @@ def evaluate(
     placement = {}
     if target.type != "cpu":
         placement = {"device_map": "auto" if device is None else {"": str(target)}}
+    tokenizer = load_tokenizer(model_id, revision)  # a checkpoint without one is refused before the weights load
     model = load_model(model_id, model_dtype(dtype, model_id, target, revision), revision, **placement)
-    samples = heldout_samples(load_tokenizer(model_id, revision), dataset, seq_len, max_samples)
+    samples = heldout_samples(tokenizer, dataset, seq_len, max_samples)
     value = perplexity(model, samples, batch_size=batch_size)
     out(f"perplexity: {value:.4f} ({samples.shape[0]} samples x {seq_len} tokens)")
