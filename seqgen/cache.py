@@ -9,6 +9,7 @@ that ``prune`` removes.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -97,7 +98,8 @@ class PartitionCache:
                 f"cache entry {path} holds fingerprint {package.fingerprint[:16]}, not {digest[:16]}; "
                 f"remove it with `seqgen cache rm {digest[:_DIGEST_CHARS]}`."
             )
-        os.utime(path)
+        with contextlib.suppress(OSError):  # a read-only cache still serves its packages
+            os.utime(path)
         return package
 
     def get_or_emit(self, model: torch.nn.Module, options: Any, *, reemit: bool = False) -> tuple[Package, bool]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import OutputRefused, SeqgenError
+from .errors import BadInput, MissingInput, OutputRefused, SeqgenError
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -562,7 +562,9 @@ def smollm2_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .checkpoint import atomic_directory
+    from .outputs import check_writable
 
+    check_writable(target.parent, f"the converted {DEFAULT_MODEL} ({target}, under $SEQGEN_CACHE)")
     logger.info("converting %s to safetensors in %s (once)", _SMOLLM2_GGUF, target)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
@@ -655,10 +657,14 @@ def load_config(model_id: str, revision: str | None = None) -> Any:
         data = _smollm2_config()
         return AutoConfig.for_model(data.pop("model_type"), **data)
     source: str | Path = snapshot(model_id, revision=revision) if is_hub_id(model_id) else model_id
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise MissingInput(f"{source} has no config.json, so it is no checkpoint. Pass {_MODEL_IDS}.")
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise SeqgenError(f"cannot load the config of {model_id!r}: {exc}. MODEL is {_MODEL_IDS}.") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        error = BadInput if Path(source).is_dir() else SeqgenError  # a damaged config.json, or an unknown id
+        raise error(f"cannot load the config of {model_id!r}: {reason}. MODEL is {_MODEL_IDS}.") from None
 
 
 def meta_model(model_id_or_config: str | Any) -> torch.nn.Module:

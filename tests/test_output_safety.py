@@ -293,10 +293,11 @@ def test_a_seqgen_cache_that_is_a_file_or_unwritable_is_named(
     assert listing(tmp_path)[str(tmp_path)] == ["cache-file"]
 
 
-def test_cache_rm_with_an_empty_prefix_removes_nothing(tmp_path: Path) -> None:
+def test_cache_rm_with_an_empty_prefix_removes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from seqgen.cache import PartitionCache
     from seqgen.emitter import EmitOptions
 
+    monkeypatch.setenv("SEQGEN_CACHE", str(tmp_path / "cache"))
     cache = PartitionCache()
     cache.get_or_emit(seqgen.models.meta_model("tiny:llama"), EmitOptions())
     before = listing(cache.root)
