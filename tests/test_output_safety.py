@@ -180,6 +180,26 @@ def test_a_killed_runs_debris_is_removed_by_the_next_run(checkpoint: Path, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["out", "spill"] and os.listdir(spill) == [live.name]
 
 
+@pytest.mark.slow
+def test_debris_of_a_sigkilled_disk_offload_run_is_removed_by_the_next_run(checkpoint: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    spill, out = tmp_path / "spill", tmp_path / "out"
+    args = ["calibrate", "--model", checkpoint, *ARGS, "--offload", "disk", "--spill-dir", spill, "--save", out]
+    proc = subprocess.Popen([sys.executable, "-m", "seqgen", *map(str, args)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (list(tmp_path.glob(".out.tmp-*")) and list(spill.glob("seqgen-intermediates-*"))):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    debris = [*tmp_path.glob(".out.tmp-*"), *spill.glob("seqgen-intermediates-*")]
+    assert len(debris) == 2 and all(str(proc.pid) in path.name for path in debris)
+    assert run(*args).exit_code == 0
+    assert sorted(os.listdir(tmp_path)) == ["out", "spill"] and os.listdir(spill) == []
+
+
 def test_of_two_writers_of_one_directory_the_first_wins_and_the_other_is_told(tmp_path: Path) -> None:
     out = tmp_path / "pkg"
     with pytest.raises(OutputRefused, match="was written by another process while this one was writing it"):
