@@ -1,10 +1,12 @@
 """Failures inside a subgraph's calibration, told by subgraph and module: NaN or inf in activations, out of memory.
 
 - :func:`finite_outputs` checks what a subgraph returns, one sum per output tensor per batch (under 1% of a layer's
-  forward pass). When a value is not finite, the subgraph runs again on the same
-  batch with a hook on every module, and the error names the first module whose output holds NaN or inf. Values that
-  turn non-finite inside a subgraph in a batch whose calibration pass stops early (after the last linear) reach GPTQ's
-  Hessian instead, whose error names the linears that read them (:func:`seqgen.runtime.compress.compress_linears`).
+  forward pass on the CPU; on a GPU, reading the sum also waits for the batch to finish). When a value is not
+  finite, the subgraph runs again on the same batch with a hook on every module, and the error names the first module
+  whose output holds NaN or inf. The first batch of every pass runs whole, so that is where NaN from the weights show;
+  values that turn non-finite only in a later batch of a calibration pass that stops early (at the last linear's
+  input) reach GPTQ's Hessian instead, whose error names the linears that read them
+  (:func:`seqgen.runtime.compress.compress_linears`).
 - :func:`names_failures` turns CUDA's out-of-memory error in a subgraph's steps into one that names the subgraph and
   what to change.
 """
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
     from ..package import Subgraph
     from .state import CalibrationRun, CalibrationState
 
-__all__ = ["finite_outputs", "first_nonfinite_module", "names_failures"]
+__all__ = ["all_finite", "finite_outputs", "first_nonfinite_module", "names_failures"]
 
 Step = TypeVar("Step", bound=Callable[..., Any])
 
@@ -36,7 +38,7 @@ def finite_outputs(subgraph: Subgraph) -> Subgraph:
 
     def checked(model: torch.nn.Module, **inputs: Any) -> dict[str, Any]:
         outputs = forward(model, **inputs)
-        if not _finite(outputs):
+        if not all_finite(outputs):
             where = first_nonfinite_module(model, forward, inputs)
             raise NumericalError(
                 f"NaN or inf first appear in {subgraph.name}, {where}. The checkpoint's weights may hold them, or the "
@@ -50,13 +52,13 @@ def finite_outputs(subgraph: Subgraph) -> Subgraph:
 def first_nonfinite_module(model: torch.nn.Module, forward: Callable[..., Any], inputs: dict[str, Any]) -> str:
     """Where a non-finite value first appears when ``forward`` runs on ``inputs``: the module whose output first
     holds one (hooks fire as modules finish, innermost first), else the inputs or the code between modules."""
-    if not _finite(inputs):
+    if not all_finite(inputs):
         return "in its inputs (the values the previous subgraph returned, or the batch)"
     first: list[str] = []
 
     def hook(name: str) -> Callable[..., None]:
         def check(module: torch.nn.Module, args: Any, output: Any) -> None:
-            if not first and not _finite(output):
+            if not first and not all_finite(output):
                 first.append(f"in the output of {name} ({type(module).__name__})")
 
         return check
@@ -73,7 +75,7 @@ def first_nonfinite_module(model: torch.nn.Module, forward: Callable[..., Any], 
     return first[0] if first else "in its own code, between modules"
 
 
-def _finite(value: Any) -> bool:
+def all_finite(value: Any) -> bool:
     """No NaN or inf in the tensors of ``value``. A tensor's fp32 sum (one pass, no temporary) is finite when all its
     values are, and is 5x faster than ``isfinite().all()``; only a sum that overflows is looked at element-wise."""
     if isinstance(value, torch.Tensor):
@@ -81,9 +83,9 @@ def _finite(value: Any) -> bool:
             return True
         return bool(torch.isfinite(value).all())
     if isinstance(value, (tuple, list)):
-        return all(_finite(v) for v in value)
+        return all(all_finite(v) for v in value)
     if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
+        return all(all_finite(v) for v in value.values())
     return True
 
 
