@@ -10,6 +10,7 @@ do not crash or mix: the first rename wins, and the other gets :class:`~seqgen.e
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -117,10 +118,12 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 @contextmanager
 def _locked(directory: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``directory`` itself: no lock file to leave behind."""
+    """An exclusive ``flock`` on ``directory`` itself: no lock file to leave behind. Where the filesystem refuses it
+    (NFS emulates ``flock`` with locks that need a file open for writing), the identity check alone remains."""
     fd = os.open(directory, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
