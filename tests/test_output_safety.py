@@ -208,6 +208,10 @@ def test_of_two_writers_of_one_directory_the_first_wins_and_the_other_is_told(tm
             with atomic_directory(out, replace=False) as theirs:  # finishes first
                 (theirs / "a.py").write_text("theirs")
     assert (out / "a.py").read_text() == "theirs" and os.listdir(tmp_path) == ["pkg"]
+    with atomic_directory(out, replace=True) as mine:  # removed meanwhile: no one's directory would be replaced
+        (mine / "a.py").write_text("mine")
+        shutil.rmtree(out)
+    assert (out / "a.py").read_text() == "mine" and os.listdir(tmp_path) == ["pkg"]
 
     # the same with threads that reach the rename together, replacing or not
     for replace in (False, True):

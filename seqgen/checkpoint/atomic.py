@@ -49,7 +49,7 @@ def atomic_directory(out: str | os.PathLike[str], *, replace: bool) -> Iterator[
         yield tmp
         _apply_umask(tmp)
         with _locked(out.parent):  # the check and the rename, one process at a time
-            if _identity(out) != before:
+            if _identity(out) not in (before, None):  # gone meanwhile is fine: nothing of anyone's is replaced
                 raise OutputRefused(
                     f"{out} was written by another process while this one was writing it; that output is kept and "
                     "this one discarded. Give each run its own output directory."

@@ -1,7 +1,8 @@
 """Failures inside a subgraph's calibration, told by subgraph and module: NaN or inf in activations, out of memory.
 
-- :func:`finite_outputs` checks what a subgraph returns, one sum per output tensor per batch (under 1% of a layer's
-  forward pass on the CPU; on a GPU, reading the sum also waits for the batch to finish). When a value is not
+- :func:`finite_outputs` checks what a subgraph returns, one sum per output tensor per batch (about 1% of a
+  SmolLM2 layer's forward pass on the CPU, ``bench/finite_check.py``; on a GPU, reading the sum also waits for the
+  batch to finish). When a value is not
   finite, the subgraph runs again on the same batch with a hook on every module, and the error names the first module
   whose output holds NaN or inf. The first batch of every pass runs whole, so that is where NaN from the weights show;
   values that turn non-finite only in a later batch of a calibration pass that stops early (at the last linear's
