@@ -5,8 +5,8 @@ A save refused after hours of calibration costs those hours; so does a shard fou
 
 - ``--save`` (see :func:`seqgen.outputs.check_output`): not the model's own directory, nor inside or around it; not
   a directory with files seqgen did not write; a previous seqgen output only with ``--overwrite``; writable;
-- the model's safetensors files (a local checkpoint; hub snapshots are checked when they are downloaded): present,
-  whole, with readable headers (:mod:`seqgen.checkpoint.validate`);
+- the model's safetensors files (of a local checkpoint; a hub snapshot's are checked once downloaded, still before
+  any tensor is read): present, whole, with readable headers (:mod:`seqgen.checkpoint.validate`);
 - ``--spill-dir``: writable, and the spill directories of killed runs in it (``seqgen-intermediates-<pid>-*`` whose
   process is gone) removed.
 """
