@@ -242,8 +242,14 @@ def test_two_emit_processes_to_one_out_give_one_package_and_one_message(tmp_path
     results = [(p.wait(), p.stdout.read() + p.stderr.read()) for p in procs]
     assert sorted(code for code, _ in results) in ([0, 1], [0, 73]), results
     loser = next(text for code, text in results if code)
-    assert "Traceback" not in loser and (
-        "written by another process" in loser or "already holds a seqgen package" in loser
+    # the loser learns of the winner where it happens to look: before tracing, at its last check, or at the rename
+    assert "Traceback" not in loser and any(
+        message in loser
+        for message in (
+            "already holds a seqgen package",
+            "was written by another process while this one was writing it",
+            "exists and is not an empty directory (another process may have just written it)",
+        )
     ), loser
     assert os.listdir(tmp_path) == ["pkg"] and (out / "index.json").is_file()
     seqgen.load(out)  # whole and intact

@@ -148,7 +148,8 @@ def _move_into_place(tmp: Path, out: Path, *, replace: bool) -> None:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
                 raise
             raise OutputRefused(
-                f"{out} exists and is not an empty directory, so it is not replaced. Pass a new or empty directory."
+                f"{out} exists and is not an empty directory (another process may have just written it), so it is "
+                "not replaced. Pass a new or empty directory."
             ) from None
         return
     old = _new_sibling(out, "old")
