@@ -76,6 +76,7 @@ def main() -> None:
             "4",
             "--save",
             str(work / "llama-1b-w4"),
+            "--overwrite",  # the output of an earlier run with --workdir
             "--reemit",
         ],
         check=True,

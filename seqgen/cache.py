@@ -9,6 +9,7 @@ that ``prune`` removes.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -24,6 +25,7 @@ import torch
 
 from .errors import SeqgenError
 from .index import INDEX_NAME, compute_fingerprint, current_versions, input_signature, parse_index
+from .outputs import check_writable
 from .package import Package, load
 
 __all__ = ["CacheEntry", "PartitionCache", "expected_fingerprint"]
@@ -76,6 +78,7 @@ class PartitionCache:
 
     @contextmanager
     def _lock(self, digest: str) -> Iterator[None]:
+        check_writable(self.root, f"the partition cache {self.root} ($SEQGEN_CACHE/partitions)")
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / f".{digest[:_DIGEST_CHARS]}.lock", "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -94,7 +97,8 @@ class PartitionCache:
                 f"cache entry {path} holds fingerprint {package.fingerprint[:16]}, not {digest[:16]}; "
                 f"remove it with `seqgen cache rm {digest[:_DIGEST_CHARS]}`."
             )
-        os.utime(path)
+        with contextlib.suppress(OSError):  # a read-only cache still serves its packages
+            os.utime(path)
         return package
 
     def get_or_emit(self, model: torch.nn.Module, options: Any, *, reemit: bool = False) -> tuple[Package, bool]:
@@ -149,6 +153,11 @@ class PartitionCache:
         return found
 
     def find(self, prefix: str) -> CacheEntry:
+        if not prefix.strip():  # "" is a prefix of every digest
+            raise SeqgenError(
+                "an empty digest prefix names no cache entry (it would match every one); pass the first characters "
+                "of a digest that `seqgen cache list` shows."
+            )
         matches = [e for e in self.entries() if e.digest.startswith(prefix)]
         if len(matches) != 1:
             what = "no entry" if not matches else f"{len(matches)} entries"

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import SeqgenError
+from .errors import BadInput, MissingInput, SeqgenError
 
 __all__ = [
     "CALIBRATION_MODULES",
@@ -167,7 +167,7 @@ def load_texts(path: str | Path, tokenizer: Any = None) -> list[str]:
     if suffix not in ACCEPTED_SUFFIXES:
         raise SeqgenError(f"cannot read texts from {path}: unknown suffix {path.suffix!r}. Pass {accepted}.")
     if not path.is_file():
-        raise SeqgenError(f"cannot read texts from {path}: no such file. Pass an existing path to {accepted}.")
+        raise MissingInput(f"cannot read texts from {path}: no such file. Pass an existing path to {accepted}.")
     if suffix == ".txt":
         texts = [block.strip() for block in re.split(r"\n\s*\n", _read_text(path, accepted))]
     else:
@@ -191,13 +191,13 @@ def _read_text(path: Path, accepted: str) -> str:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise SeqgenError(
+        raise BadInput(
             f"{path}:{line}:{column} is not UTF-8 text (byte 0x{data[exc.start]:02x}); a binary file, or text in "
             f"another encoding. Pass {accepted}, in UTF-8 (e.g. `iconv -t UTF-8`)."
         ) from None
     if "\x00" in content:
         line = content.count("\n", 0, content.index("\x00")) + 1
-        raise SeqgenError(f"{path}:{line} holds a NUL character: a binary file, not text. Pass {accepted}.")
+        raise BadInput(f"{path}:{line} holds a NUL character: a binary file, not text. Pass {accepted}.")
     return content
 
 
@@ -217,7 +217,7 @@ def _jsonl_record(path: Path, number: int, line: str) -> dict[str, Any] | None:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise SeqgenError(f"{where} is not valid JSON ({exc.msg}); each line of a .jsonl file is one object.") from exc
+        raise BadInput(f"{where} is not valid JSON ({exc.msg}); each line of a .jsonl file is one object.") from exc
     if not isinstance(record, dict):
         raise SeqgenError(f"{where} is a JSON {type(record).__name__}; each line must be an object with 'text'.")
     return record

@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import SafetensorsWeights
 from .choices import DType, Offload, SaveFormat
-from .errors import SeqgenError
+from .errors import BadInput, SeqgenError
 from .runtime import CalibrationOptions, CalibrationResult, calibrate, execution_device
 
 __all__ = [
@@ -56,6 +56,7 @@ class CalibrationJob:
     save_format: SaveFormat = SaveFormat.COMPRESSED  # or "compressed" or "fake"
     dtype: DType | None = None  # weights and activations while calibrating (see model_dtype)
     quantize_vision: bool = False  # image data: calibrate the vision towers' blocks too (default: left unquantized)
+    overwrite: bool = False  # replace save_dir when it holds a previous seqgen output (see seqgen.outputs)
     options: CalibrationOptions = field(default_factory=CalibrationOptions)
     trust_remote_code: bool = False  # run the model's own modeling code (auto_map), as transformers' option
 
@@ -90,6 +91,10 @@ class JobSummary:
     samples_per_rank: tuple[int, ...] = ()  # under torchrun: the calibration samples of each rank, in rank order
 
 
+# Files of which transformers builds a tokenizer (without any, it builds an empty one from the config alone)
+_TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "*.model", "*.tiktoken", "spiece*", "sentencepiece*")
+
+
 def load_tokenizer(model_id: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """The checkpoint's tokenizer. A vision-language checkpoint may keep its chat template with the processor
     (``chat_template.jinja``, or ``chat_template.json``) rather than the tokenizer: the tokenizer then gets it, so
@@ -101,10 +106,19 @@ def load_tokenizer(model_id: str, revision: str | None = None, trust_remote_code
     from .models import checkpoint_dir
 
     directory = checkpoint_dir(model_id, revision, weights=False)
+    fix = f"Copy the model's tokenizer files into {directory}, or save its tokenizer with it (save_pretrained)."
+    if not any(any(directory.glob(pattern)) for pattern in _TOKENIZER_FILES):
+        raise BadInput(
+            f"{directory} has no tokenizer files (tokenizer.json, tokenizer_config.json, a vocabulary), from which "
+            f"transformers would build an empty tokenizer. {fix}"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise SeqgenError(f"{directory} has no usable tokenizer ({exc}); save one with the model.") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"{directory} has no usable tokenizer ({reason}). {fix}") from None
+    if len(tokenizer) <= 1:
+        raise BadInput(f"the tokenizer of {directory} has an empty vocabulary ({len(tokenizer)} tokens). {fix}")
     if not getattr(tokenizer, "chat_template", None):
         if (directory / "chat_template.jinja").is_file():
             tokenizer.chat_template = (directory / "chat_template.jinja").read_text()
@@ -196,11 +210,14 @@ def run_job(job: CalibrationJob) -> JobSummary:
     from .cache import PartitionCache
     from .checkpoint import check_compressed_experts, check_compressed_linears, experts_saved_dense, save_quantized
     from .models import checkpoint_dir, load_config, load_model, meta_model
+    from .outputs import write_manifest
     from .package import load
+    from .preflight import check_job
     from .runtime.distributed import distributed_rank, local_batches, main_first, share, synchronize
     from .runtime.selection import quantizable_linears
 
     start = time.perf_counter()
+    check_job(job)  # where it writes, what it reads: before anything loads
     rank, world = distributed_rank()
     is_main = rank == 0
     trust = job.trust_remote_code
@@ -255,7 +272,9 @@ def run_job(job: CalibrationJob) -> JobSummary:
         # Peak RSS is what disk offload is for: freed activations go back to the OS instead of waiting for reuse
         # (measured on a 1.1B Llama: about 90 MB less at the peak, during GPTQ's largest factorization).
         with (
-            StreamingSaver(model, weights, job.save_dir, tokenizer=tokenizer, save_format=job.save_format)
+            StreamingSaver(
+                model, weights, job.save_dir, tokenizer=tokenizer, save_format=job.save_format, overwrite=job.overwrite
+            )
             if is_main
             else nullcontext()
         ) as saver:
@@ -279,6 +298,7 @@ def run_job(job: CalibrationJob) -> JobSummary:
             tokenizer=tokenizer,
             source_dir=checkpoint_dir(job.model_id, job.revision, weights=False),
             save_format=job.save_format,
+            overwrite=job.overwrite,
         )
     if options.observe and is_main:
         from safetensors.torch import save_file
@@ -288,9 +308,12 @@ def run_job(job: CalibrationJob) -> JobSummary:
             for name, stats in result.activation_stats.items()
             for key, value in stats.items()
         }
-        save_file(flat, str(job.save_dir / "activation_stats.safetensors"))
+        partial = job.save_dir / ".activation_stats.safetensors.partial"
+        save_file(flat, str(partial))
+        partial.rename(job.save_dir / "activation_stats.safetensors")
     if is_main:
         _write_report(job, package, result)
+        write_manifest(job.save_dir)  # the statistics and the report are seqgen's output too
     synchronize()  # the ranks finish together, once rank 0 has written the checkpoint
     return JobSummary(
         package_path=package.path,

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import SeqgenError
+from .errors import BadInput, MissingInput, OutputRefused, SeqgenError
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -46,8 +46,14 @@ TINY_SEED = 0
 
 
 def cache_dir() -> Path:
-    """``$SEQGEN_CACHE``, default ``~/.cache/seqgen``."""
-    return Path(os.environ.get("SEQGEN_CACHE") or Path.home() / ".cache" / "seqgen")
+    """``$SEQGEN_CACHE``, default ``~/.cache/seqgen``; refused when it is a file."""
+    path = Path(os.environ.get("SEQGEN_CACHE") or Path.home() / ".cache" / "seqgen")
+    if path.exists() and not path.is_dir():
+        raise OutputRefused(
+            f"the seqgen cache {path} ($SEQGEN_CACHE) is a file, not a directory. Point SEQGEN_CACHE at a directory "
+            "(default ~/.cache/seqgen)."
+        )
+    return path
 
 
 # ---- tiny random models ------------------------------------------------------------------------------------------
@@ -557,7 +563,9 @@ def smollm2_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .checkpoint import atomic_directory
+    from .outputs import check_writable
 
+    check_writable(target.parent, f"the converted {DEFAULT_MODEL} ({target}, under $SEQGEN_CACHE)")
     logger.info("converting %s to safetensors in %s (once)", _SMOLLM2_GGUF, target)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
@@ -569,7 +577,7 @@ def smollm2_dir() -> Path:
         with atomic_directory(target, replace=False) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-    except OSError:
+    except (OSError, OutputRefused):
         if not (target / "model.safetensors").exists():  # not another process's conversion, done meanwhile
             raise
     return target
@@ -664,6 +672,8 @@ def load_config(model_id: str, revision: str | None = None, trust_remote_code: b
         data = _smollm2_config()
         return AutoConfig.for_model(data.pop("model_type"), **data)
     source: str | Path = snapshot(model_id, revision=revision) if is_hub_id(model_id) else model_id
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise MissingInput(f"{source} has no config.json, so it is no checkpoint. Pass {_MODEL_IDS}.")
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -672,7 +682,9 @@ def load_config(model_id: str, revision: str | None = None, trust_remote_code: b
                 f"{model_id} comes with its own modeling code (auto_map in its config.json), which runs only when "
                 "you trust it: read its *.py files, then pass --trust-remote-code (trust_remote_code=True in Python)."
             ) from None
-        raise SeqgenError(f"cannot load the config of {model_id!r}: {exc}. MODEL is {_MODEL_IDS}.") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        error = BadInput if Path(source).is_dir() else SeqgenError  # a damaged config.json, or an unknown id
+        raise error(f"cannot load the config of {model_id!r}: {reason}. MODEL is {_MODEL_IDS}.") from None
 
 
 def meta_model(model_id_or_config: str | Any, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -694,10 +706,14 @@ def load_model(
     **kwargs: Any,
 ) -> torch.nn.Module:
     """The model with its weights (on the CPU unless ``device_map`` says otherwise); ``trust_remote_code`` as in
-    :func:`load_config`."""
+    :func:`load_config`. Missing, truncated or corrupt safetensors files are refused before transformers reads them
+    (see :mod:`seqgen.checkpoint.validate`)."""
+    from .checkpoint.validate import check_checkpoint_files
+
     if model_id.startswith("tiny:"):
         return tiny_model(model_id.split(":", 1)[1]).to(dtype)
     path = checkpoint_dir(model_id, revision)
+    check_checkpoint_files(path)
     config = load_config(str(path), trust_remote_code=trust_remote_code)
     if is_remote(config):
         kwargs["trust_remote_code"] = True

@@ -43,7 +43,7 @@ def test_calibrate_refuses_a_binary_dataset_before_loading_weights(
     save = tmp_path / "out"
     args = ["calibrate", "--model", str(checkpoint), "--dataset", str(tmp_path / "binary.txt"), "--save", str(save)]
     result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 65, result.output  # BadInput
     assert "is not UTF-8 text (byte 0x89)" in result.output and "Traceback" not in result.output
     assert not save.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.txt", "model"]

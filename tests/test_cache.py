@@ -74,14 +74,17 @@ def test_killed_emit_leaves_no_partial_package(tmp_path: Path) -> None:
     assert cache.entries() == []
     leftovers = [p for p in (tmp_path / "partitions").iterdir() if not p.name.endswith(".lock")]
     assert leftovers and all(p.name.startswith(".") and ".tmp-" in p.name for p in leftovers)
-    # the next run emits a complete package; prune removes the leftover once it is old
+    # the next run emits a complete package, and removes the leftover: the process that wrote it is gone
     done = run_cache_emit(env, "tiny:llama")
     assert json.loads(done.communicate()[0].splitlines()[-1])["hit"] is False
-    old = time.time() - 7200
-    for p in leftovers:
-        os.utime(p, (old, old))
-    assert set(cache.prune()) == set(leftovers)
+    assert not any(p.exists() for p in leftovers)
     assert len(cache.entries()) == 1
+    # prune removes an old leftover it finds (one of another machine, or of an earlier seqgen)
+    leftover = tmp_path / "partitions" / ".0123456789abcdef.tmp-deadbeef"
+    leftover.mkdir()
+    old = time.time() - 7200
+    os.utime(leftover, (old, old))
+    assert cache.prune() == [leftover]
 
 
 def test_concurrent_runs_produce_one_intact_package(tmp_path: Path) -> None:

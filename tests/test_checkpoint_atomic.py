@@ -108,7 +108,7 @@ def test_a_failed_swap_puts_the_old_directory_back(tmp_path: Path, monkeypatch: 
 def test_without_replace_only_a_missing_or_empty_directory_is_taken(tmp_path: Path) -> None:
     out = old_directory(tmp_path)
     before = contents(out)
-    with pytest.raises(OSError):
+    with pytest.raises(seqgen.errors.OutputRefused, match="exists and is not an empty directory"):
         with atomic_directory(out, replace=False) as tmp:
             (tmp / "a.txt").write_text("new")
     assert contents(out) == before and os.listdir(tmp_path) == ["out"]
@@ -159,7 +159,7 @@ def test_the_streaming_saver_leaves_nothing_behind_when_the_calibration_stops(tm
         skeleton = _disk_model(tmp_path / "ckpt", torch.float32)
         weights = SafetensorsWeights(tmp_path / "ckpt", skeleton)
         done: list[str] = []
-        with StreamingSaver(skeleton, weights, out) as saver:
+        with StreamingSaver(skeleton, weights, out, overwrite=True) as saver:
 
             def add(subgraph: seqgen.Subgraph, quantized: dict, experts: dict) -> None:
                 saver.add(subgraph, quantized, experts)

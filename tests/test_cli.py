@@ -165,6 +165,7 @@ def test_calibrate_options_reach_the_job(monkeypatch: pytest.MonkeyPatch) -> Non
     assert result.exit_code == 1 and "stopped by the test" in result.output
     assert job.options.scheme.group_size is None
     assert (job.offload, job.save_format, job.dtype) == (Offload.DISK, SaveFormat.FAKE, DType.BFLOAT16)
+    assert job.overwrite is False and calibrate_job(monkeypatch, "--overwrite")[1].overwrite is True
 
 
 def test_group_size_zero_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -199,12 +199,12 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        save_quantized(model, _quantize(model, SCHEMES["w4-sym-g32"]), out, tokenizer=BrokenTokenizer())
+        save_quantized(model, _quantize(model, SCHEMES["w4-sym-g32"]), out, tokenizer=BrokenTokenizer(), overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
-    # a successful save replaces the old checkpoint
-    save_quantized(model, _quantize(model, SCHEMES["w4-sym-g32"]), out)
+    # a successful save replaces the old checkpoint (seqgen's own output, so with overwrite)
+    save_quantized(model, _quantize(model, SCHEMES["w4-sym-g32"]), out, overwrite=True)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["config_groups"]["group_0"]["weights"]["num_bits"] == 4
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -236,7 +236,7 @@ def test_errors_name_the_layer(tmp_path: Path) -> None:
         save_quantized(model, {"model.layers.0.mlp.down_proj": qweight}, tmp_path / "a")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
-    with pytest.raises(SeqgenError, match="not empty"):
+    with pytest.raises(SeqgenError, match="not empty and seqgen did not write it"):
         save_quantized(model, {"model.layers.0.mlp.up_proj": qweight}, tmp_path / "notes")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import SeqgenError
+from ..errors import NumericalError, SeqgenError
 from .base import (
     Algorithm,
     QuantizedWeight,
@@ -117,8 +117,9 @@ class HessianStatistics(Statistics):
                 rows = self.xtx.index_select(0, order[start:end]).index_select(1, order)
             torch.mul(rows, scale, out=out[start:end])
             if not torch.isfinite(out[start:end]).all():
-                raise SeqgenError(
-                    "GPTQ Hessian has non-finite values: the calibration inputs of this layer contain inf/nan"
+                raise NumericalError(
+                    "GPTQ Hessian has non-finite values: NaN or inf reach the inputs of this layer in the calibration "
+                    "data. Check the checkpoint's weights, or calibrate with --dtype float32"
                 )
         return out
 
@@ -447,7 +448,7 @@ class GPTQ(Algorithm):
                     new_fraction,
                 )
                 fraction = new_fraction
-        raise SeqgenError(
+        raise NumericalError(
             f"GPTQ could not factor the Hessian ({h.shape[0]} inputs): it is not positive definite even with "
             f"dampening {fraction:.3g} x mean(diag(H)); the calibration inputs are degenerate or non-finite "
             f"(mean diag {mean_diag:.3g}). Use more/different calibration data or a larger QuantScheme.dampening"

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from ..errors import SeqgenError
 from ..runtime.experts import EXPERT_PARAMS, UNGATED_PARAMS, is_fused_experts, is_transposed_experts
 from .layout import checkpoint_layout
+from .validate import check_checkpoint_files
 
 __all__ = ["Piece", "SafetensorsWeights"]
 
@@ -49,6 +50,7 @@ class SafetensorsWeights:
 
     def __init__(self, directory: str | Path, model: torch.nn.Module | None = None) -> None:
         directory = Path(directory)
+        check_checkpoint_files(directory)
         index_file = directory / "model.safetensors.index.json"
         if index_file.exists():
             weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]

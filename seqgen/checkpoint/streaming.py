@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import SeqgenError
+from ..outputs import check_output, write_manifest
 from ..runtime.dispatch import subgraph_tensors
 from ..runtime.experts import EXPERT_PARAMS
 from .atomic import atomic_directory
@@ -24,7 +25,7 @@ from .compressed import quantization_config, write_quantization_config
 from .keys import resolve_experts, resolve_modules
 from .layout import expert_linears, per_expert_weights, sequential_experts
 from .packing import check_groups, pack_weight
-from .writing import check_save_format, check_target, copy_serving_files, counts_text
+from .writing import check_save_format, copy_serving_files, counts_text
 
 if TYPE_CHECKING:
     from ..algorithms.base import QuantizedWeight
@@ -49,7 +50,8 @@ class StreamingSaver:
     go to their own safetensors shard at once. When the block ends without an exception, the tensors no subgraph wrote
     (e.g. the final norm and ``lm_head``) are copied from the source checkpoint, the shard index, ``config.json`` (with
     the ``quantization_config``) and the tokenizer are written, and the directory is renamed to ``out``. On an
-    exception, or Ctrl-C, the temporary directory is removed and ``out`` is left as it was.
+    exception, or Ctrl-C, the temporary directory is removed and ``out`` is left as it was. ``out`` is refused up
+    front as :func:`seqgen.outputs.check_output` says (an existing seqgen output is replaced only with ``overwrite``).
     """
 
     def __init__(
@@ -60,12 +62,13 @@ class StreamingSaver:
         *,
         tokenizer: Any = None,
         save_format: str = "compressed",
+        overwrite: bool = False,
     ) -> None:
         check_save_format(save_format)
         self.model = model
         self.weights = weights
         self.out = Path(out_dir)
-        check_target(self.out)
+        check_output(self.out, overwrite=overwrite, inputs=[weights.directory])
         self.tokenizer = tokenizer
         self.save_format = save_format
         self.tmp: Path | None = None  # the checkpoint being written, inside the with block
@@ -208,6 +211,7 @@ class StreamingSaver:
             write_quantization_config(self.model, config, self.tmp)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(self.tmp)
+        write_manifest(self.tmp)
 
 
 def _metadata(qweight: QuantizedWeight) -> QuantizedWeight:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import SeqgenError
+from ..outputs import check_output, write_manifest
 from ..runtime.experts import expert_weight
 from .atomic import atomic_directory
 from .compressed import compressed_checkpoint, write_quantization_config
@@ -31,7 +32,6 @@ __all__ = [
     "SERVING_FILES",
     "apply_fake_quant",
     "check_save_format",
-    "check_target",
     "copy_serving_files",
     "counts_text",
     "save_quantized",
@@ -73,6 +73,7 @@ def save_quantized(
     source_dir: str | Path | None = None,
     save_format: str = "compressed",
     max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
 ) -> Path:
     """Save ``model`` with the Linear weights of ``quantized`` (module name -> QuantizedWeight) quantized.
 
@@ -83,7 +84,8 @@ def save_quantized(
     ``"fake"`` first writes the dequantized weights into ``model`` in place (see :func:`apply_fake_quant`; a no-op
     when they are there already), then saves it as a plain checkpoint. ``tokenizer``, when given, is saved alongside,
     and so are the files of :data:`SERVING_FILES` that ``source_dir`` (the model's checkpoint) has. An existing
-    ``out_dir`` is replaced when it is empty or holds a model (a ``config.json``). Returns the directory.
+    ``out_dir`` is replaced when it is empty, or with ``overwrite`` when it holds a previous seqgen output and nothing
+    else (see :mod:`seqgen.outputs`; ``source_dir`` is never replaced). Returns the directory.
     """
     experts = experts or {}
     check_save_format(save_format)
@@ -95,7 +97,7 @@ def save_quantized(
             "quantize a model loaded from unquantized (fp16/bf16/fp32) weights."
         )
     out = Path(out_dir)
-    check_target(out)
+    check_output(out, overwrite=overwrite, inputs=[source_dir] if source_dir is not None else [])
     resolve_modules(model, quantized)
     resolve_experts(model, experts)
     if save_format == "compressed":  # every layer is checked before anything is written
@@ -112,6 +114,7 @@ def save_quantized(
             copy_serving_files(Path(source_dir), tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_manifest(tmp)
     logger.info("saved %s (%s format) to %s", counts_text(len(quantized), len(experts)), save_format, out)
     return out
 
@@ -143,14 +146,3 @@ def copy_serving_files(source: Path, target: Path) -> None:
     for name in SERVING_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, target / name)
-
-
-def check_target(out: Path) -> None:
-    """Refuse to save to ``out`` if it is a file, or a directory that holds something other than a model."""
-    if out.exists() and not out.is_dir():
-        raise SeqgenError(f"cannot save to {out}: it is a file. Pass a directory path.")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
-        raise SeqgenError(
-            f"cannot save to {out}: the directory is not empty and holds no model (no config.json), so it is not "
-            "replaced. Pass a new or empty directory."
-        )

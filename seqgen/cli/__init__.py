@@ -1,6 +1,7 @@
 """The ``seqgen`` command line: a click group; each command parses options and calls the library.
 
-User errors (:class:`seqgen.errors.SeqgenError`) print one message without a traceback and exit 1.
+User errors (:class:`seqgen.errors.SeqgenError`) print one message without a traceback and exit with their
+``exit_code`` (1, or a more specific code that the README's table lists).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except SeqgenError as exc:
             err(f"error: {exc}", fg="red")
-            sys.exit(1)
+            sys.exit(exc.exit_code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

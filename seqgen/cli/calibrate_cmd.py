@@ -157,6 +157,11 @@ def _group_size(ctx: click.Context, param: click.Parameter, value: int) -> int |
 @click.option("--reemit", is_flag=True, help="Ignore the partition cache and emit the package again.")
 @click.option("--save", "save_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace --save when it holds an earlier seqgen output (never a directory with other files).",
+)
+@click.option(
     "--save-format",
     type=click.Choice(SaveFormat.values()),
     default=SaveFormat.COMPRESSED.value,
@@ -212,6 +217,7 @@ def calibrate(
     device: str | None,
     reemit: bool,
     save_dir: Path,
+    overwrite: bool,
     save_format: str,
     nproc: int,
     exact_hessian: bool,
@@ -258,6 +264,7 @@ def calibrate(
         dtype=dtype,
         quantize_vision=quantize_vision,
         trust_remote_code=trust_remote_code,
+        overwrite=overwrite,
         options=CalibrationOptions(
             algorithm=algorithm,
             scheme=scheme,
@@ -347,7 +354,8 @@ def evaluate(
     if target.type != "cpu":
         placement = {"device_map": "auto" if device is None else {"": str(target)}}
     trust = trust_remote_code
+    tokenizer = load_tokenizer(model_id, revision, trust)  # a checkpoint without one is refused before the weights load
     model = load_model(model_id, model_dtype(dtype, model_id, target, revision, trust), revision, trust, **placement)
-    samples = heldout_samples(load_tokenizer(model_id, revision, trust), dataset, seq_len, max_samples)
+    samples = heldout_samples(tokenizer, dataset, seq_len, max_samples)
     value = perplexity(model, samples, batch_size=batch_size)
     out(f"perplexity: {value:.4f} ({samples.shape[0]} samples x {seq_len} tokens)")

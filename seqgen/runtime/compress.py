@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from ..algorithms import Algorithm, QuantizedWeight, QuantScheme, Statistics, quantize_rtn
+from ..errors import NumericalError
 
 __all__ = ["compress_linears", "never_ran", "round_to_nearest", "warn_never_ran"]
 
@@ -29,7 +30,8 @@ def compress_linears(
 
     Linears that share statistics (q/k/v, gate/up) are quantized in one call on their row-stacked weights when the
     algorithm is ``row_separable``: the same result per linear, one GPTQ factorization and column loop instead of
-    three. Statistics are released after their last use.
+    three. Statistics are released after their last use. A :class:`NumericalError` (GPTQ: a Hessian with NaN or inf,
+    or one that no dampening makes positive definite) is raised again with the names of the linears.
     """
     groups: dict[int, list[str]] = {}
     for name in linears:
@@ -48,7 +50,10 @@ def compress_linears(
         weights = [linears[name].weight.data for name in names]
         stacked = weights[0] if len(weights) == 1 else torch.cat([w.to(weights[0].dtype) for w in weights])
         shared = stats[names[0]]
-        quantized = algorithm.quantize(stacked, shared)
+        try:
+            quantized = algorithm.quantize(stacked, shared)
+        except NumericalError as exc:  # the algorithm does not know which module it quantizes
+            raise NumericalError(f"{', '.join(names)}: {exc}") from None
         if shared is not None:
             uses[id(shared)] -= 1
             if not uses[id(shared)]:

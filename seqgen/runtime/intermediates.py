@@ -24,7 +24,11 @@ import torch
 
 from ..package import Subgraph
 
-__all__ = ["IntermediatesCache", "StopBatch", "move"]
+__all__ = ["SPILL_PREFIX", "IntermediatesCache", "StopBatch", "move"]
+
+# A spill directory is ``SPILL_PREFIX<pid>-<random>`` under ``spill_dir``: those of killed processes are removed by the
+# next calibration that spills there (seqgen.preflight).
+SPILL_PREFIX = "seqgen-intermediates-"
 
 
 class StopBatch(Exception):
@@ -108,7 +112,8 @@ class IntermediatesCache:
         self.spill: Path | None = None
         if spill_dir is not None:
             Path(spill_dir).mkdir(parents=True, exist_ok=True)
-            self.spill = Path(tempfile.mkdtemp(prefix="seqgen-intermediates-", dir=spill_dir))
+            # named after this process, so that a later run can tell a killed run's files (see SPILL_PREFIX)
+            self.spill = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=spill_dir))
         self.values: list[dict[str, Any]] = []
         for i, batch in enumerate(self.batches):
             self.values.append({})

@@ -22,6 +22,7 @@ from ..errors import SeqgenError
 from ..package import Package
 from .dispatch import Dispatcher, execution_device
 from .distributed import distributed_rank, report_failure
+from .faults import finite_outputs
 from .intermediates import IntermediatesCache
 from .memory import reuse_large_allocations
 from .options import DEFAULT_OPTIONS, CalibrationOptions
@@ -103,7 +104,7 @@ def prepare(
         quantize_experts=options.quantize_experts,
         from_disk=weights is not None,
     )
-    subgraphs = tuple(package.subgraphs[: len(plan)])
+    subgraphs = tuple(finite_outputs(subgraph) for subgraph in package.subgraphs[: len(plan)])  # NaN/inf named
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()

@@ -39,6 +39,7 @@ from .collector import Collector
 from .compress import compress_linears, never_ran, round_to_nearest, warn_never_ran
 from .distributed import align_statistics, compress_owned
 from .experts import FusedExperts, expert_params
+from .faults import names_failures
 from .memory import device_peak, release_free_memory, reset_device_peak, rss_peak
 from .state import CalibrationRun, CalibrationState, ModuleReport, SubgraphReport, SubgraphState
 from .tuning import capture_reference, tune
@@ -58,6 +59,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+@names_failures  # CUDA out of memory: which subgraph, and what to change
 def calibrate_subgraph(run: CalibrationRun, state: CalibrationState) -> None:
     """Calibrate the subgraph ``state.next_subgraph``: its steps, in order, each timed in its phase."""
     sub = start_subgraph(run, state)
