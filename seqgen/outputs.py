@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import OutputRefused
 from .version import __version__
 
-__all__ = ["MANIFEST_NAME", "check_output", "check_writable", "foreign_files", "write_manifest"]
+__all__ = ["MANIFEST_NAME", "add_to_manifest", "check_output", "check_writable", "foreign_files", "write_manifest"]
 
 MANIFEST_NAME = "seqgen-output.json"
 _SHOWN = 5  # foreign files named in a message
@@ -30,9 +30,25 @@ def write_manifest(directory: str | os.PathLike[str]) -> None:
     files = sorted(
         str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
     )
+    _write_manifest(directory, {"written_by": f"seqgen {__version__}", "files": files})
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
     partial = directory / f".{MANIFEST_NAME}.partial"
-    partial.write_text(json.dumps({"written_by": f"seqgen {__version__}", "files": files}, indent=2) + "\n")
+    partial.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(partial, directory / MANIFEST_NAME)
+
+
+def add_to_manifest(directory: Path, name: str) -> None:
+    """List the file ``name``, which seqgen just wrote into the finished output ``directory``, in its manifest (a
+    directory without a manifest is not seqgen's: nothing is written)."""
+    path = directory / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    manifest["files"] = sorted({*manifest["files"], name})
+    _write_manifest(directory, manifest)
 
 
 def foreign_files(directory: Path) -> list[str] | None:

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 from seqgen.algorithms import QuantScheme, get_algorithm
 from seqgen.cli import cli
 from seqgen.models import tiny_model
+from seqgen.outputs import foreign_files
 from seqgen.report import REPORT_NAME, layer_errors, read_report
 from seqgen.runtime.compress import compress_linears
 
@@ -109,6 +110,7 @@ def test_report_prints_the_worst_modules_and_writes_the_page(saved: tuple[Path, 
     assert table[0].split() == ["module", "scheme", "tokens", "rel.", "error"]
     assert [line.split()[0] for line in table[2:]] == [name for _, name in errors[::-1][:3]]
     page = (directory / "seqgen_report.html").read_text()
+    assert foreign_files(directory) == []  # the page is seqgen's own file: --overwrite may still replace the save
     assert page.count('class="bar') == LAYERS
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in page
 
@@ -179,3 +181,4 @@ def test_report_page_renders_in_chromium(saved: tuple[Path, torch.nn.Module]) ->
     assert problems == []
     assert requests == [page_path.as_uri()]
     assert (ARTIFACTS / "report_page.png").stat().st_size > 10_000
+

@@ -26,6 +26,7 @@ def report(directory: Path, worst: int, html_path: Path | None) -> None:
     a self-contained HTML page with charts of the error per layer and the time per phase."""
     import os
 
+    from ..outputs import add_to_manifest
     from ..report import read_report, worst_modules
     from ..report_html import render_html
 
@@ -47,6 +48,8 @@ def report(directory: Path, worst: int, html_path: Path | None) -> None:
     tmp = html_path.with_name(f".{html_path.name}.tmp")
     tmp.write_text(render_html(data, worst=max(worst, 20)), encoding="utf-8")
     os.replace(tmp, html_path)
+    if html_path.parent.resolve() == directory.resolve():
+        add_to_manifest(directory, html_path.name)  # seqgen's own file: --overwrite may replace it with the rest
     out(f"wrote {html_path}")
 
 
