@@ -27,6 +27,9 @@ from ..errors import SeqgenError
 __all__ = [
     "GRIDS",
     "OBSERVERS",
+    "WEIGHT_TYPES",
+    "FP8_MAX",
+    "ActivationScheme",
     "QuantScheme",
     "QuantizedWeight",
     "Statistics",
@@ -51,7 +54,43 @@ GRIDS = tuple(Grid.values())
 #: MSE observer: between the squared error and the largest one).
 OBSERVERS = tuple(Observer.values())
 _MSE_SHRINKS = tuple(1 - i / 100 for i in range(20))
+FP8_MAX = 448  # the largest finite FP8 E4M3 (float8_e4m3fn) value
 _MSE_NORM = 2.4
+#: What a code is: an integer, or a value of the FP8 E4M3 grid (``bits=8``, symmetric).
+WEIGHT_TYPES = ("int", "float")
+#: How activation scales are shared: one per token (dynamic), or one per tensor (static, from the calibration pass).
+ACTIVATION_STRATEGIES = ("token", "tensor")
+
+
+@dataclass(frozen=True)
+class ActivationScheme:
+    """How a quantized linear's input is quantized at inference (compressed-tensors' ``input_activations``).
+
+    ``dynamic`` schemes (per-token) need nothing from calibration; static ones (per-tensor) store an ``input_scale``
+    per linear: the calibration pass's largest input magnitude over the top of the grid (a min-max observer, as
+    llm-compressor's ``static_minmax``).
+    """
+
+    bits: int = 8
+    type: str = "float"
+    strategy: str = "token"
+    dynamic: bool = True
+
+    def __post_init__(self) -> None:
+        if self.type not in WEIGHT_TYPES or self.bits != 8:
+            raise ValueError(
+                f"ActivationScheme supports 8-bit int or float activations, got {self.bits}-bit {self.type}"
+            )
+        if self.strategy not in ACTIVATION_STRATEGIES:
+            raise ValueError(f"ActivationScheme.strategy must be one of {ACTIVATION_STRATEGIES}, got {self.strategy!r}")
+        if self.dynamic != (self.strategy == "token"):
+            raise ValueError("ActivationScheme: per-token scales are dynamic, per-tensor ones static (dynamic=False)")
+
+    @property
+    def scale_divisor(self) -> float:
+        """What the largest magnitude is divided by to give the scale: half the code range, as compressed-tensors
+        computes it (448 for FP8 E4M3, 127.5 for int8)."""
+        return float(FP8_MAX) if self.type == "float" else 127.5
 
 
 @dataclass(frozen=True)
@@ -66,10 +105,23 @@ class QuantScheme:
     block_size: int = 128
     grid: str = "full"  # symmetric schemes only: one of GRIDS
     observer: str = "minmax"  # one of OBSERVERS
+    type: str = "int"  # one of WEIGHT_TYPES: "float" is FP8 E4M3 (bits=8, symmetric)
+    per_tensor: bool = False  # one scale for the whole weight (group_size None): compressed-tensors' "tensor"
+    activations: ActivationScheme | None = None  # None: weight-only (activations stay in the model's dtype)
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"QuantScheme.bits must be an integer in 2..8, got {self.bits!r}")
+        if self.type not in WEIGHT_TYPES:
+            raise ValueError(f"QuantScheme.type must be one of {WEIGHT_TYPES}, got {self.type!r}")
+        if self.type == "float" and (self.bits != 8 or not self.symmetric):
+            raise ValueError(
+                f"float weights are FP8 E4M3: bits=8 and symmetric, got bits={self.bits}, {self.symmetric=}"
+            )
+        if self.per_tensor and self.group_size is not None:
+            raise ValueError("QuantScheme.per_tensor takes group_size=None (one scale for the whole weight)")
+        if self.activations is not None and not isinstance(self.activations, ActivationScheme):
+            raise ValueError(f"QuantScheme.activations must be an ActivationScheme or None, got {self.activations!r}")
         if self.group_size is not None and (
             isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
         ):
@@ -88,17 +140,24 @@ class QuantScheme:
 
     @property
     def qmin(self) -> int:
-        """Smallest integer code."""
+        """Smallest code (-448 for FP8 E4M3)."""
+        if self.type == "float":
+            return -FP8_MAX
         return -(2 ** (self.bits - 1)) if self.symmetric else 0
 
     @property
     def qmax(self) -> int:
-        """Largest integer code."""
+        """Largest code (448 for FP8 E4M3)."""
+        if self.type == "float":
+            return FP8_MAX
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
     @property
     def code_dtype(self) -> torch.dtype:
-        """int8 for signed (symmetric) codes, uint8 for unsigned (asymmetric) ones, so that 8-bit codes fit."""
+        """int8 for signed (symmetric) codes, uint8 for unsigned (asymmetric) ones, so that 8-bit codes fit;
+        float8_e4m3fn for float codes."""
+        if self.type == "float":
+            return torch.float8_e4m3fn
         return torch.int8 if self.symmetric else torch.uint8
 
     def n_groups(self, in_features: int) -> int:
@@ -171,7 +230,11 @@ def _range_qparams(
     w: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype | None, shrink: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`compute_qparams` of the range of ``w`` shrunk by ``shrink`` (1.0: the min-max range)."""
-    if scheme.symmetric and scheme.grid == "full":
+    if scheme.per_tensor:  # one scale for every row (the callers pass whole rows)
+        scale = w.abs().amax().expand(w.shape[:-1]) * shrink / scheme.qmax
+    elif scheme.type == "float":  # llm-compressor's: the largest magnitude onto the largest finite value
+        scale = w.abs().amax(dim=-1) * shrink / scheme.qmax
+    elif scheme.symmetric and scheme.grid == "full":
         hi, lo = w.amax(dim=-1), w.amin(dim=-1)
         scale = torch.where(-lo >= hi, lo, hi) * shrink / scheme.qmin
     elif scheme.symmetric:
@@ -190,7 +253,10 @@ def _range_qparams(
 def quantize_codes(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme
 ) -> torch.Tensor:
-    """Integer codes (as fp32 values) of ``w`` given broadcastable ``scale`` and ``zero``, in one new tensor."""
+    """Codes (as fp32 values) of ``w`` given broadcastable ``scale`` and ``zero``, in one new tensor: integers, or
+    FP8 E4M3 values for float schemes (round to nearest even on that grid, saturating at +-448)."""
+    if scheme.type == "float":
+        return torch.div(w, scale).clamp_(scheme.qmin, scheme.qmax).to(torch.float8_e4m3fn).float()
     q = torch.div(w, scale).round_()
     if zero is not None:
         q.add_(zero)
@@ -211,6 +277,8 @@ class QuantizedWeight:
     zero_point: torch.Tensor | None
     g_idx: torch.Tensor | None
     scheme: QuantScheme
+    #: static activation schemes: the scale of the linear's input (fp32, one element), from the calibration pass
+    input_scale: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -257,6 +325,7 @@ class QuantizedWeight:
             scale=self.scale.to(device),
             zero_point=move(self.zero_point),
             g_idx=move(self.g_idx),
+            input_scale=move(self.input_scale),
         )
 
 

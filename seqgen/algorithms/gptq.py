@@ -230,7 +230,7 @@ class GPTQ(Algorithm):
         loss = torch.zeros(rows, dtype=torch.float32, device=device)
         scale = zero = None
 
-        kernel = kernel_enabled(device)
+        kernel = kernel_enabled(device) and scheme.type == "int"  # the kernel rounds to integers
         static_scales = static_zeros = None
         if perm is not None and kernel:  # the kernel reads each column's parameters from one [cols, rows] gather
             static_scales = torch.stack([scale for scale, _ in static])

@@ -28,5 +28,11 @@ class CalibrationOptions:
     # fp32 Hessians at once, 64 per pass 14 GB.
     experts_per_pass: int | None = None
 
+    @property
+    def observes_activations(self) -> bool:
+        """Activation statistics are collected: ``observe``, or a static activation scheme (its input scales)."""
+        activations = self.scheme.activations
+        return self.observe or (activations is not None and not activations.dynamic)
+
 
 DEFAULT_OPTIONS = CalibrationOptions()

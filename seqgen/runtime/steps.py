@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..algorithms import QuantizedWeight, Statistics
+from ..algorithms.activations import add_input_scales, quantize_inputs
 from .collector import Collector
 from .compress import compress_linears, never_ran, round_to_nearest, warn_never_ran
 from .experts import FusedExperts, expert_params
@@ -141,7 +142,8 @@ def calibration_pass(run: CalibrationRun, state: CalibrationState, sub: Subgraph
     sub.bar.set_description(f"{sub.subgraph.name} calibrate")
     if first:  # routing can differ per batch, so with fused experts every batch runs whole
         stop_early = not sub.commit_calibration and not sub.experts
-        sub.collector = Collector(run.algorithm, sub.linears, run.options.observe, stop_early=stop_early)
+        observe = run.options.observes_activations
+        sub.collector = Collector(run.algorithm, sub.linears, observe, stop_early=stop_early)
     collector = sub.collector
     for fused in sub.experts.values():
         fused.select(active)
@@ -212,8 +214,10 @@ def _compress_calibrated_linears(run: CalibrationRun, state: CalibrationState, s
     calibrated = {name: m for name, m in sub.linears.items() if name not in unrouted}
     sub.quantized = compress_linears(run.algorithm, calibrated, collector.stats)
     sub.quantized.update(round_to_nearest(run.options.scheme, {name: sub.linears[name] for name in unrouted}))
-    for name, observer in collector.observers.items():
-        state.result.activation_stats[name] = observer.summary()
+    add_input_scales(run.options.scheme, sub.quantized, collector.observers)
+    if run.options.observe:
+        for name, observer in collector.observers.items():
+            state.result.activation_stats[name] = observer.summary()
     sub.collector = None
 
 
@@ -226,7 +230,7 @@ def _compress_experts(fused: FusedExperts, state: CalibrationState, defer: bool 
 def propagate(run: CalibrationRun, state: CalibrationState, sub: SubgraphState) -> None:
     """Run the subgraph, quantized now, on every batch; its outputs replace the values it consumes."""
     sub.bar.set_description(f"{sub.subgraph.name} propagate")
-    with torch.no_grad():
+    with torch.no_grad(), quantize_inputs(sub.linears, sub.quantized):  # W8A8: the inputs the checkpoint sees
         state.cache.run(run.model, sub.subgraph, commit=True, progress=lambda: sub.bar.update())
 
 
