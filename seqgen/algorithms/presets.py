@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..choices import Preset
 from ..errors import SeqgenError
 from .base import ActivationScheme, QuantScheme
 
 __all__ = ["SUPPORTED_PRESETS", "scheme_from_args", "scheme_from_preset"]
 
 #: The presets seqgen can calibrate and save in llm-compressor's layout (compressed-tensors knows more).
-SUPPORTED_PRESETS = ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", "INT8", "FP8", "FP8_DYNAMIC")
+SUPPORTED_PRESETS = tuple(Preset.values())
 
 _UNSET: Any = object()
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from ..choices import DType, Grid, Observer, Offload, SaveFormat
+from ..choices import DType, Grid, Observer, Offload, Preset, SaveFormat
 from .options import revision_option
+
+if TYPE_CHECKING:
+    from ..algorithms import QuantScheme
 from .output import out
 
 
@@ -48,6 +52,14 @@ def _group_size(ctx: click.Context, param: click.Parameter, value: int) -> int |
     type=_RegisteredAlgorithm(),
     default="gptq",
     help="A registered algorithm (seqgen.algorithms.register_algorithm).",
+)
+@click.option(
+    "--scheme",
+    "scheme_name",
+    type=click.Choice(Preset.values(), case_sensitive=False),
+    default=None,
+    help="A compressed-tensors preset (llm-compressor's names and checkpoint layout); --bits, --group-size and "
+    "--asym given too override its weights. Default: the integer weight-only scheme of --bits/--group-size/--asym.",
 )
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4")
 @click.option(
@@ -138,6 +150,7 @@ def calibrate(
     model_id: str,
     dataset: str | None,
     algorithm: str,
+    scheme_name: str | None,
     bits: str,
     group_size: int | None,
     asym: bool,
@@ -166,15 +179,11 @@ def calibrate(
     from ..job import CalibrationJob, run_job
     from ..runtime import CalibrationOptions
 
-    scheme = QuantScheme(
-        bits=int(bits),
-        group_size=group_size,
-        symmetric=not asym,
-        grid=grid,
-        observer=observer,
-        act_order=act_order,
-        dampening=dampening,
-    )
+    fields = {"grid": grid, "observer": observer, "act_order": act_order, "dampening": dampening}
+    if scheme_name is None:
+        scheme = QuantScheme(bits=int(bits), group_size=group_size, symmetric=not asym, **fields)
+    else:
+        scheme = _preset(scheme_name, bits, group_size, asym, fields)
     job = CalibrationJob(
         model_id=model_id,
         revision=revision,
@@ -205,7 +214,7 @@ def calibrate(
     out(f"package: {summary.package_path} ({source})")
     experts = f" and {len(summary.result.experts)} expert projections" if summary.result.experts else ""
     out(
-        f"quantized {summary.linears} linears{experts} with {algorithm} W{bits} group {group_size or 'per-channel'} in "
+        f"quantized {summary.linears} linears{experts} with {algorithm} {_describe(scheme_name, scheme)} in "
         f"{summary.calibration_seconds:.1f}s (total {summary.total_seconds:.1f}s)"
     )
     if summary.result.unquantized:
@@ -220,6 +229,28 @@ def calibrate(
         )
     out(f"time by phase: {summary.result.phase_summary()}")
     out(f"saved {save_format} model to {save_dir}")
+
+
+def _preset(name: str, bits: str, group_size: int | None, asym: bool, fields: dict) -> QuantScheme:
+    """The preset ``name`` with the weight options the command line gave explicitly (not their defaults)."""
+    from ..algorithms import scheme_from_preset
+
+    ctx = click.get_current_context()
+
+    def given(param: str) -> bool:
+        return ctx.get_parameter_source(param) is not click.core.ParameterSource.DEFAULT
+
+    overrides = {"bits": int(bits) if given("bits") else None, "asym": True if given("asym") else None}
+    if given("group_size"):
+        overrides["group_size"] = group_size
+    return scheme_from_preset(name, **overrides, **fields)
+
+
+def _describe(name: str | None, scheme: QuantScheme) -> str:
+    """``W4 group 64`` (or the preset's name first): what the summary line says the weights were quantized as."""
+    group = "per-tensor" if scheme.per_tensor else f"group {scheme.group_size}" if scheme.group_size else "per-channel"
+    weights = f"{'FP' if scheme.type == 'float' else 'W'}{scheme.bits} {group}"
+    return weights if name is None else f"{name.upper()} ({weights})"
 
 
 @click.command(name="eval")
