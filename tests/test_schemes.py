@@ -115,3 +115,45 @@ def test_cli_scheme_with_overrides(tmp_path: Path, smollm2_tokenizer: Path) -> N
     bad = CliRunner().invoke(cli, [*args, "--scheme", "FP8", "--asym", "--save", str(tmp_path / "b")])
     assert bad.exit_code != 0 and "symmetric" in bad.output and "Traceback" not in bad.output
     assert not (tmp_path / "b").exists()
+
+
+def test_smoothquant_folding_keeps_the_function_and_maps_norms_to_the_linears_they_feed() -> None:
+    from seqgen.algorithms.smoothquant import fold_into_norm
+    from seqgen.runtime.smoothing import NormInputs
+
+    m = model()
+    linears = {n: mod for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and ".layers." in n}
+    with NormInputs(m, linears) as norms:
+        expected = logits(m)
+    groups = norms.groups()
+    assert sorted(groups) == [
+        f"model.layers.{i}.{n}" for i in (0, 1) for n in ("input_layernorm", "post_attention_layernorm")
+    ]
+    assert sorted(groups["model.layers.0.input_layernorm"]) == [f"model.layers.0.self_attn.{p}_proj" for p in "kqv"]
+    assert sorted(groups["model.layers.1.post_attention_layernorm"]) == [
+        "model.layers.1.mlp.gate_proj",
+        "model.layers.1.mlp.up_proj",
+    ]
+    for norm, names in groups.items():
+        factors = torch.rand(64, generator=torch.Generator().manual_seed(3)) * 4 + 0.1
+        assert fold_into_norm(m.get_submodule(norm), [linears[n] for n in names], factors)
+    torch.testing.assert_close(logits(m), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothquant_w8a8_calibrates_smoothed_weights_and_round_trips(package: seqgen.Package, tmp_path: Path) -> None:
+    batches = [random_batch(99, 4, 24, seed=i) for i in range(2)]
+    scheme = scheme_from_preset("W8A8")
+    plain = model()
+    plain_result = calibrate(plain, package, batches, CalibrationOptions(scheme=scheme))
+    smoothed = model()
+    result = calibrate(smoothed, package, batches, CalibrationOptions(scheme=scheme, smoothquant=0.8))
+    norm = "model.layers.0.input_layernorm.weight"
+    assert not torch.equal(smoothed.get_parameter(norm), plain.get_parameter(norm))  # folded into the norm
+    assert not torch.equal(smoothed.get_parameter(norm), model().get_parameter(norm))
+    assert torch.equal(smoothed.model.layers[0].self_attn.o_proj.weight, plain.model.layers[0].self_attn.o_proj.weight)
+    with quantize_inputs(dict(smoothed.named_modules()), result.quantized):
+        expected = logits(smoothed)
+    with quantize_inputs(dict(plain.named_modules()), plain_result.quantized):
+        assert not torch.equal(logits(plain), expected)
+    out = save_quantized(smoothed, result.quantized, tmp_path / "out")
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out).eval()), expected, rtol=0, atol=1e-5)

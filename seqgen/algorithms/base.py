@@ -387,6 +387,14 @@ class Statistics(abc.ABC):
     #: factored), which lowers the memory peak of the largest layers.
     single_use: bool = False
 
+    def scale_inputs_(self, factors: torch.Tensor) -> None:
+        """Turn these statistics into those of the inputs divided by ``factors`` ``[in_features]`` per channel, in
+        place: what SmoothQuant's folding does to the inputs after they were collected."""
+        raise SeqgenError(
+            f"{type(self).__name__} cannot be rescaled for SmoothQuant (no scale_inputs_); implement it, or "
+            "calibrate without --smoothquant."
+        )
+
     def release(self) -> None:  # noqa: B027 (optional to override: the default keeps the tensors)
         """Free the accumulated tensors; the statistics cannot be used afterwards. The default keeps them."""
 

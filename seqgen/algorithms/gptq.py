@@ -119,6 +119,13 @@ class HessianStatistics(Statistics):
             for later_start, later_end in self._bounds[i + 1 :]:
                 self.xtx[later_start:later_end, start:end].copy_(self.xtx[start:end, later_start:later_end].T)
 
+    def scale_inputs_(self, factors: torch.Tensor) -> None:
+        """``X^T X`` of the inputs divided by ``factors`` per channel (SmoothQuant): ``X^T X / (f f^T)``."""
+        self._check_live("scale_inputs_")
+        inverse = factors.to(device=self.xtx.device, dtype=torch.float32).reciprocal()
+        self.xtx.mul_(inverse.unsqueeze(1)).mul_(inverse.unsqueeze(0))
+        self.factors.clear()
+
     def release(self) -> None:
         self.xtx = torch.empty(0, dtype=torch.float32, device=self.xtx.device)
         self.factors.clear()

@@ -61,6 +61,15 @@ def _group_size(ctx: click.Context, param: click.Parameter, value: int) -> int |
     help="A compressed-tensors preset (llm-compressor's names and checkpoint layout); --bits, --group-size and "
     "--asym given too override its weights. Default: the integer weight-only scheme of --bits/--group-size/--asym.",
 )
+@click.option(
+    "--smoothquant",
+    type=click.FloatRange(0.0, 1.0),
+    is_flag=False,
+    flag_value=0.8,
+    default=None,
+    help="SmoothQuant before the weights are found, with this strength (alone: 0.8, llm-compressor's W8A8 recipe): "
+    "activation outliers move into the weights of the linears a norm feeds.",
+)
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4")
 @click.option(
     "--group-size",
@@ -151,6 +160,7 @@ def calibrate(
     dataset: str | None,
     algorithm: str,
     scheme_name: str | None,
+    smoothquant: float | None,
     bits: str,
     group_size: int | None,
     asym: bool,
@@ -203,6 +213,7 @@ def calibrate(
             ignore=ignore,
             propagate_error=not no_propagate_error,
             observe=observe,
+            smoothquant=smoothquant,
             device=device,
             all_experts=all_experts,
             experts_per_pass=experts_per_pass,

@@ -27,12 +27,16 @@ class CalibrationOptions:
     # subgraph (None: all in one pass). Bounds the statistics' memory: e.g. DeepSeek-V3's 256 experts hold 57 GB of
     # fp32 Hessians at once, 64 per pass 14 GB.
     experts_per_pass: int | None = None
+    # SmoothQuant's strength alpha (0.8 in llm-compressor's W8A8 recipe); None: no smoothing (runtime/smoothing.py)
+    smoothquant: float | None = None
 
     @property
     def observes_activations(self) -> bool:
-        """Activation statistics are collected: ``observe``, or a static activation scheme (its input scales)."""
+        """Activation statistics are collected: ``observe``, a static activation scheme (its input scales), or
+        SmoothQuant (its factors)."""
         activations = self.scheme.activations
-        return self.observe or (activations is not None and not activations.dynamic)
+        static = activations is not None and not activations.dynamic
+        return self.observe or static or self.smoothquant is not None
 
 
 DEFAULT_OPTIONS = CalibrationOptions()

@@ -23,6 +23,7 @@ from .experts import FusedExperts
 from .intermediates import IntermediatesCache
 from .options import CalibrationOptions
 from .selection import QuantizationPlan
+from .smoothing import NormInputs
 
 __all__ = [
     "PHASES",
@@ -119,6 +120,8 @@ class SubgraphState:
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     expert_quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # "<module>.<param>.<expert>"
     seconds: dict[str, float] = field(default_factory=dict)  # per phase
+    norm_inputs: NormInputs | None = None  # SmoothQuant: which norm feeds which linears (first pass)
+    smoothed: list[str] = field(default_factory=list)  # the norm parameters SmoothQuant changed
 
     def collected(self) -> list[Statistics]:
         """The statistics the latest calibration pass collected: the linears' (first pass only), then the active

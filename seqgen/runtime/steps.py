@@ -38,6 +38,7 @@ from .collector import Collector
 from .compress import compress_linears, never_ran, round_to_nearest, warn_never_ran
 from .experts import FusedExperts, expert_params
 from .memory import release_free_memory
+from .smoothing import NormInputs, smooth
 from .state import CalibrationRun, CalibrationState, SubgraphReport, SubgraphState
 
 __all__ = [
@@ -147,9 +148,13 @@ def calibration_pass(run: CalibrationRun, state: CalibrationState, sub: Subgraph
     collector = sub.collector
     for fused in sub.experts.values():
         fused.select(active)
+    if first and run.options.smoothquant is not None:
+        sub.norm_inputs = NormInputs(run.model, sub.linears)
     with torch.no_grad(), ExitStack() as hooks:
         if first:
             hooks.enter_context(collector)
+            if sub.norm_inputs is not None:
+                hooks.enter_context(sub.norm_inputs)
         for fused in sub.experts.values():
             hooks.enter_context(fused)
         state.cache.run(
@@ -181,6 +186,12 @@ def compress(run: CalibrationRun, state: CalibrationState, sub: SubgraphState) -
             sub.expert_quantized.update(_compress_experts(fused, state, defer=True))
         return
     if sub.collector is not None:
+        if sub.norm_inputs is not None:  # SmoothQuant, before the weights are found
+            collector = sub.collector
+            strength = run.options.smoothquant
+            sub.smoothed = smooth(
+                run.model, sub.norm_inputs, collector.stats, collector.observers, strength, sub.subgraph.name
+            )
         _compress_calibrated_linears(run, state, sub)
     else:
         sub.quantized = compress_linears(run.algorithm, sub.linears, {name: None for name in sub.linears})
@@ -239,7 +250,7 @@ def offload(run: CalibrationRun, sub: SubgraphState) -> None:
     subgraph's modules back (disk offload: their memory goes back to the OS)."""
     if run.on_subgraph_done is not None:
         run.on_subgraph_done(sub.subgraph, sub.quantized, sub.expert_quantized)
-    changed = [f"{name}.weight" for name in sub.quantized]
+    changed = [f"{name}.weight" for name in sub.quantized] + sub.smoothed
     changed += [
         f"{name}.{param}" for name, module in run.plan[sub.index].experts.items() for param in expert_params(module)
     ]
