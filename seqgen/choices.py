@@ -84,3 +84,4 @@ class Preset(Choice):
     INT8 = "INT8"  # compressed-tensors' other name for W8A8
     FP8 = "FP8"  # FP8 E4M3 weights per tensor, static per-tensor activations; float-quantized
     FP8_DYNAMIC = "FP8_DYNAMIC"  # FP8 E4M3 weights per channel, dynamic per-token activations; float-quantized
+    NVFP4A16 = "NVFP4A16"  # FP4 E2M1 weights, FP8 scales per 16, fp32 global scale (RTN); nvfp4-pack-quantized

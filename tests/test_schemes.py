@@ -157,3 +157,27 @@ def test_smoothquant_w8a8_calibrates_smoothed_weights_and_round_trips(package: s
         assert not torch.equal(logits(plain), expected)
     out = save_quantized(smoothed, result.quantized, tmp_path / "out")
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out).eval()), expected, rtol=0, atol=1e-5)
+
+
+def test_nvfp4a16_round_trip(package: seqgen.Package, tmp_path: Path) -> None:
+    """NVFP4 weights: FP4 codes, FP8 group scales under an fp32 global scale. transformers decompresses them to
+    bf16, so the model is bf16: the reloaded weights equal the in-memory ones exactly, the logits to bf16 noise."""
+    from seqgen.algorithms.base import round_fp4
+
+    quantized_model = model().to(torch.bfloat16)
+    batches = [random_batch(99, 4, 24, seed=i) for i in range(2)]
+    options = CalibrationOptions(algorithm="rtn", scheme=scheme_from_preset("NVFP4A16"))
+    result = calibrate(quantized_model, package, batches, options)
+    for qweight in result.quantized.values():
+        codes = qweight.codes.float()
+        assert torch.equal(round_fp4(codes.clone()), codes) and codes.abs().max() <= 6
+        fp8 = qweight.scale * qweight.global_scale
+        # an FP8 value up to fp32 rounding of scale * global, which the cast to FP8 on saving removes
+        torch.testing.assert_close(fp8.to(torch.float8_e4m3fn).float(), fp8, rtol=1e-6, atol=0)
+    out = save_quantized(quantized_model, result.quantized, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    torch.testing.assert_close(logits(reloaded).float(), logits(quantized_model).float(), rtol=0, atol=2e-2)
+    for name in result.quantized:  # decompressed by the first forward pass
+        assert torch.equal(reloaded.get_submodule(name).weight, quantized_model.get_submodule(name).weight), name
+    with pytest.raises(SeqgenError, match="NVFP4"):
+        calibrate(model(), package, batches, CalibrationOptions(algorithm="gptq", scheme=options.scheme))

@@ -29,6 +29,8 @@ __all__ = [
     "OBSERVERS",
     "WEIGHT_TYPES",
     "FP8_MAX",
+    "FP4_MAX",
+    "round_fp4",
     "ActivationScheme",
     "QuantScheme",
     "QuantizedWeight",
@@ -55,8 +57,9 @@ GRIDS = tuple(Grid.values())
 OBSERVERS = tuple(Observer.values())
 _MSE_SHRINKS = tuple(1 - i / 100 for i in range(20))
 FP8_MAX = 448  # the largest finite FP8 E4M3 (float8_e4m3fn) value
+FP4_MAX = 6  # the largest FP4 E2M1 value (NVFP4's codes)
 _MSE_NORM = 2.4
-#: What a code is: an integer, or a value of the FP8 E4M3 grid (``bits=8``, symmetric).
+#: What a code is: an integer, or a value of the FP8 E4M3 (``bits=8``) or FP4 E2M1 (``bits=4``, NVFP4) grid.
 WEIGHT_TYPES = ("int", "float")
 #: How activation scales are shared: one per token (dynamic), or one per tensor (static, from the calibration pass).
 ACTIVATION_STRATEGIES = ("token", "tensor")
@@ -106,7 +109,9 @@ class QuantScheme:
     grid: str = "full"  # symmetric schemes only: one of GRIDS
     observer: str = "minmax"  # one of OBSERVERS
     type: str = "int"  # one of WEIGHT_TYPES: "float" is FP8 E4M3 (bits=8, symmetric)
-    per_tensor: bool = False  # one scale for the whole weight (group_size None): compressed-tensors' "tensor"
+    # one scale for the whole weight (group_size None: compressed-tensors' "tensor"), or, with FP4 groups, a global
+    # fp32 scale over the groups' FP8 scales ("tensor_group": NVFP4)
+    per_tensor: bool = False
     activations: ActivationScheme | None = None  # None: weight-only (activations stay in the model's dtype)
 
     def __post_init__(self) -> None:
@@ -114,11 +119,14 @@ class QuantScheme:
             raise ValueError(f"QuantScheme.bits must be an integer in 2..8, got {self.bits!r}")
         if self.type not in WEIGHT_TYPES:
             raise ValueError(f"QuantScheme.type must be one of {WEIGHT_TYPES}, got {self.type!r}")
-        if self.type == "float" and (self.bits != 8 or not self.symmetric):
+        if self.type == "float" and (self.bits not in (4, 8) or not self.symmetric):
             raise ValueError(
-                f"float weights are FP8 E4M3: bits=8 and symmetric, got bits={self.bits}, {self.symmetric=}"
+                f"float weights are symmetric FP8 E4M3 (bits=8) or FP4 E2M1 (bits=4), got bits={self.bits}, "
+                f"symmetric={self.symmetric}"
             )
-        if self.per_tensor and self.group_size is not None:
+        if self.is_fp4 and (self.group_size is None or not self.per_tensor):
+            raise ValueError("FP4 weights are NVFP4: groups (16) of FP8 scales under a global scale (per_tensor=True)")
+        if self.per_tensor and self.group_size is not None and not self.is_fp4:
             raise ValueError("QuantScheme.per_tensor takes group_size=None (one scale for the whole weight)")
         if self.activations is not None and not isinstance(self.activations, ActivationScheme):
             raise ValueError(f"QuantScheme.activations must be an ActivationScheme or None, got {self.activations!r}")
@@ -139,25 +147,30 @@ class QuantScheme:
             raise ValueError(f"QuantScheme.observer must be one of {OBSERVERS}, got {self.observer!r}")
 
     @property
+    def is_fp4(self) -> bool:
+        """FP4 E2M1 codes (NVFP4)."""
+        return self.type == "float" and self.bits == 4
+
+    @property
     def qmin(self) -> int:
-        """Smallest code (-448 for FP8 E4M3)."""
+        """Smallest code (-448 for FP8 E4M3, -6 for FP4 E2M1)."""
         if self.type == "float":
-            return -FP8_MAX
+            return -FP4_MAX if self.is_fp4 else -FP8_MAX
         return -(2 ** (self.bits - 1)) if self.symmetric else 0
 
     @property
     def qmax(self) -> int:
-        """Largest code (448 for FP8 E4M3)."""
+        """Largest code (448 for FP8 E4M3, 6 for FP4 E2M1)."""
         if self.type == "float":
-            return FP8_MAX
+            return FP4_MAX if self.is_fp4 else FP8_MAX
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
     @property
     def code_dtype(self) -> torch.dtype:
         """int8 for signed (symmetric) codes, uint8 for unsigned (asymmetric) ones, so that 8-bit codes fit;
-        float8_e4m3fn for float codes."""
+        float8_e4m3fn for FP8 codes, bfloat16 (which holds every FP4 E2M1 value) for FP4 ones."""
         if self.type == "float":
-            return torch.float8_e4m3fn
+            return torch.bfloat16 if self.is_fp4 else torch.float8_e4m3fn
         return torch.int8 if self.symmetric else torch.uint8
 
     def n_groups(self, in_features: int) -> int:
@@ -202,6 +215,10 @@ def compute_qparams(
     codes, the algorithm's error feedback and the in-memory dequantized weights all use the value a loader (vLLM,
     compressed-tensors) reads back. Rounding bf16 scales only at save time would make the reloaded weights differ.
     """
+    if scheme.is_fp4:
+        raise SeqgenError(
+            "NVFP4 (FP4 weights under a global scale) is quantized round-to-nearest only so far: use algorithm 'rtn'."
+        )
     if scheme.observer == "minmax":
         return _range_qparams(w, scheme, scale_dtype, 1.0)
     best = _range_qparams(w, scheme, scale_dtype, _MSE_SHRINKS[0])
@@ -255,12 +272,22 @@ def quantize_codes(
 ) -> torch.Tensor:
     """Codes (as fp32 values) of ``w`` given broadcastable ``scale`` and ``zero``, in one new tensor: integers, or
     FP8 E4M3 values for float schemes (round to nearest even on that grid, saturating at +-448)."""
+    if scheme.is_fp4:
+        return round_fp4(torch.div(w, scale))
     if scheme.type == "float":
         return torch.div(w, scale).clamp_(scheme.qmin, scheme.qmax).to(torch.float8_e4m3fn).float()
     q = torch.div(w, scale).round_()
     if zero is not None:
         q.add_(zero)
     return q.clamp_(scheme.qmin, scheme.qmax)
+
+
+def round_fp4(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (fp32) rounded to the nearest FP4 E2M1 value (0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives),
+    saturating at +-6, in place; the steps are 0.5 below 2, 1 below 4 and 2 above."""
+    magnitude = x.abs().clamp_(max=FP4_MAX)
+    step = torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0))
+    return magnitude.div_(step).round_().mul_(step).copysign_(x)
 
 
 @dataclass
@@ -279,6 +306,8 @@ class QuantizedWeight:
     scheme: QuantScheme
     #: static activation schemes: the scale of the linear's input (fp32, one element), from the calibration pass
     input_scale: torch.Tensor | None = None
+    #: NVFP4: the fp32 global scale (``scale * global_scale`` is each group's FP8 scale as stored)
+    global_scale: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -326,6 +355,7 @@ class QuantizedWeight:
             zero_point=move(self.zero_point),
             g_idx=move(self.g_idx),
             input_scale=move(self.input_scale),
+            global_scale=move(self.global_scale),
         )
 
 
@@ -339,6 +369,8 @@ def quantize_rtn(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
     out_features, in_features = weight.shape
     n_groups = scheme.n_groups(in_features)
     w = weight.detach().float().reshape(out_features, n_groups, in_features // n_groups)
+    if scheme.is_fp4:
+        return _quantize_nvfp4(w, scheme)
     scale, zero = compute_qparams(w, scheme, weight.dtype)
     codes = quantize_codes(w, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), scheme)
     return QuantizedWeight(
@@ -347,6 +379,27 @@ def quantize_rtn(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
         zero_point=None if zero is None else zero.to(torch.int32),
         g_idx=None,
         scheme=scheme,
+    )
+
+
+def _quantize_nvfp4(w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
+    """NVFP4 round-to-nearest of ``w`` ``[out, groups, group]`` (fp32), as compressed-tensors computes it: the
+    global scale ``448 * 6 / max|w|`` spreads the groups' scales over FP8's range; each group's FP8 scale is
+    ``global * max|group| / 6`` rounded to FP8 (its smallest step where 0), and its codes are FP4 E2M1 values of
+    ``w / (fp8_scale / global)``."""
+    amax = w.abs().amax()
+    global_scale = (FP8_MAX * FP4_MAX / amax if amax > 0 else torch.ones_like(amax)).reshape(1)
+    fp8 = (w.abs().amax(dim=-1) / FP4_MAX * global_scale).to(torch.float8_e4m3fn).float()
+    fp8 = torch.where(fp8 == 0, torch.finfo(torch.float8_e4m3fn).eps, fp8)
+    scale = fp8 / global_scale
+    codes = round_fp4(w / scale.unsqueeze(-1))
+    return QuantizedWeight(
+        codes=codes.reshape(w.shape[0], -1).to(scheme.code_dtype),
+        scale=scale,
+        zero_point=None,
+        g_idx=None,
+        scheme=scheme,
+        global_scale=global_scale,
     )
 
 

@@ -22,6 +22,7 @@ from ..errors import SeqgenError
 from .base import (
     Algorithm,
     QuantizedWeight,
+    QuantScheme,
     Statistics,
     compute_qparams,
     distributed_active,
@@ -186,6 +187,11 @@ class GPTQ(Algorithm):
 
     name = "gptq"
     row_separable = True
+
+    def __init__(self, scheme: QuantScheme) -> None:
+        super().__init__(scheme)
+        if scheme.is_fp4:
+            raise SeqgenError("GPTQ does not quantize NVFP4 (FP4 under a global scale) yet; use algorithm 'rtn'.")
 
     def new_statistics(self, in_features: int, device: torch.device) -> Statistics | None:
         return HessianStatistics(in_features, device)

@@ -49,7 +49,7 @@ def scheme_from_preset(
         overrides["bits"] = bits
     if group_size is not _UNSET:
         overrides["group_size"] = group_size
-        overrides["per_tensor"] = False
+        overrides["per_tensor"] = scheme.is_fp4
     if asym is not None:
         overrides["symmetric"] = not asym
     try:
@@ -62,7 +62,7 @@ def scheme_from_args(weights: Any, input_activations: Any = None, **fields: Any)
     """A :class:`QuantScheme` from compressed-tensors ``QuantizationArgs`` of the weights and (optionally) of the
     input activations; ``fields`` set the QuantScheme fields that have no counterpart there."""
     strategy = _value(weights.strategy)
-    if strategy not in ("group", "channel", "tensor"):
+    if strategy not in ("group", "channel", "tensor", "tensor_group"):
         raise SeqgenError(
             f"weight strategy {strategy!r} is not supported; seqgen quantizes weights per group, channel or tensor."
         )
@@ -70,8 +70,8 @@ def scheme_from_args(weights: Any, input_activations: Any = None, **fields: Any)
         bits=weights.num_bits,
         type=_value(weights.type),
         symmetric=weights.symmetric,
-        group_size=weights.group_size if strategy == "group" else None,
-        per_tensor=strategy == "tensor",
+        group_size=weights.group_size if strategy in ("group", "tensor_group") else None,
+        per_tensor=strategy in ("tensor", "tensor_group"),
         activations=None if input_activations is None else _activations(input_activations),
         **fields,
     )
