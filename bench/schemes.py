@@ -5,8 +5,8 @@ SmolLM2-135M (the embedded default), 64 samples x 512 tokens of the built-in cal
 perplexity on the built-in held-out corpus with the activations quantized as the checkpoint's linears quantize them
 (seqgen: ``quantize_inputs``; llm-compressor: its model after ``oneshot`` runs its quantized forward). Recipes:
 
-    w4a16-gptq       W4A16 (g128) GPTQ
-    w4a16asym        W4A16_ASYM g128: seqgen RTN and GPTQ (llm-compressor 0.14's AWQ needs an accelerator)
+    w4a16-gptq       W4A16 GPTQ (group 64: SmolLM2's width 576 is no multiple of the preset's 128)
+    w4a16asym        W4A16_ASYM g64: seqgen RTN and GPTQ (llm-compressor 0.14's AWQ needs an accelerator)
     w8a8-sq-gptq     W8A8: SmoothQuant 0.8, then GPTQ
     fp8-dynamic      FP8_DYNAMIC (RTN: per-channel FP8 weights, per-token activations)
     fp8-static       FP8 (per-tensor weights, static per-tensor input scales from the calibration pass)
@@ -30,30 +30,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibrate import _PERPLEXITY, _child  # noqa: E402 (the sibling script's children and perplexity)
 
-# recipe -> (preset, seqgen algorithms, smoothquant strength, llm-compressor modifiers or None)
+# SmolLM2's width (576) is no multiple of 128: the W4 recipes use group 64 in both tools
+_W4_G64 = "config_groups={'g': {'targets': ['Linear'], 'weights': {'num_bits': 4, 'type': 'int', 'symmetric': %s, "
+_W4_G64 += "'strategy': 'group', 'group_size': 64}}}, ignore=['lm_head']"
+_IGNORE = "targets='Linear', ignore=['lm_head']"
+# recipe -> (preset, group size override, seqgen algorithms, smoothquant strength, llm-compressor modifiers or None)
 RECIPES = {
-    "w4a16-gptq": ("W4A16", ["gptq"], None, "GPTQModifier(targets='Linear', scheme='W4A16', ignore=['lm_head'])"),
-    "w4a16asym": ("W4A16_ASYM", ["rtn", "gptq"], None, None),
+    "w4a16-gptq": ("W4A16", "64", ["gptq"], None, f"GPTQModifier({_W4_G64 % True})"),
+    "w4a16asym": ("W4A16_ASYM", "64", ["rtn", "gptq"], None, None),
     "w8a8-sq-gptq": (
         "W8A8",
+        "-",
         ["gptq"],
         0.8,
-        "SmoothQuantModifier(smoothing_strength=0.8), "
-        "GPTQModifier(targets='Linear', scheme='W8A8', ignore=['lm_head'])",
+        f"SmoothQuantModifier(smoothing_strength=0.8), GPTQModifier(scheme='W8A8', {_IGNORE})",
     ),
-    "fp8-dynamic": (
-        "FP8_DYNAMIC",
-        ["rtn"],
-        None,
-        "QuantizationModifier(targets='Linear', scheme='FP8_DYNAMIC', ignore=['lm_head'])",
-    ),
-    "fp8-static": ("FP8", ["rtn"], None, "QuantizationModifier(targets='Linear', scheme='FP8', ignore=['lm_head'])"),
-    "nvfp4a16": (
-        "NVFP4A16",
-        ["rtn"],
-        None,
-        "QuantizationModifier(targets='Linear', scheme='NVFP4A16', ignore=['lm_head'])",
-    ),
+    "fp8-dynamic": ("FP8_DYNAMIC", "-", ["rtn"], None, f"QuantizationModifier(scheme='FP8_DYNAMIC', {_IGNORE})"),
+    "fp8-static": ("FP8", "-", ["rtn"], None, f"QuantizationModifier(scheme='FP8', {_IGNORE})"),
+    "nvfp4a16": ("NVFP4A16", "-", ["rtn"], None, f"QuantizationModifier(scheme='NVFP4A16', {_IGNORE})"),
 }
 
 _SEQGEN_CHILD = _PERPLEXITY + r"""
@@ -67,14 +61,15 @@ from seqgen.emitter import EmitOptions
 from seqgen.models import load_model, meta_model
 from seqgen.runtime import CalibrationOptions, calibrate
 
-preset, algorithm, strength, data_file, batch_size = sys.argv[1:6]
+preset, group, algorithm, strength, data_file, batch_size = sys.argv[1:7]
 data = load_file(data_file)
 model = load_model("smollm2-135m")
 start = time.perf_counter()
 package, _ = PartitionCache().get_or_emit(meta_model(model.config), EmitOptions())
+overrides = {} if group == "-" else {"group_size": int(group)}
 options = CalibrationOptions(
     algorithm=algorithm,
-    scheme=scheme_from_preset(preset, act_order=algorithm == "gptq"),
+    scheme=scheme_from_preset(preset, act_order=algorithm == "gptq", **overrides),
     smoothquant=float(strength) if strength != "-" else None,
 )
 result = calibrate(model, package, batches(data["calibration"], int(batch_size)), options)
@@ -132,9 +127,16 @@ def main() -> None:
             data_file,
         )
         for recipe in args.recipes.split(","):
-            preset, algorithms, strength, modifiers = RECIPES[recipe]
+            preset, group, algorithms, strength, modifiers = RECIPES[recipe]
             for algorithm in algorithms:
-                child = (preset, algorithm, "-" if strength is None else str(strength), data_file, str(args.batch_size))
+                child = (
+                    preset,
+                    group,
+                    algorithm,
+                    "-" if strength is None else str(strength),
+                    data_file,
+                    str(args.batch_size),
+                )
                 plan[(recipe, f"seqgen {algorithm}")] = (sys.executable, _SEQGEN_CHILD, *child)
             if args.vs_llmcompressor and modifiers:
                 llmc = (args.vs_llmcompressor, _LLMCOMPRESSOR_CHILD, str(smollm2_dir()), data_file, modifiers)

@@ -110,7 +110,7 @@ def _nvfp4_tensors(qweight: QuantizedWeight) -> dict[str, torch.Tensor]:
     (each group's FP8 scale: the stored fp32 scale times the global one, exact in FP8) and ``weight_global_scale``."""
     from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
 
-    global_scale = qweight.global_scale.float().reshape(1)
+    global_scale = qweight.global_scale.float().reshape(1).clone()  # gate and up of fused experts share one
     return {
         "weight_packed": pack_fp4_to_uint8(qweight.codes.float()),
         "weight_scale": (qweight.scale.float() * global_scale).to(torch.float8_e4m3fn),

@@ -104,7 +104,8 @@ def start_subgraph(run: CalibrationRun, state: CalibrationState) -> SubgraphStat
     calibration_pass = bool(plan) and run.needs_data
     outputs_needed = index < len(run.subgraphs) - 1
     passes = _expert_passes(experts, run.options.experts_per_pass) if calibration_pass else []
-    propagation_pass = outputs_needed and (run.options.propagate_error or not calibration_pass)
+    # a run that collects nothing (RTN, weight-only or dynamic activations) needs no subgraph's outputs at all
+    propagation_pass = outputs_needed and run.needs_data and (run.options.propagate_error or not calibration_pass)
     subgraph = run.subgraphs[index]
     return SubgraphState(
         index=index,
