@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from .errors import SeqgenError
 
-__all__ = ["Choice", "Offload", "SaveFormat", "DType", "Grid", "Observer"]
+__all__ = ["Choice", "Offload", "SaveFormat", "DType", "Grid", "Observer", "Preset"]
 
 _C = TypeVar("_C", bound="Choice")
 
@@ -72,3 +72,16 @@ class Observer(Choice):
 
     MINMAX = "minmax"  # to its extremes
     MSE = "mse"  # to the shrunk range (down to 0.81 of them) that quantizes the group with the least error
+
+
+class Preset(Choice):
+    """compressed-tensors' preset schemes that seqgen calibrates and saves in llm-compressor's layout."""
+
+    W4A16 = "W4A16"  # int4 weights, symmetric, group 128; pack-quantized
+    W4A16_ASYM = "W4A16_ASYM"  # the same, asymmetric (zero points): AWQ's usual scheme
+    W8A16 = "W8A16"  # int8 weights, group 128; pack-quantized
+    W8A8 = "W8A8"  # int8 weights per channel, int8 activations per token (dynamic); int-quantized
+    INT8 = "INT8"  # compressed-tensors' other name for W8A8
+    FP8 = "FP8"  # FP8 E4M3 weights per tensor, static per-tensor activations; float-quantized
+    FP8_DYNAMIC = "FP8_DYNAMIC"  # FP8 E4M3 weights per channel, dynamic per-token activations; float-quantized
+    NVFP4A16 = "NVFP4A16"  # FP4 E2M1 weights, FP8 scales per 16, fp32 global scale (RTN); nvfp4-pack-quantized

@@ -14,6 +14,8 @@ from .base import (
     ALGORITHMS,
     GRIDS,
     OBSERVERS,
+    WEIGHT_TYPES,
+    ActivationScheme,
     Algorithm,
     QuantizedWeight,
     QuantScheme,
@@ -26,12 +28,18 @@ from .base import (
 )
 from .gptq import GPTQ, HessianStatistics
 from .observer import ActivationObserver
+from .presets import SUPPORTED_PRESETS, scheme_from_args, scheme_from_preset
 from .rtn import RTN
 
 __all__ = [
     "ALGORITHMS",
     "GRIDS",
     "OBSERVERS",
+    "WEIGHT_TYPES",
+    "SUPPORTED_PRESETS",
+    "ActivationScheme",
+    "scheme_from_args",
+    "scheme_from_preset",
     "Algorithm",
     "QuantScheme",
     "QuantizedWeight",

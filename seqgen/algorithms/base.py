@@ -27,6 +27,11 @@ from ..errors import SeqgenError
 __all__ = [
     "GRIDS",
     "OBSERVERS",
+    "WEIGHT_TYPES",
+    "FP8_MAX",
+    "FP4_MAX",
+    "round_fp4",
+    "ActivationScheme",
     "QuantScheme",
     "QuantizedWeight",
     "Statistics",
@@ -51,7 +56,44 @@ GRIDS = tuple(Grid.values())
 #: MSE observer: between the squared error and the largest one).
 OBSERVERS = tuple(Observer.values())
 _MSE_SHRINKS = tuple(1 - i / 100 for i in range(20))
+FP8_MAX = 448  # the largest finite FP8 E4M3 (float8_e4m3fn) value
+FP4_MAX = 6  # the largest FP4 E2M1 value (NVFP4's codes)
 _MSE_NORM = 2.4
+#: What a code is: an integer, or a value of the FP8 E4M3 (``bits=8``) or FP4 E2M1 (``bits=4``, NVFP4) grid.
+WEIGHT_TYPES = ("int", "float")
+#: How activation scales are shared: one per token (dynamic), or one per tensor (static, from the calibration pass).
+ACTIVATION_STRATEGIES = ("token", "tensor")
+
+
+@dataclass(frozen=True)
+class ActivationScheme:
+    """How a quantized linear's input is quantized at inference (compressed-tensors' ``input_activations``).
+
+    ``dynamic`` schemes (per-token) need nothing from calibration; static ones (per-tensor) store an ``input_scale``
+    per linear: the calibration pass's largest input magnitude over the top of the grid (a min-max observer, as
+    llm-compressor's ``static_minmax``).
+    """
+
+    bits: int = 8
+    type: str = "float"
+    strategy: str = "token"
+    dynamic: bool = True
+
+    def __post_init__(self) -> None:
+        if self.type not in WEIGHT_TYPES or self.bits != 8:
+            raise ValueError(
+                f"ActivationScheme supports 8-bit int or float activations, got {self.bits}-bit {self.type}"
+            )
+        if self.strategy not in ACTIVATION_STRATEGIES:
+            raise ValueError(f"ActivationScheme.strategy must be one of {ACTIVATION_STRATEGIES}, got {self.strategy!r}")
+        if self.dynamic != (self.strategy == "token"):
+            raise ValueError("ActivationScheme: per-token scales are dynamic, per-tensor ones static (dynamic=False)")
+
+    @property
+    def scale_divisor(self) -> float:
+        """What the largest magnitude is divided by to give the scale: half the code range, as compressed-tensors
+        computes it (448 for FP8 E4M3, 127.5 for int8)."""
+        return float(FP8_MAX) if self.type == "float" else 127.5
 
 
 @dataclass(frozen=True)
@@ -66,10 +108,28 @@ class QuantScheme:
     block_size: int = 128
     grid: str = "full"  # symmetric schemes only: one of GRIDS
     observer: str = "minmax"  # one of OBSERVERS
+    type: str = "int"  # one of WEIGHT_TYPES: "float" is FP8 E4M3 (bits=8, symmetric)
+    # one scale for the whole weight (group_size None: compressed-tensors' "tensor"), or, with FP4 groups, a global
+    # fp32 scale over the groups' FP8 scales ("tensor_group": NVFP4)
+    per_tensor: bool = False
+    activations: ActivationScheme | None = None  # None: weight-only (activations stay in the model's dtype)
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"QuantScheme.bits must be an integer in 2..8, got {self.bits!r}")
+        if self.type not in WEIGHT_TYPES:
+            raise ValueError(f"QuantScheme.type must be one of {WEIGHT_TYPES}, got {self.type!r}")
+        if self.type == "float" and (self.bits not in (4, 8) or not self.symmetric):
+            raise ValueError(
+                f"float weights are symmetric FP8 E4M3 (bits=8) or FP4 E2M1 (bits=4), got bits={self.bits}, "
+                f"symmetric={self.symmetric}"
+            )
+        if self.is_fp4 and (self.group_size is None or not self.per_tensor):
+            raise ValueError("FP4 weights are NVFP4: groups (16) of FP8 scales under a global scale (per_tensor=True)")
+        if self.per_tensor and self.group_size is not None and not self.is_fp4:
+            raise ValueError("QuantScheme.per_tensor takes group_size=None (one scale for the whole weight)")
+        if self.activations is not None and not isinstance(self.activations, ActivationScheme):
+            raise ValueError(f"QuantScheme.activations must be an ActivationScheme or None, got {self.activations!r}")
         if self.group_size is not None and (
             isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
         ):
@@ -87,18 +147,30 @@ class QuantScheme:
             raise ValueError(f"QuantScheme.observer must be one of {OBSERVERS}, got {self.observer!r}")
 
     @property
+    def is_fp4(self) -> bool:
+        """FP4 E2M1 codes (NVFP4)."""
+        return self.type == "float" and self.bits == 4
+
+    @property
     def qmin(self) -> int:
-        """Smallest integer code."""
+        """Smallest code (-448 for FP8 E4M3, -6 for FP4 E2M1)."""
+        if self.type == "float":
+            return -FP4_MAX if self.is_fp4 else -FP8_MAX
         return -(2 ** (self.bits - 1)) if self.symmetric else 0
 
     @property
     def qmax(self) -> int:
-        """Largest integer code."""
+        """Largest code (448 for FP8 E4M3, 6 for FP4 E2M1)."""
+        if self.type == "float":
+            return FP4_MAX if self.is_fp4 else FP8_MAX
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
     @property
     def code_dtype(self) -> torch.dtype:
-        """int8 for signed (symmetric) codes, uint8 for unsigned (asymmetric) ones, so that 8-bit codes fit."""
+        """int8 for signed (symmetric) codes, uint8 for unsigned (asymmetric) ones, so that 8-bit codes fit;
+        float8_e4m3fn for FP8 codes, bfloat16 (which holds every FP4 E2M1 value) for FP4 ones."""
+        if self.type == "float":
+            return torch.bfloat16 if self.is_fp4 else torch.float8_e4m3fn
         return torch.int8 if self.symmetric else torch.uint8
 
     def n_groups(self, in_features: int) -> int:
@@ -143,6 +215,10 @@ def compute_qparams(
     codes, the algorithm's error feedback and the in-memory dequantized weights all use the value a loader (vLLM,
     compressed-tensors) reads back. Rounding bf16 scales only at save time would make the reloaded weights differ.
     """
+    if scheme.is_fp4:
+        raise SeqgenError(
+            "NVFP4 (FP4 weights under a global scale) is quantized round-to-nearest only so far: use algorithm 'rtn'."
+        )
     if scheme.observer == "minmax":
         return _range_qparams(w, scheme, scale_dtype, 1.0)
     best = _range_qparams(w, scheme, scale_dtype, _MSE_SHRINKS[0])
@@ -171,7 +247,11 @@ def _range_qparams(
     w: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype | None, shrink: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`compute_qparams` of the range of ``w`` shrunk by ``shrink`` (1.0: the min-max range)."""
-    if scheme.symmetric and scheme.grid == "full":
+    if scheme.per_tensor:  # one scale for every row (the callers pass whole rows)
+        scale = w.abs().amax().expand(w.shape[:-1]) * shrink / scheme.qmax
+    elif scheme.type == "float":  # llm-compressor's: the largest magnitude onto the largest finite value
+        scale = w.abs().amax(dim=-1) * shrink / scheme.qmax
+    elif scheme.symmetric and scheme.grid == "full":
         hi, lo = w.amax(dim=-1), w.amin(dim=-1)
         scale = torch.where(-lo >= hi, lo, hi) * shrink / scheme.qmin
     elif scheme.symmetric:
@@ -190,11 +270,24 @@ def _range_qparams(
 def quantize_codes(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme
 ) -> torch.Tensor:
-    """Integer codes (as fp32 values) of ``w`` given broadcastable ``scale`` and ``zero``, in one new tensor."""
+    """Codes (as fp32 values) of ``w`` given broadcastable ``scale`` and ``zero``, in one new tensor: integers, or
+    FP8 E4M3 values for float schemes (round to nearest even on that grid, saturating at +-448)."""
+    if scheme.is_fp4:
+        return round_fp4(torch.div(w, scale))
+    if scheme.type == "float":
+        return torch.div(w, scale).clamp_(scheme.qmin, scheme.qmax).to(torch.float8_e4m3fn).float()
     q = torch.div(w, scale).round_()
     if zero is not None:
         q.add_(zero)
     return q.clamp_(scheme.qmin, scheme.qmax)
+
+
+def round_fp4(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (fp32) rounded to the nearest FP4 E2M1 value (0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives),
+    saturating at +-6, in place; the steps are 0.5 below 2, 1 below 4 and 2 above."""
+    magnitude = x.abs().clamp_(max=FP4_MAX)
+    step = torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0))
+    return magnitude.div_(step).round_().mul_(step).copysign_(x)
 
 
 @dataclass
@@ -215,6 +308,10 @@ class QuantizedWeight:
     zero_point: torch.Tensor | None
     g_idx: torch.Tensor | None
     scheme: QuantScheme
+    #: static activation schemes: the scale of the linear's input (fp32, one element), from the calibration pass
+    input_scale: torch.Tensor | None = None
+    #: NVFP4: the fp32 global scale (``scale * global_scale`` is each group's FP8 scale as stored)
+    global_scale: torch.Tensor | None = None
     row_error: torch.Tensor | None = None
     row_output: torch.Tensor | None = None
 
@@ -272,6 +369,8 @@ class QuantizedWeight:
             g_idx=move(self.g_idx),
             row_error=move(self.row_error),
             row_output=move(self.row_output),
+            input_scale=move(self.input_scale),
+            global_scale=move(self.global_scale),
         )
 
 
@@ -285,6 +384,8 @@ def quantize_rtn(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
     out_features, in_features = weight.shape
     n_groups = scheme.n_groups(in_features)
     w = weight.detach().float().reshape(out_features, n_groups, in_features // n_groups)
+    if scheme.is_fp4:
+        return _quantize_nvfp4(w, scheme)
     scale, zero = compute_qparams(w, scheme, weight.dtype)
     codes = quantize_codes(w, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), scheme)
     return QuantizedWeight(
@@ -293,6 +394,27 @@ def quantize_rtn(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
         zero_point=None if zero is None else zero.to(torch.int32),
         g_idx=None,
         scheme=scheme,
+    )
+
+
+def _quantize_nvfp4(w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
+    """NVFP4 round-to-nearest of ``w`` ``[out, groups, group]`` (fp32), as compressed-tensors computes it: the
+    global scale ``448 * 6 / max|w|`` spreads the groups' scales over FP8's range; each group's FP8 scale is
+    ``global * max|group| / 6`` rounded to FP8 (its smallest step where 0), and its codes are FP4 E2M1 values of
+    ``w / (fp8_scale / global)``."""
+    amax = w.abs().amax()
+    global_scale = (FP8_MAX * FP4_MAX / amax if amax > 0 else torch.ones_like(amax)).reshape(1)
+    fp8 = (w.abs().amax(dim=-1) / FP4_MAX * global_scale).to(torch.float8_e4m3fn).float()
+    fp8 = torch.where(fp8 == 0, torch.finfo(torch.float8_e4m3fn).eps, fp8)
+    scale = fp8 / global_scale
+    codes = round_fp4(w / scale.unsqueeze(-1))
+    return QuantizedWeight(
+        codes=codes.reshape(w.shape[0], -1).to(scheme.code_dtype),
+        scale=scale,
+        zero_point=None,
+        g_idx=None,
+        scheme=scheme,
+        global_scale=global_scale,
     )
 
 
@@ -332,6 +454,14 @@ class Statistics(abc.ABC):
     #: algorithm may then :meth:`release` them as soon as it has derived what it needs (GPTQ: once the Hessian is
     #: factored), which lowers the memory peak of the largest layers.
     single_use: bool = False
+
+    def scale_inputs_(self, factors: torch.Tensor) -> None:
+        """Turn these statistics into those of the inputs divided by ``factors`` ``[in_features]`` per channel, in
+        place: what SmoothQuant's folding does to the inputs after they were collected."""
+        raise SeqgenError(
+            f"{type(self).__name__} cannot be rescaled for SmoothQuant (no scale_inputs_); implement it, or "
+            "calibrate without --smoothquant."
+        )
 
     def release(self) -> None:  # noqa: B027 (optional to override: the default keeps the tensors)
         """Free the accumulated tensors; the statistics cannot be used afterwards. The default keeps them."""

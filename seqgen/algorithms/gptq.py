@@ -22,6 +22,7 @@ from ..errors import NumericalError, SeqgenError
 from .base import (
     Algorithm,
     QuantizedWeight,
+    QuantScheme,
     Statistics,
     compute_qparams,
     distributed_active,
@@ -130,6 +131,13 @@ class HessianStatistics(Statistics):
             for later_start, later_end in self._bounds[i + 1 :]:
                 self.xtx[later_start:later_end, start:end].copy_(self.xtx[start:end, later_start:later_end].T)
 
+    def scale_inputs_(self, factors: torch.Tensor) -> None:
+        """``X^T X`` of the inputs divided by ``factors`` per channel (SmoothQuant): ``X^T X / (f f^T)``."""
+        self._check_live("scale_inputs_")
+        inverse = factors.to(device=self.xtx.device, dtype=torch.float32).reciprocal()
+        self.xtx.mul_(inverse.unsqueeze(1)).mul_(inverse.unsqueeze(0))
+        self.factors.clear()
+
     def release(self) -> None:
         self.xtx = torch.empty(0, dtype=torch.float32, device=self.xtx.device)
         self.factors.clear()
@@ -212,6 +220,11 @@ class GPTQ(Algorithm):
     #: what :class:`HessianStatistics` sum batches in: float64 makes the sum independent of the batches' order
     hessian_dtype: torch.dtype = torch.float32
 
+    def __init__(self, scheme: QuantScheme) -> None:
+        super().__init__(scheme)
+        if scheme.is_fp4:
+            raise SeqgenError("GPTQ does not quantize NVFP4 (FP4 under a global scale) yet; use algorithm 'rtn'.")
+
     def new_statistics(self, in_features: int, device: torch.device) -> Statistics | None:
         return HessianStatistics(in_features, device, self.hessian_dtype)
 
@@ -263,7 +276,7 @@ class GPTQ(Algorithm):
         loss = torch.zeros(rows, dtype=torch.float32, device=device)
         scale = zero = None
 
-        kernel = kernel_enabled(device)
+        kernel = kernel_enabled(device) and scheme.type == "int"  # the kernel rounds to integers
         static_scales = static_zeros = None
         if perm is not None and kernel:  # the kernel reads each column's parameters from one [cols, rows] gather
             static_scales = torch.stack([scale for scale, _ in static])

@@ -61,6 +61,13 @@ class ActivationObserver(Statistics):
         self.count = total
         self._reduced = True
 
+    def scale_inputs_(self, factors: torch.Tensor) -> None:
+        """The statistics of the inputs divided by ``factors`` (positive, per channel), in place (SmoothQuant)."""
+        factors = factors.to(device=self.min.device, dtype=torch.float32)
+        for values in (self.min, self.max, self.absmax):
+            values.div_(factors)
+        self.mean_sq.div_(factors.square())
+
     def summary(self) -> dict[str, torch.Tensor]:
         """Copies of the statistics to save or report: min, max, absmax, mean_sq, rms, count."""
         return {

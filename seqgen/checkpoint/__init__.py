@@ -6,6 +6,7 @@
 ``layout.py``              where fused MoE experts go in a checkpoint (one linear per expert, under its own names)
 ``keys.py``                the keys of a save's quantized weights, resolved to the model's modules and parameters
 ``packing.py``             one quantized weight in compressed-tensors' ``pack-quantized`` format
+``formats.py``             which format a scheme is stored in (pack-, int-, float-quantized), its tensors and config
 ``compressed.py``          a compressed-tensors checkpoint: state dict, ``quantization_config``, the checks made
                            before a calibration
 ``transformers_limits.py`` what transformers' compressed-tensors loader cannot load

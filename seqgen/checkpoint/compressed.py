@@ -25,6 +25,7 @@ import torch
 
 from ..errors import SeqgenError
 from ..runtime.experts import find_fused_experts, is_transposed_experts
+from .formats import MIXED_FORMAT, scheme_fields, weight_tensors
 from .keys import resolve_experts, resolve_modules
 from .layout import (
     SEQUENTIAL_EXPERTS,
@@ -35,7 +36,7 @@ from .layout import (
     per_expert_weights,
     sequential_experts,
 )
-from .packing import PACK_FORMAT, check_groups, check_layout, pack_weight, quantization_args
+from .packing import check_groups, check_layout
 from .transformers_limits import asymmetric_experts_error, warn_dense_tensors_transformers_drops
 
 if TYPE_CHECKING:
@@ -97,11 +98,11 @@ def _config(
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     modules = resolve_modules(model, quantized)
-    by_args: dict[str, tuple[Any, list[str]]] = {}
+    by_args: dict[str, tuple[dict[str, Any], list[str]]] = {}
     for name, linear in linears.items():
         check_layout(name, tuple(linear.qweight.codes.shape), linear.qweight)
-        args = quantization_args(name, linear.qweight)
-        key = args.model_dump_json()
+        args = scheme_fields(name, linear.qweight)
+        key = _fields_key(args)
         if by_args and key not in by_args:
             raise SeqgenError(
                 f"{name}: its scheme differs from that of {next(iter(by_args.values()))[1][0]}; transformers applies "
@@ -111,13 +112,13 @@ def _config(
         by_args.setdefault(key, (args, []))[1].append(name)
     for name, qweight in quantized.items():
         check_groups(name, modules[name], qweight)
-        args = quantization_args(name, qweight)
-        key = args.model_dump_json()
-        by_args.setdefault(key, (args, []))[1].append(name)
+        args = scheme_fields(name, qweight)
+        by_args.setdefault(_fields_key(args), (args, []))[1].append(name)
     groups = {}
     for index, (args, names) in enumerate(by_args.values()):
         targets = ["Linear"] if len(by_args) == 1 else sorted(names)
-        groups[f"group_{index}"] = QuantizationScheme(targets=targets, weights=args, format=PACK_FORMAT)
+        groups[f"group_{index}"] = QuantizationScheme(targets=targets, **args)
+    formats = {args["format"] for args, _ in by_args.values()}
     quantized_weights = {id(module.weight) for module in modules.values()}  # a shared weight: quantized everywhere
     ignore = [
         name
@@ -135,10 +136,15 @@ def _config(
     ignore += [key.removesuffix(".weight") for key in dense_per_expert(model, packed_experts)]
     return QuantizationConfig(
         config_groups=groups,
-        format=PACK_FORMAT,
+        format=formats.pop() if len(formats) == 1 else MIXED_FORMAT,
         quantization_status="compressed",
         ignore=ignore,
     )
+
+
+def _fields_key(fields: dict[str, Any]) -> str:
+    """A key that is equal for equal QuantizationScheme fields (:func:`~.formats.scheme_fields`)."""
+    return "|".join(value if isinstance(value, str) else value.model_dump_json() for _, value in sorted(fields.items()))
 
 
 def check_compressed_experts(model: torch.nn.Module, scheme: QuantScheme) -> None:
@@ -198,7 +204,7 @@ def _state_dict(
             )
     for name, linear in linears.items():
         dtype = model.get_parameter(linear.param).dtype
-        for key, tensor in pack_weight(name, linear.qweight, dtype).items():
+        for key, tensor in weight_tensors(name, linear.qweight, dtype).items():
             state_dict[f"{name}.{key}"] = tensor
     for name in sequential_experts(model):  # left unquantized: per expert too, and listed in `ignore`
         if f"{name}.gate_up_proj" in state_dict:
@@ -214,7 +220,7 @@ def _state_dict(
         aliases, others = _storage_sharers(model, state_dict, storages, name, weight)
         if others:
             raise _shared_storage_error(name, others)
-        packed = pack_weight(name, qweight, weight.dtype)
+        packed = weight_tensors(name, qweight, weight.dtype)
         for module_name in [name, *aliases]:
             state_dict.pop(f"{module_name}.weight")
             for key, tensor in packed.items():

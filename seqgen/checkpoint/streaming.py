@@ -22,9 +22,10 @@ from ..runtime.dispatch import subgraph_tensors
 from ..runtime.experts import EXPERT_PARAMS
 from .atomic import atomic_directory
 from .compressed import quantization_config, write_quantization_config
+from .formats import weight_tensors
 from .keys import resolve_experts, resolve_modules
 from .layout import expert_linears, per_expert_weights, sequential_experts
-from .packing import check_groups, pack_weight
+from .packing import check_groups
 from .writing import check_save_format, copy_serving_files, counts_text
 
 if TYPE_CHECKING:
@@ -133,12 +134,13 @@ class StreamingSaver:
             if compressed:
                 check_groups(name, modules[name], qweight)
                 source = self.weights.checkpoint_keys(f"{name}.weight")[0].removesuffix(".weight")
-                for key, tensor in pack_weight(name, qweight, modules[name].weight.dtype).items():
+                for key, tensor in weight_tensors(name, qweight, modules[name].weight.dtype).items():
                     tensors[f"{source}.{key}"] = tensor
             self.shapes[name] = _metadata(qweight)
         linears = expert_linears(self.model, experts) if compressed else {}
         for name, linear in linears.items():
-            for key, tensor in pack_weight(name, linear.qweight, self.model.get_parameter(linear.param).dtype).items():
+            dtype = self.model.get_parameter(linear.param).dtype
+            for key, tensor in weight_tensors(name, linear.qweight, dtype).items():
                 tensors[f"{name}.{key}"] = tensor
         self.expert_shapes.update({key: _metadata(qweight) for key, qweight in experts.items()})
         packed = {f"{name}.weight" for name in quantized} if compressed else set()

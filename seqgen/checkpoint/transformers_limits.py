@@ -54,10 +54,14 @@ def warn_dense_tensors_transformers_drops(model: torch.nn.Module, directory: Pat
         ]
         if not converters:
             return
-        keys: list[str] = []
+        stored: set[str] = set()
         for file in sorted(directory.glob("*.safetensors")):
             with safe_open(file, "pt") as f:
-                keys += [key for key in f.keys() if key.endswith(".weight")]
+                stored.update(f.keys())
+        # a weight with a weight_scale beside it is quantized, stored unpacked (float-/int-quantized): it loads
+        keys = sorted(
+            k for k in stored if k.endswith(".weight") and f"{k.removesuffix('weight')}weight_scale" not in stored
+        )
         dropped = [key for key in keys if rename_source_key(key, renamings, converters)[1] is not None]
     except (ImportError, AttributeError, TypeError) as exc:  # another transformers: nothing known to check
         logger.debug("skipped the check of dense tensors in converted weights: %s", exc)

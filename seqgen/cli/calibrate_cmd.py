@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from ..choices import DType, Grid, Observer, Offload, SaveFormat
+from ..choices import DType, Grid, Observer, Offload, Preset, SaveFormat
 from .options import revision_option, trust_remote_code_option
+
+if TYPE_CHECKING:
+    from ..algorithms import QuantScheme
 from .output import out
 
 
@@ -56,6 +60,23 @@ def _group_size(ctx: click.Context, param: click.Parameter, value: int) -> int |
     type=_RegisteredAlgorithm(),
     default="gptq",
     help="A registered algorithm (seqgen.algorithms.register_algorithm).",
+)
+@click.option(
+    "--scheme",
+    "scheme_name",
+    type=click.Choice(Preset.values(), case_sensitive=False),
+    default=None,
+    help="A compressed-tensors preset (llm-compressor's names and checkpoint layout); --bits, --group-size and "
+    "--asym given too override its weights. Default: the integer weight-only scheme of --bits/--group-size/--asym.",
+)
+@click.option(
+    "--smoothquant",
+    type=click.FloatRange(0.0, 1.0),
+    is_flag=False,
+    flag_value=0.8,
+    default=None,
+    help="SmoothQuant before the weights are found, with this strength (alone: 0.8, llm-compressor's W8A8 recipe): "
+    "activation outliers move into the weights of the linears a norm feeds.",
 )
 @click.option(
     "--bits",
@@ -193,6 +214,8 @@ def calibrate(
     dataset: str | None,
     quantize_vision: bool,
     algorithm: str,
+    scheme_name: str | None,
+    smoothquant: float | None,
     bits: str,
     group_size: int | None,
     asym: bool,
@@ -240,15 +263,11 @@ def calibrate(
         return
     ranks = join_process_group(device, rank_timeout)
 
-    scheme = QuantScheme(
-        bits=int(bits),
-        group_size=group_size,
-        symmetric=not asym,
-        grid=grid,
-        observer=observer,
-        act_order=act_order,
-        dampening=dampening,
-    )
+    fields = {"grid": grid, "observer": observer, "act_order": act_order, "dampening": dampening}
+    if scheme_name is None:
+        scheme = QuantScheme(bits=int(bits), group_size=group_size, symmetric=not asym, **fields)
+    else:
+        scheme = _preset(scheme_name, bits, group_size, asym, fields)
     job = CalibrationJob(
         model_id=model_id,
         revision=revision,
@@ -271,6 +290,7 @@ def calibrate(
             ignore=ignore,
             propagate_error=not no_propagate_error,
             observe=observe,
+            smoothquant=smoothquant,
             all_experts=all_experts,
             experts_per_pass=experts_per_pass,
             spill_dir=spill_dir,
@@ -289,9 +309,8 @@ def calibrate(
     on_ranks = f" on {ranks.world} ranks ({per_rank} samples)" if ranks.world > 1 else ""
     tuned = f" + block tuning ({tune_iterations} iterations)" if tune_iterations else ""
     out(
-        f"quantized {summary.linears} linears{experts} with {algorithm}{tuned} W{bits} group "
-        f"{group_size or 'per-channel'}{on_ranks} in {summary.calibration_seconds:.1f}s "
-        f"(total {summary.total_seconds:.1f}s)"
+        f"quantized {summary.linears} linears{experts} with {algorithm}{tuned} {_describe(scheme_name, scheme)}"
+        f"{on_ranks} in {summary.calibration_seconds:.1f}s (total {summary.total_seconds:.1f}s)"
     )
     if summary.result.unquantized:
         out(
@@ -305,6 +324,28 @@ def calibrate(
         )
     out(f"time by phase: {summary.result.phase_summary()}")
     out(f"saved {save_format} model to {save_dir}")
+
+
+def _preset(name: str, bits: str, group_size: int | None, asym: bool, fields: dict) -> QuantScheme:
+    """The preset ``name`` with the weight options the command line gave explicitly (not their defaults)."""
+    from ..algorithms import scheme_from_preset
+
+    ctx = click.get_current_context()
+
+    def given(param: str) -> bool:
+        return ctx.get_parameter_source(param) is not click.core.ParameterSource.DEFAULT
+
+    overrides = {"bits": int(bits) if given("bits") else None, "asym": True if given("asym") else None}
+    if given("group_size"):
+        overrides["group_size"] = group_size
+    return scheme_from_preset(name, **overrides, **fields)
+
+
+def _describe(name: str | None, scheme: QuantScheme) -> str:
+    """``W4 group 64`` (or the preset's name first): what the summary line says the weights were quantized as."""
+    group = "per-tensor" if scheme.per_tensor else f"group {scheme.group_size}" if scheme.group_size else "per-channel"
+    weights = f"{'FP' if scheme.type == 'float' else 'W'}{scheme.bits} {group}"
+    return weights if name is None else f"{name.upper()} ({weights})"
 
 
 @click.command(name="eval")

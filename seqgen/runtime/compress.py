@@ -36,7 +36,8 @@ def compress_linears(
     groups: dict[int, list[str]] = {}
     for name in linears:
         shared = stats[name]
-        key = id(shared) if shared is not None and algorithm.row_separable else id(linears[name])
+        stackable = algorithm.row_separable and not algorithm.scheme.per_tensor  # a per-tensor scale is per linear
+        key = id(shared) if shared is not None and stackable else id(linears[name])
         groups.setdefault(key, []).append(name)
     # Statistics read by one quantize call may be freed inside it; any statistics are freed after their last one.
     uses: dict[int, int] = {}

@@ -116,7 +116,7 @@ def prepare(
         options=options,
         algorithm=algorithm,
         dispatcher=dispatcher,
-        needs_data=algorithm.new_statistics(1, torch.device("cpu")) is not None or options.observe,
+        needs_data=algorithm.new_statistics(1, torch.device("cpu")) is not None or options.observes_activations,
         from_disk=weights is not None,
         on_subgraph_done=on_subgraph_done,
         keep_results=keep_results,

@@ -35,6 +35,16 @@ class CalibrationOptions:
     # block tuning after each subgraph's compress step, from the algorithm's result (None: no tuning; see
     # seqgen.algorithms.blocktune). It always propagates the quantized outputs, whatever propagate_error says.
     tune: TuneOptions | None = None
+    # SmoothQuant's strength alpha (0.8 in llm-compressor's W8A8 recipe); None: no smoothing (runtime/smoothing.py)
+    smoothquant: float | None = None
+
+    @property
+    def observes_activations(self) -> bool:
+        """Activation statistics are collected: ``observe``, a static activation scheme (its input scales), or
+        SmoothQuant (its factors)."""
+        activations = self.scheme.activations
+        static = activations is not None and not activations.dynamic
+        return self.observe or static or self.smoothquant is not None
 
 
 DEFAULT_OPTIONS = CalibrationOptions()

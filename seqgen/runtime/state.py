@@ -24,6 +24,7 @@ from .experts import FusedExperts
 from .intermediates import IntermediatesCache
 from .options import CalibrationOptions
 from .selection import QuantizationPlan
+from .smoothing import NormInputs
 
 __all__ = [
     "PHASES",
@@ -153,6 +154,8 @@ class SubgraphState:
     seconds: dict[str, float] = field(default_factory=dict)  # per phase
     tokens: dict[str, int] = field(default_factory=dict)  # calibration tokens of each linear's input
     reference: TuneReference | None = None  # with block tuning, from before the compress step until tuned
+    norm_inputs: NormInputs | None = None  # SmoothQuant: which norm feeds which linears (first pass)
+    smoothed: list[str] = field(default_factory=list)  # the norm parameters SmoothQuant changed
 
     def collected(self) -> list[Statistics]:
         """The statistics the latest calibration pass collected: the linears' (first pass only), then the active

@@ -35,12 +35,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..algorithms import QuantizedWeight, Statistics
+from ..algorithms.activations import add_input_scales, quantize_inputs
 from .collector import Collector
 from .compress import compress_linears, never_ran, round_to_nearest, warn_never_ran
 from .distributed import align_statistics, compress_owned
 from .experts import FusedExperts, expert_params
 from .faults import names_failures
 from .memory import device_peak, release_free_memory, reset_device_peak, rss_peak
+from .smoothing import NormInputs, smooth
 from .state import CalibrationRun, CalibrationState, ModuleReport, SubgraphReport, SubgraphState
 from .tuning import capture_reference, tune
 
@@ -115,9 +117,11 @@ def start_subgraph(run: CalibrationRun, state: CalibrationState) -> SubgraphStat
     calibration_pass = bool(plan) and run.needs_data
     outputs_needed = index < len(run.subgraphs) - 1
     passes = _expert_passes(experts, run.options.experts_per_pass) if calibration_pass else []
-    # block tuning reads the subgraph's inputs after the calibration pass, so that pass never replaces them
-    propagate = run.options.propagate_error or run.options.tune is not None
-    propagation_pass = outputs_needed and (propagate or not calibration_pass)
+    # block tuning reads the subgraph's inputs after the calibration pass, so that pass never replaces them; a run
+    # that collects and tunes nothing (RTN, weight-only or dynamic activations) needs no subgraph's outputs at all
+    tuning = run.options.tune is not None
+    propagate = run.options.propagate_error or tuning
+    propagation_pass = outputs_needed and (run.needs_data or tuning) and (propagate or not calibration_pass)
     subgraph = run.subgraphs[index]
     return SubgraphState(
         index=index,
@@ -156,13 +160,18 @@ def calibration_pass(run: CalibrationRun, state: CalibrationState, sub: Subgraph
     sub.bar.set_description(f"{sub.subgraph.name} calibrate")
     if first:  # routing can differ per batch, so with fused experts every batch runs whole
         stop_early = not sub.commit_calibration and not sub.experts
-        sub.collector = Collector(run.algorithm, sub.linears, run.options.observe, stop_early=stop_early)
+        observe = run.options.observes_activations
+        sub.collector = Collector(run.algorithm, sub.linears, observe, stop_early=stop_early)
     collector = sub.collector
     for fused in sub.experts.values():
         fused.select(active)
+    if first and run.options.smoothquant is not None:
+        sub.norm_inputs = NormInputs(run.model, sub.linears)
     with torch.no_grad(), ExitStack() as hooks:
         if first:
             hooks.enter_context(collector)
+            if sub.norm_inputs is not None:
+                hooks.enter_context(sub.norm_inputs)
         for fused in sub.experts.values():
             hooks.enter_context(fused)
         state.cache.run(
@@ -195,6 +204,12 @@ def compress(run: CalibrationRun, state: CalibrationState, sub: SubgraphState) -
             sub.expert_quantized.update(_compress_experts(fused, state, defer=True))
         return
     if sub.collector is not None:
+        if sub.norm_inputs is not None:  # SmoothQuant, before the weights are found
+            collector = sub.collector
+            strength = run.options.smoothquant
+            sub.smoothed = smooth(
+                run.model, sub.norm_inputs, collector.stats, collector.observers, strength, sub.subgraph.name
+            )
         _compress_calibrated_linears(run, state, sub)
     else:
         sub.quantized = compress_linears(run.algorithm, sub.linears, {name: None for name in sub.linears})
@@ -228,8 +243,10 @@ def _compress_calibrated_linears(run: CalibrationRun, state: CalibrationState, s
     calibrated = {name: m for name, m in sub.linears.items() if name not in unrouted}
     sub.quantized = compress_owned(run.algorithm, calibrated, collector.stats)  # split over ranks under torchrun
     sub.quantized.update(round_to_nearest(run.options.scheme, {name: sub.linears[name] for name in unrouted}))
-    for name, observer in collector.observers.items():
-        state.result.activation_stats[name] = observer.summary()
+    add_input_scales(run.options.scheme, sub.quantized, collector.observers)
+    if run.options.observe:
+        for name, observer in collector.observers.items():
+            state.result.activation_stats[name] = observer.summary()
     sub.tokens = dict(collector.tokens)
     sub.collector = None
 
@@ -243,7 +260,7 @@ def _compress_experts(fused: FusedExperts, state: CalibrationState, defer: bool 
 def propagate(run: CalibrationRun, state: CalibrationState, sub: SubgraphState) -> None:
     """Run the subgraph, quantized now, on every batch; its outputs replace the values it consumes."""
     sub.bar.set_description(f"{sub.subgraph.name} propagate")
-    with torch.no_grad():
+    with torch.no_grad(), quantize_inputs(sub.linears, sub.quantized):  # W8A8: the inputs the checkpoint sees
         state.cache.run(run.model, sub.subgraph, commit=True, progress=lambda: sub.bar.update())
 
 
@@ -252,7 +269,7 @@ def offload(run: CalibrationRun, sub: SubgraphState) -> None:
     subgraph's modules back (disk offload: their memory goes back to the OS)."""
     if run.on_subgraph_done is not None:
         run.on_subgraph_done(sub.subgraph, sub.quantized, sub.expert_quantized)
-    changed = [f"{name}.weight" for name in sub.quantized]
+    changed = [f"{name}.weight" for name in sub.quantized] + sub.smoothed
     changed += [
         f"{name}.{param}" for name, module in run.plan[sub.index].experts.items() for param in expert_params(module)
     ]
