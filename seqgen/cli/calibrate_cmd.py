@@ -9,6 +9,7 @@ import click
 from ..choices import DType, Grid, Observer, Offload, SaveFormat
 from .options import revision_option
 from .output import out
+from .run_options import report_run_dir, run_dir_options, run_resumable
 
 
 class _RegisteredAlgorithm(click.Choice):
@@ -132,6 +133,7 @@ def _group_size(ctx: click.Context, param: click.Parameter, value: int) -> int |
     default=SaveFormat.COMPRESSED.value,
     help="compressed: compressed-tensors (packed ints + scales) for vLLM; fake: dequantized weights.",
 )
+@run_dir_options
 def calibrate(
     revision: str | None,
     package: Path | None,
@@ -160,10 +162,13 @@ def calibrate(
     reemit: bool,
     save_dir: Path,
     save_format: str,
+    run_dir: Path | None,
+    resume: Path | None,
+    checkpoint_every: int,
 ) -> None:
     """Quantize MODEL layer by layer with PACKAGE (default: from the partition cache) and save it."""
     from ..algorithms import QuantScheme
-    from ..job import CalibrationJob, run_job
+    from ..job import CalibrationJob
     from ..runtime import CalibrationOptions
 
     scheme = QuantScheme(
@@ -199,8 +204,11 @@ def calibrate(
             experts_per_pass=experts_per_pass,
             spill_dir=spill_dir,
         ),
+        run_dir=run_dir,
+        resume=resume,
+        checkpoint_every=checkpoint_every,
     )
-    summary = run_job(job)
+    summary = run_resumable(job)
     source = "cache hit" if summary.cache_hit else ("given" if package else "emitted")
     out(f"package: {summary.package_path} ({source})")
     experts = f" and {len(summary.result.experts)} expert projections" if summary.result.experts else ""
@@ -220,6 +228,7 @@ def calibrate(
         )
     out(f"time by phase: {summary.result.phase_summary()}")
     out(f"saved {save_format} model to {save_dir}")
+    report_run_dir(summary)
 
 
 @click.command(name="eval")

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from ..algorithms import Algorithm, QuantizedWeight, QuantScheme, Statistics, quantize_rtn
+from ..faults import fault_point
 
 __all__ = ["compress_linears", "never_ran", "round_to_nearest", "warn_never_ran"]
 
@@ -48,6 +49,7 @@ def compress_linears(
         weights = [linears[name].weight.data for name in names]
         stacked = weights[0] if len(weights) == 1 else torch.cat([w.to(weights[0].dtype) for w in weights])
         shared = stats[names[0]]
+        fault_point("compress")
         quantized = algorithm.quantize(stacked, shared)
         if shared is not None:
             uses[id(shared)] -= 1
