@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -165,7 +166,11 @@ class Checkpointer:
             rng["cuda"] = [s.numpy().tobytes().hex() for s in torch.cuda.get_rng_state_all()]
         saver = None
         if self.saver is not None:
-            saver = {"weight_map": self.saver.weight_map, "packed": sorted(self.saver.packed)}
+            saver = {
+                "weight_map": self.saver.weight_map,
+                "packed": sorted(self.saver.packed),
+                "tmp": str(self.saver.tmp),
+            }
         return {
             "next_subgraph": state.next_subgraph,
             "subgraphs": len(run.subgraphs),
@@ -208,6 +213,7 @@ class Checkpointer:
         if self.saver is not None:
             self.saver.weight_map.update(manifest["saver"]["weight_map"])
             self.saver.packed.update(manifest["saver"]["packed"])
+            _remove_killed_save(Path(manifest["saver"]["tmp"]), self.saver.tmp)
         if manifest["values"] is not None:
             self._restore_boundary(state, manifest)
         self._restore_bookkeeping(state, manifest)
@@ -254,3 +260,10 @@ class Checkpointer:
             torch.cuda.set_rng_state_all(
                 [torch.frombuffer(bytearray.fromhex(s), dtype=torch.uint8) for s in rng["cuda"]]
             )
+
+
+def _remove_killed_save(tmp: Path, current: Path) -> None:
+    """Delete the streaming save that the killed run was writing beside ``--save`` (``.NAME.tmp-*``): its finished
+    shards are in the run directory, linked into the new one."""
+    if tmp != current and tmp.name.startswith(f".{current.name.split('.tmp-')[0].lstrip('.')}.tmp-"):
+        shutil.rmtree(tmp, ignore_errors=True)
