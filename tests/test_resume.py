@@ -19,8 +19,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import test_calibrate_cli
 from click.testing import CliRunner
-from transformers import AutoTokenizer
 
 import seqgen.faults
 import seqgen.run.checkpointer
@@ -29,20 +29,12 @@ from seqgen.cli import cli
 from seqgen.errors import SeqgenError
 from seqgen.faults import FAULT_POINTS
 from seqgen.job import CalibrationJob, run_job
-from seqgen.models import tiny_model
 from seqgen.run import runs_root
 from seqgen.runtime import CalibrationOptions
 
+checkpoint = test_calibrate_cli.checkpoint  # the tiny Llama (three subgraphs) with SmolLM2's tokenizer, a fixture
+
 ARGS = ["--bits", "4", "--group-size", "32", "--num-samples", "4", "--seq-len", "32", "--batch-size", "2"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Path) -> Path:
-    """A tiny Llama (two decoder layers: three subgraphs) with SmolLM2's tokenizer, saved as a checkpoint."""
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-llama"
-    tiny_model("llama", vocab_size=49152, hidden_size=64, intermediate_size=128, head_dim=16).save_pretrained(path)
-    AutoTokenizer.from_pretrained(smollm2_tokenizer).save_pretrained(path)
-    return path
 
 
 def digests(directory: Path) -> dict[str, str]:
