@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import SeqgenError
+from . import signals
 from .checkpointer import Checkpointer
 from .directory import RunDirectory, default_run_dir
 from .fingerprint import job_fingerprint
@@ -35,6 +36,8 @@ def open_run(job: CalibrationJob, package: Package, samples: torch.Tensor) -> Ch
     fingerprint = job_fingerprint(job, package, samples)
     if job.resume is not None:
         directory = RunDirectory.resume(job.resume, fingerprint)
+        if directory.manifest() is not None:  # a stop signal from here on is resumed from it
+            signals.note_checkpoint(directory.path)
     else:
         directory = RunDirectory.start(job.run_dir or default_run_dir(fingerprint), fingerprint)
     logger.info("run directory: %s (checkpoint every %d subgraphs)", directory.path, job.checkpoint_every)
