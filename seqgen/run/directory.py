@@ -82,6 +82,7 @@ class RunDirectory:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock: Any = None
+        self._digests: dict[str, str] = {}  # sha256 of the latest checkpoint's files
 
     # ---- opening -------------------------------------------------------------------------------------------------
 
@@ -138,6 +139,7 @@ class RunDirectory:
             run._remove_unlisted(() if manifest is None else manifest["files"])
             if manifest is not None:
                 run._verify(manifest["files"])
+                run._digests = dict(manifest["files"])
         except BaseException:
             run.close()
             raise
@@ -188,8 +190,9 @@ class RunDirectory:
     def commit(self, files: Iterable[str], state: Mapping[str, Any]) -> None:
         """Make ``files`` (relative paths, already written) and ``state`` the latest checkpoint: the manifest with
         their sha256 is written last, then what it no longer lists is deleted."""
-        hashes = {name: sha256_file(self.path / name) for name in sorted(files)}
+        hashes = {name: self._digests.get(name) or sha256_file(self.path / name) for name in sorted(files)}
         write_json(self.path / MANIFEST, {"schema": SCHEMA, "finished": False, **state, "files": hashes})
+        self._digests = hashes  # files are never rewritten: a later checkpoint that keeps one need not hash it again
         self._remove_unlisted(hashes)
 
     def abandon(self) -> None:
