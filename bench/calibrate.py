@@ -12,6 +12,10 @@ preparation are excluded for both.
     python bench/calibrate.py [--runs 1] [--rows fp,rtn,gptq,gptq-minmax] [--vs-llmcompressor /path/to/venv/bin/python]
                               [--vs-commit REV]
 
+A row with ``+ckpt`` (``--rows gptq,gptq+ckpt``) writes a checkpoint to a run directory after every subgraph, as
+``seqgen calibrate`` does by default; the script then prints checkpointing's cost, that row's wall time against the
+row without, per round, and the run directory's size at the end.
+
 llm-compressor pins an older transformers, so it runs from its own venv (``--vs-llmcompressor``). ``--vs-commit REV``
 checks REV out into a temporary git worktree and runs its GPTQ row with this venv, each tree with a partition cache of
 its own: a before/after comparison of a change, side by side in one run.
@@ -46,7 +50,8 @@ def heldout_perplexity(model, samples, batch_size=8):
 """
 
 _SEQGEN_CHILD = _PERPLEXITY + r"""
-import json, resource, sys, time
+import json, resource, shutil, sys, time
+from pathlib import Path
 from safetensors.torch import load_file
 from seqgen.algorithms import QuantScheme
 from seqgen.cache import PartitionCache
@@ -56,6 +61,7 @@ from seqgen.runtime import CalibrationOptions, calibrate
 from seqgen.data import batches
 
 row, data_file, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+row, _, extra = row.partition("+")
 algorithm, _, grid = row.partition("-")
 data = load_file(data_file)
 model = load_model("smollm2-135m")
@@ -67,10 +73,19 @@ if algorithm != "fp":
     grid_option = {"grid": grid} if grid else {}
     scheme = QuantScheme(bits=4, group_size=64, symmetric=True, act_order=algorithm == "gptq", **grid_option)
     options = CalibrationOptions(algorithm=algorithm, scheme=scheme)
-    calibrate(model, package, batches(data["calibration"], batch_size), options)
+    extra_args = {}
+    if extra == "ckpt":  # a checkpoint after every subgraph, to a run directory in the temporary directory
+        from seqgen.run import Checkpointer, RunDirectory
+        run_dir = Path(data_file).parent / f"run-{time.time_ns()}"
+        extra_args["checkpoint"] = Checkpointer(RunDirectory.start(run_dir, {"bench": sys.argv[1]}))
+    calibrate(model, package, batches(data["calibration"], batch_size), options, **extra_args)
     seconds = time.perf_counter() - start
+    if extra == "ckpt":
+        checkpoint_mb = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file()) / 2**20
+        shutil.rmtree(run_dir)
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"seconds": seconds, "rss_mb": rss, "ppl": heldout_perplexity(model, data["heldout"])}))
+result = {"seconds": seconds, "rss_mb": rss, "ppl": heldout_perplexity(model, data["heldout"])}
+print(json.dumps(result if extra != "ckpt" else {**result, "checkpoint_mb": checkpoint_mb}))
 """
 
 _LLMCOMPRESSOR_CHILD = _PERPLEXITY + r"""
@@ -115,7 +130,11 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8, help="seqgen samples per forward")
     parser.add_argument("--vs-llmcompressor", metavar="PYTHON", help="python of a venv with llmcompressor installed")
-    parser.add_argument("--rows", default="fp,rtn,gptq,gptq-minmax", help="seqgen rows: fp, ALGORITHM[-GRID]")
+    parser.add_argument(
+        "--rows",
+        default="fp,rtn,gptq,gptq-minmax",
+        help="seqgen rows: fp, ALGORITHM[-GRID][+ckpt] (+ckpt: a checkpoint to a run directory after every subgraph)",
+    )
     parser.add_argument("--vs-commit", metavar="REV", help="also run REV's gptq row (a temporary git worktree)")
     args = parser.parse_args()
 
@@ -158,6 +177,15 @@ def main() -> None:
         ratio = f"{m['seconds'] / reference:.2f}x" if reference and m["seconds"] else "-"
         increase = f"{(m['ppl'] / fp - 1) * 100:+.1f}%" if fp else "-"
         print(f"{name:<22} {m['seconds']:>8.1f} {ratio:>8} {m['rss_mb']:>12.0f} {m['ppl']:>9.3f} {increase:>8}")
+    for label, runs in rows.items():  # checkpointing's cost: each +ckpt row against its row without
+        plain = rows.get(label.removesuffix("+ckpt"))
+        if label.endswith("+ckpt") and plain:
+            costs = [(a["seconds"] / b["seconds"] - 1) * 100 for a, b in zip(runs, plain, strict=True)]
+            print(
+                f"checkpointing ({label} vs {label.removesuffix('+ckpt')}): wall time per round "
+                f"{', '.join(f'{c:+.1f}%' for c in costs)} (median {statistics.median(costs):+.1f}%), run directory "
+                f"{med[label]['checkpoint_mb']:.0f} MB"
+            )
     for other in ("llm-compressor gptq", f"{args.vs_commit} gptq"):
         if "seqgen gptq" in rows and other in rows:
             ratios = [a["seconds"] / b["seconds"] for a, b in zip(rows["seqgen gptq"], rows[other], strict=True)]

@@ -59,6 +59,11 @@ class CalibrationJob:
     overwrite: bool = False  # replace save_dir when it holds a previous seqgen output (see seqgen.outputs)
     options: CalibrationOptions = field(default_factory=CalibrationOptions)
     trust_remote_code: bool = False  # run the model's own modeling code (auto_map), as transformers' option
+    # checkpoints for resuming (seqgen.run): the run directory (default under $SEQGEN_CACHE/runs), a killed run's
+    # run directory to continue, and the subgraphs between checkpoints (0: none)
+    run_dir: Path | None = None
+    resume: Path | None = None
+    checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
         """Plain strings become enum members; a value that is not a choice, or an unregistered algorithm, raises
@@ -89,6 +94,7 @@ class JobSummary:
     result: CalibrationResult
     model: torch.nn.Module  # quantized in place (in disk mode: the skeleton, weights released)
     samples_per_rank: tuple[int, ...] = ()  # under torchrun: the calibration samples of each rank, in rank order
+    run_dir: Path | None = None  # the run directory of the finished run (None without checkpoints)
 
 
 # Files of which transformers builds a tokenizer (without any, it builds an empty one from the config alone)
@@ -213,6 +219,7 @@ def run_job(job: CalibrationJob) -> JobSummary:
     from .outputs import write_manifest
     from .package import load
     from .preflight import check_job
+    from .run.job import open_run
     from .runtime.distributed import distributed_rank, local_batches, main_first, share, synchronize
     from .runtime.selection import quantizable_linears
 
@@ -264,6 +271,8 @@ def run_job(job: CalibrationJob) -> JobSummary:
     samples_per_rank = tuple(
         sum(batches[i]["input_ids"].shape[0] for i in share(len(batches), r, world)) for r in range(world)
     )
+    # checkpoints for resuming: one process only (a data-parallel run starts over)
+    checkpointer = open_run(job, package, batches) if world == 1 else None
     batches = local_batches(batches)
     model = skeleton if weights is not None else load_model(job.model_id, dtype, job.revision, trust)
     if weights is not None:
@@ -278,6 +287,8 @@ def run_job(job: CalibrationJob) -> JobSummary:
             if is_main
             else nullcontext()
         ) as saver:
+            if checkpointer is not None:
+                checkpointer.saver = saver
             result = calibrate(
                 model,
                 package,
@@ -286,9 +297,10 @@ def run_job(job: CalibrationJob) -> JobSummary:
                 weights=weights,
                 on_subgraph_done=saver.add if is_main else None,
                 keep_results=False,
+                checkpoint=checkpointer,
             )
     else:
-        result = calibrate(model, package, batches, options)
+        result = calibrate(model, package, batches, options, checkpoint=checkpointer)
     if weights is None and is_main:
         save_quantized(
             model,
@@ -314,6 +326,8 @@ def run_job(job: CalibrationJob) -> JobSummary:
     if is_main:
         _write_report(job, package, result)
         write_manifest(job.save_dir)  # the statistics and the report are seqgen's output too
+    if checkpointer is not None:
+        checkpointer.directory.finish()
     synchronize()  # the ranks finish together, once rank 0 has written the checkpoint
     return JobSummary(
         package_path=package.path,
@@ -324,6 +338,7 @@ def run_job(job: CalibrationJob) -> JobSummary:
         result=result,
         model=model,
         samples_per_rank=samples_per_rank,
+        run_dir=None if checkpointer is None else checkpointer.directory.path,
     )
 
 

@@ -181,4 +181,3 @@ def test_report_page_renders_in_chromium(saved: tuple[Path, torch.nn.Module]) ->
     assert problems == []
     assert requests == [page_path.as_uri()]
     assert (ARTIFACTS / "report_page.png").stat().st_size > 10_000
-

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import SeqgenError
+from ..faults import fault_point
 from ..outputs import check_output, write_manifest
 from ..runtime.dispatch import subgraph_tensors
 from ..runtime.experts import EXPERT_PARAMS
@@ -201,6 +202,7 @@ class StreamingSaver:
         ]
         for start in range(0, len(remaining), 64):
             self._write(self.weights.read(remaining[start : start + 64], torch.device("cpu")))
+        fault_point("save")
         index = {"metadata": {}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         source = self.weights.directory

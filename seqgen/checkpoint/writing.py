@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import SeqgenError
+from ..faults import fault_point
 from ..outputs import check_output, write_manifest
 from ..runtime.experts import expert_weight
 from .atomic import atomic_directory
@@ -110,6 +111,7 @@ def save_quantized(
         else:
             apply_fake_quant(model, quantized, experts=experts)
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        fault_point("save")
         if source_dir is not None:
             copy_serving_files(Path(source_dir), tmp)
         if tokenizer is not None:

@@ -64,11 +64,15 @@ def rm(digest: str) -> None:
     type=float,
     default=None,
     metavar="DAYS",
-    help="Also remove packages unused for this many days.",
+    help="Also remove packages, and unfinished calibration runs, unused for this many days.",
 )
 def prune(older_than: float | None) -> None:
-    """Remove packages of other library versions, old ones (--older-than) and leftovers of killed emits."""
-    removed = _cache().prune(older_than_days=older_than)
+    """Remove packages of other library versions, old ones (--older-than) and leftovers of killed emits; finished
+    calibration runs' directories ($SEQGEN_CACHE/runs), unfinished ones unused for --older-than days, and the debris
+    of killed checkpoint writes."""
+    from ..run import prune_runs
+
+    removed = _cache().prune(older_than_days=older_than) + prune_runs(older_than_days=older_than)
     out(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}")
     for path in removed:
         out(f"  {path}")

@@ -13,6 +13,7 @@ from .options import revision_option, trust_remote_code_option
 if TYPE_CHECKING:
     from ..algorithms import QuantScheme
 from .output import out
+from .run_options import report_run_dir, run_dir_options, run_resumable
 
 
 class _RegisteredAlgorithm(click.Choice):
@@ -206,6 +207,7 @@ def _group_size(ctx: click.Context, param: click.Parameter, value: int) -> int |
     default=1800,
     help="Under torchrun: seconds a rank waits for the others before it stops (a rank that failed or hangs).",
 )
+@run_dir_options
 def calibrate(
     revision: str | None,
     trust_remote_code: bool,
@@ -245,6 +247,9 @@ def calibrate(
     nproc: int,
     exact_hessian: bool,
     rank_timeout: float,
+    run_dir: Path | None,
+    resume: Path | None,
+    checkpoint_every: int,
 ) -> None:
     """Quantize MODEL layer by layer with PACKAGE (default: from the partition cache) and save it.
 
@@ -254,7 +259,7 @@ def calibrate(
 
     from ..algorithms import QuantScheme
     from ..algorithms.blocktune import TuneOptions
-    from ..job import CalibrationJob, run_job
+    from ..job import CalibrationJob
     from ..runtime import CalibrationOptions
     from ..runtime.distributed import join_process_group, launch, launched_by_torchrun
 
@@ -298,8 +303,11 @@ def calibrate(
             exact_hessian=exact_hessian or ranks.world > 1,
             tune=TuneOptions(tune_iterations, tune_lr, tune_seed) if tune_iterations else None,
         ),
+        run_dir=run_dir,
+        resume=resume,
+        checkpoint_every=checkpoint_every,
     )
-    summary = run_job(job)
+    summary = run_resumable(job)
     if not ranks.is_main:
         return
     source = "cache hit" if summary.cache_hit else ("given" if package else "emitted")
@@ -324,6 +332,7 @@ def calibrate(
         )
     out(f"time by phase: {summary.result.phase_summary()}")
     out(f"saved {save_format} model to {save_dir}")
+    report_run_dir(summary)
 
 
 def _preset(name: str, bits: str, group_size: int | None, asym: bool, fields: dict) -> QuantScheme:

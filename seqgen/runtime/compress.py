@@ -16,6 +16,7 @@ import torch
 
 from ..algorithms import Algorithm, QuantizedWeight, QuantScheme, Statistics, quantize_rtn
 from ..errors import NumericalError
+from ..faults import fault_point
 
 __all__ = ["compress_linears", "never_ran", "round_to_nearest", "warn_never_ran"]
 
@@ -51,6 +52,7 @@ def compress_linears(
         weights = [linears[name].weight.data for name in names]
         stacked = weights[0] if len(weights) == 1 else torch.cat([w.to(weights[0].dtype) for w in weights])
         shared = stats[names[0]]
+        fault_point("compress")
         try:
             quantized = algorithm.quantize(stacked, shared)
         except NumericalError as exc:  # the algorithm does not know which module it quantizes

@@ -22,9 +22,20 @@ from typing import Any
 
 import torch
 
+from ..errors import SeqgenError
+from ..faults import fault_point
 from ..package import Subgraph
 
-__all__ = ["SPILL_PREFIX", "IntermediatesCache", "StopBatch", "move"]
+__all__ = [
+    "SPILL_PREFIX",
+    "IntermediatesCache",
+    "StopBatch",
+    "flatten",
+    "move",
+    "template_from_json",
+    "template_to_json",
+    "unflatten",
+]
 
 # A spill directory is ``SPILL_PREFIX<pid>-<random>`` under ``spill_dir``: those of killed processes are removed by the
 # next calibration that spills there (seqgen.preflight).
@@ -56,7 +67,7 @@ def move(value: Any, device: torch.device, pin: bool = False) -> Any:
 
 @dataclass(frozen=True)
 class _Spilled:
-    """A value written to ``file``: its tensors under the keys "0", "1", ... in the order :func:`_flatten` visits
+    """A value written to ``file``: its tensors under the keys "0", "1", ... in the order :func:`flatten` visits
     them; ``template`` is the value with each tensor replaced by its key (other leaves kept as they are)."""
 
     file: Path
@@ -80,25 +91,81 @@ def _rebuild_mapping(like: dict, items: dict[str, Any]) -> dict:
     return type(like)(**items) if is_dataclass(like) else type(like)(items)
 
 
-def _flatten(value: Any, tensors: list[torch.Tensor]) -> Any:
+def flatten(value: Any, tensors: list[torch.Tensor]) -> Any:
+    """``value``'s template: each tensor in it (tuples, lists, dicts) appended to ``tensors`` and replaced by its key
+    there, ``"0"``, ``"1"``, ... (a :class:`_Key`); other leaves are kept as they are."""
     if isinstance(value, torch.Tensor):
         tensors.append(value)
         return _Key(str(len(tensors) - 1))
     if isinstance(value, (tuple, list)):
-        return _rebuild(value, [_flatten(v, tensors) for v in value])
+        return _rebuild(value, [flatten(v, tensors) for v in value])
     if isinstance(value, dict):
-        return _rebuild_mapping(value, {k: _flatten(v, tensors) for k, v in value.items()})
+        return _rebuild_mapping(value, {k: flatten(v, tensors) for k, v in value.items()})
     return value
 
 
-def _unflatten(template: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+def unflatten(template: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """The value of :func:`flatten`'s ``template``, its tensors taken from ``tensors`` by key."""
     if isinstance(template, _Key):
         return tensors[template]
     if isinstance(template, (tuple, list)):
-        return _rebuild(template, [_unflatten(v, tensors) for v in template])
+        return _rebuild(template, [unflatten(v, tensors) for v in template])
     if isinstance(template, dict):
-        return _rebuild_mapping(template, {k: _unflatten(v, tensors) for k, v in template.items()})
+        return _rebuild_mapping(template, {k: unflatten(v, tensors) for k, v in template.items()})
     return template
+
+
+def template_to_json(template: Any, name: str) -> Any:
+    """:func:`flatten`'s ``template`` of value ``name`` as JSON data (for a checkpoint). Tensors, tuples, lists,
+    dicts with string keys, None, booleans, numbers and strings are written; anything else raises SeqgenError."""
+    if isinstance(template, _Key):
+        return {"tensor": str(template)}
+    if template is None or isinstance(template, (bool, int, float, str)):
+        return template
+    if isinstance(template, (tuple, list)) and not hasattr(template, "_fields"):
+        return {type(template).__name__: [template_to_json(v, name) for v in template]}
+    if isinstance(template, dict) and all(isinstance(k, str) for k in template):
+        return {"dict": {k: template_to_json(v, name) for k, v in template.items()}}
+    raise SeqgenError(
+        f"the value {name!r} that flows between subgraphs holds a {type(template).__name__}, which a checkpoint "
+        "cannot store. Calibrate without checkpoints (--checkpoint-every 0)."
+    )
+
+
+def template_from_json(data: Any) -> Any:
+    """The template that :func:`template_to_json` wrote as ``data``."""
+    if not isinstance(data, dict):
+        return data
+    ((kind, inner),) = data.items()
+    if kind == "tensor":
+        return _Key(inner)
+    if kind == "dict":
+        return {k: template_from_json(v) for k, v in inner.items()}
+    items = [template_from_json(v) for v in inner]
+    return tuple(items) if kind == "tuple" else items
+
+
+def value_file_name(i: int, name: str) -> str:
+    """The file name of batch ``i``'s value ``name`` (spilled, or in a checkpoint)."""
+    return f"b{i:05d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.safetensors"
+
+
+def savable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` contiguous on the CPU, none sharing memory with another (safetensors refuses that)."""
+    seen: set[int] = set()
+    flat = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        flat[key] = tensor
+    return flat
+
+
+def _keyed(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`flatten`'s tensors by their keys in its template."""
+    return {str(key): tensor for key, tensor in enumerate(tensors)}
 
 
 class IntermediatesCache:
@@ -133,18 +200,10 @@ class IntermediatesCache:
 
         for name, value in values.items():
             tensors: list[torch.Tensor] = []
-            template = _flatten(value, tensors)
-            file = self.spill / f"b{i:05d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.safetensors"
-            seen: set[int] = set()
-            flat = {}
-            for key, tensor in enumerate(tensors):
-                tensor = tensor.detach().to(self.storage).contiguous()
-                if tensor.untyped_storage().data_ptr() in seen:  # safetensors refuses tensors that share memory
-                    tensor = tensor.clone()
-                seen.add(tensor.untyped_storage().data_ptr())
-                flat[str(key)] = tensor
+            template = flatten(value, tensors)
+            file = self.spill / value_file_name(i, name)
             partial = file.with_suffix(".partial")
-            save_file(flat, str(partial))
+            save_file(savable(_keyed(tensors)), str(partial))
             os.replace(partial, file)
             self.values[i][name] = _Spilled(file, template)
 
@@ -153,12 +212,30 @@ class IntermediatesCache:
             return move(value, self.device)
         from safetensors.torch import load_file
 
-        return _unflatten(value.template, load_file(str(value.file), device=str(self.device)))
+        return unflatten(value.template, load_file(str(value.file), device=str(self.device)))
 
     def _delete(self, i: int, name: str) -> None:
         value = self.values[i].pop(name)
         if isinstance(value, _Spilled):
             value.file.unlink(missing_ok=True)
+
+    def export(self, i: int) -> dict[str, tuple[Any, dict[str, torch.Tensor] | Path]]:
+        """Batch ``i``'s values for a checkpoint: each as its :func:`flatten` template and either its tensors by key
+        (on the CPU, ready for safetensors) or, when spilled, the file that holds them."""
+        exported: dict[str, tuple[Any, dict[str, torch.Tensor] | Path]] = {}
+        for name, value in self.values[i].items():
+            if isinstance(value, _Spilled):
+                exported[name] = (value.template, value.file)
+            else:
+                tensors: list[torch.Tensor] = []
+                exported[name] = (flatten(value, tensors), savable(_keyed(tensors)))
+        return exported
+
+    def restore(self, i: int, values: Mapping[str, Any]) -> None:
+        """Make ``values`` batch ``i``'s values, in place of what it holds (resuming from a checkpoint)."""
+        for name in list(self.values[i]):
+            self._delete(i, name)
+        self._store(i, values)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -175,6 +252,7 @@ class IntermediatesCache:
         """Run ``subgraph`` on every batch. ``commit``: replace its consumed inputs by its outputs; otherwise the
         outputs are dropped (a calibration pass whose propagation pass comes later)."""
         for i in range(len(self.values)):
+            fault_point("pass")
             if before_batch is not None:
                 before_batch(i)
             inputs = self.inputs(i, subgraph)

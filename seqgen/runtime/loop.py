@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from contextlib import closing
+from contextlib import closing, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +32,7 @@ from .steps import calibrate_subgraph
 
 if TYPE_CHECKING:
     from ..checkpoint import SafetensorsWeights
+    from ..run import Checkpointer
 
 __all__ = ["calibrate", "finish", "prepare"]
 
@@ -47,21 +48,30 @@ def calibrate(
     weights: SafetensorsWeights | None = None,
     on_subgraph_done: SubgraphDone | None = None,
     keep_results: bool = True,
+    checkpoint: Checkpointer | None = None,
 ) -> CalibrationResult:
     """Quantize ``model`` in place, subgraph by subgraph, on ``batches`` (dicts of the package's inputs).
 
     ``on_subgraph_done(subgraph, quantized, experts)`` runs while the subgraph's weights are still on the device
     (streamed saving), with its quantized linears and fused experts (keyed as in :class:`CalibrationResult`); with
-    ``keep_results=False`` the quantized weights are not also kept in the result (disk offload).
+    ``keep_results=False`` the quantized weights are not also kept in the result (disk offload). ``checkpoint``
+    writes the state between subgraphs to a run directory, and first resumes from the checkpoint it holds (see
+    :class:`seqgen.run.Checkpointer`).
     """
     run, state = prepare(
         model, package, batches, options, weights=weights, on_subgraph_done=on_subgraph_done, keep_results=keep_results
     )
-    with closing(state.cache), tqdm(total=len(run.subgraphs), desc="subgraphs", unit="sg") as bar:
+    bar = tqdm(total=len(run.subgraphs), desc="subgraphs", unit="sg")
+    with closing(state.cache), checkpoint or nullcontext(), bar:
+        if checkpoint is not None:
+            checkpoint.restore(run, state)
+            bar.update(state.next_subgraph)
         while state.next_subgraph < len(run.subgraphs):
             with report_failure(run.subgraphs[state.next_subgraph].name):
                 calibrate_subgraph(run, state)
             bar.update()
+            if checkpoint is not None:
+                checkpoint.after_subgraph(run, state)
     return finish(run, state)
 
 
