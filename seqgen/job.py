@@ -272,6 +272,10 @@ def run_job(job: CalibrationJob) -> JobSummary:
         sum(batches[i]["input_ids"].shape[0] for i in share(len(batches), r, world)) for r in range(world)
     )
     # checkpoints for resuming: one process only (a data-parallel run starts over)
+    if job.resume is not None and world > 1:
+        raise SeqgenError(
+            f"--resume {job.resume}: a data-parallel run writes no checkpoints yet; resume it in one process."
+        )
     checkpointer = open_run(job, package, batches) if world == 1 else None
     batches = local_batches(batches)
     model = skeleton if weights is not None else load_model(job.model_id, dtype, job.revision, trust)
