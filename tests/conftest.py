@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,17 +19,21 @@ CORE_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "o
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Tests write only under pytest's temporary directory: ``$SEQGEN_CACHE`` is one directory per session, for the
     partition cache and for the SmolLM2 copy that ``smollm2_dir()`` converts on first use (about 40 s of CPU, once
     per session; most tests need only its tokenizer, see ``smollm2_tokenizer``). ``SEQGEN_TEST_MODELS=DIR`` names a
-    directory of converted models to share between sessions instead."""
+    directory of converted models to share between sessions instead. Run directories (``runs/``) are each test's
+    own: a test that stops a job mid-run leaves an unfinished run, which the same job in a later test would be told to
+    resume."""
     cache = tmp_path_factory.getbasetemp() / "seqgen-cache"
     monkeypatch.setenv("SEQGEN_CACHE", str(cache))
     shared = os.environ.get("SEQGEN_TEST_MODELS")
     if shared and not (cache / "models").exists():
         cache.mkdir(parents=True, exist_ok=True)
         (cache / "models").symlink_to(Path(shared).resolve(), target_is_directory=True)
+    yield
+    shutil.rmtree(cache / "runs", ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

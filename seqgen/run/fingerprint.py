@@ -68,7 +68,7 @@ def _sampled_digest(path: Path) -> str:
 def _model_field(job: CalibrationJob) -> dict[str, Any]:
     from ..models import checkpoint_dir, load_config
 
-    config = load_config(job.model_id, job.revision)
+    config = load_config(job.model_id, job.revision, job.trust_remote_code)
     field: dict[str, Any] = {
         "id": job.model_id,
         "revision": job.revision,

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..algorithms import Algorithm, QuantizedWeight, QuantScheme, Statistics
+from ..algorithms import ActivationScheme, Algorithm, QuantizedWeight, QuantScheme, Statistics
 from ..algorithms.blocktune import TuneReport
 from ..package import Subgraph
 from .collector import Collector
@@ -69,6 +70,17 @@ class SubgraphReport:
     modules: dict[str, ModuleReport] = field(default_factory=dict)
     device_peak_bytes: int | None = None  # CUDA memory allocated at most while this subgraph ran
     rss_peak_bytes: int | None = None  # the process's peak resident memory so far (a high-water mark)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SubgraphReport:
+        """A report from its ``dataclasses.asdict`` form (a checkpoint's, when a run resumes)."""
+
+        def scheme(fields: dict[str, Any]) -> QuantScheme:
+            activations = fields.get("activations")
+            return QuantScheme(**{**fields, "activations": activations and ActivationScheme(**activations)})
+
+        modules = {name: ModuleReport(**{**m, "scheme": scheme(m["scheme"])}) for name, m in data["modules"].items()}
+        return cls(**{**data, "modules": modules})
 
 
 @dataclass
